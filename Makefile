@@ -1,0 +1,34 @@
+# `make demo` and `make test` do all the set-up on a fresh machine: a .venv, PyTorch (torch==2.13.0 unless a torch
+# is already importable: never an unpinned download of the CUDA build on a CPU machine), Triton, the package.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench install clean
+
+$(BIN)/python:
+	$(PY) -m venv $(if $(shell $(PY) -c "import torch" 2>/dev/null && echo y),--system-site-packages,) $(VENV)
+
+$(STAMP): $(BIN)/python setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==2.13.0
+	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/pip install triton
+	$(BIN)/pip install setuptools wheel
+	$(BIN)/pip install --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m metricloss_kernels demo
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests
+
+bench: $(STAMP)
+	$(BIN)/pip install ".[bench]" --no-build-isolation --no-deps faiss-cpu pytorch-metric-learning
+	$(BIN)/python benchmarks/bench_proxy_losses.py
+	$(BIN)/python benchmarks/bench_knn.py
+
+clean:
+	rm -rf build *.egg-info metricloss_kernels/*.so $(VENV)

@@ -1,0 +1,76 @@
+"""Argument checks for the public entry points: each failure is a ValueError or TypeError naming the argument."""
+import math
+
+import torch
+
+
+def tensor(value, name: str) -> torch.Tensor:
+    if not torch.is_tensor(value):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def embeddings(x, name: str = "embeddings") -> torch.Tensor:
+    """A floating [N, D] tensor with N >= 1, D >= 1."""
+    tensor(x, name)
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)}")
+    return x
+
+
+def labels(y, n: int, device: torch.device, num_classes: int | None = None, name: str = "labels") -> torch.Tensor:
+    """An integer [N] tensor on `device`, values in [0, num_classes) when given; returned as int64."""
+    tensor(y, name)
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {y.dtype}")
+    if y.dim() != 1 or y.shape[0] != n:
+        raise ValueError(f"{name} must have shape [{n}] (one label per embedding), got {tuple(y.shape)}")
+    if y.device != device:
+        raise ValueError(f"{name} must be on the embeddings' device {device}, got {y.device}")
+    if n and int(y.min()) < 0:
+        raise ValueError(f"{name} must be >= 0, got {int(y.min())}")
+    if num_classes is not None and n and int(y.max()) >= num_classes:
+        raise ValueError(f"{name} must be < num_classes = {num_classes}, got {int(y.max())}")
+    return y.long()
+
+
+def weights(w, d: int, device: torch.device, name: str, rows_multiple_of: int = 1) -> int:
+    """A floating [R, D] tensor on `device` whose row count is a positive multiple of `rows_multiple_of`.
+    Returns R // rows_multiple_of (the number of classes)."""
+    tensor(w, name)
+    if not w.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {w.dtype}")
+    if w.dim() != 2 or w.shape[1] != d:
+        raise ValueError(f"{name} must have shape [rows, {d}] (width = embedding size), got {tuple(w.shape)}")
+    if w.device != device:
+        raise ValueError(f"{name} must be on the embeddings' device {device}, got {w.device}")
+    if w.shape[0] == 0 or w.shape[0] % rows_multiple_of:
+        raise ValueError(f"{name} has {w.shape[0]} rows, expected a positive multiple of "
+                         f"centers_per_class = {rows_multiple_of}")
+    return w.shape[0] // rows_multiple_of
+
+
+def positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def number(value, name: str, *, positive: bool = False, nonnegative: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    if nonnegative and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return float(value)
+
+
+def choice(value, name: str, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value

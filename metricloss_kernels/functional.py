@@ -1,0 +1,228 @@
+"""Public functional API: argument validation, then dispatch to a backend.
+
+Shapes: embeddings [N, D] float; labels [N] integer; proxies [C*K, D] class-major (row c*K + k is proxy k of
+class c); weight [C, D]. Every loss returns a scalar tensor in the embeddings' dtype. The mathematics of each
+function is FORMULAS.md; the docstrings of `metricloss_kernels.reference` state it per loss.
+"""
+import functools
+
+import torch
+
+from . import _validation as V
+from . import chunked, fused, reference
+from ._backend import resolve
+from .polytopes import regular_polytope
+
+PAIR_BACKENDS = ("auto", "reference")
+
+
+def _lse_impl(name: str):
+    if name == "chunked":
+        return chunked.class_lse
+    from . import triton as kernels
+    return kernels.class_lse
+
+
+def _proxy_loss(name: str, backend, embeddings, logits: int, *args, **kwargs):
+    chosen = resolve(backend, embeddings.device, logits)
+    if chosen == "reference":
+        return getattr(reference, name)(*args, **kwargs)
+    return getattr(fused, name)(*args, **kwargs, lse=_lse_impl(chosen))
+
+
+def _proxy_inputs(embeddings, labels, proxies, centers_per_class=1, name="proxies"):
+    """Validates a proxy loss's tensors; returns (labels as int64, number of classes)."""
+    V.embeddings(embeddings)
+    V.positive_int(centers_per_class, "centers_per_class")
+    num_classes = V.weights(proxies, embeddings.shape[1], embeddings.device, name, centers_per_class)
+    return V.labels(labels, embeddings.shape[0], embeddings.device, num_classes), num_classes
+
+
+def _pair_inputs(embeddings, labels, backend, num_classes=None):
+    V.embeddings(embeddings)
+    resolve(backend, embeddings.device, 0, PAIR_BACKENDS)
+    return V.labels(labels, embeddings.shape[0], embeddings.device, num_classes)
+
+
+def proxy_nca_loss(embeddings, labels, proxies, scale=2.0, exclude_positive=True, backend="auto"):
+    """ProxyNCA (K = 1): mean_i [-s S_iy + LSE_{c != y_i} s S_ic] (plain softmax CE if not exclude_positive)."""
+    labels, c = _proxy_inputs(embeddings, labels, proxies)
+    V.number(scale, "scale", positive=True)
+    return _proxy_loss("proxy_nca_loss", backend, embeddings, embeddings.shape[0] * c,
+                       embeddings, labels, proxies, scale=scale, exclude_positive=bool(exclude_positive))
+
+
+def proxy_anchor_loss(embeddings, labels, proxies, margin=0.1, alpha=32.0, backend="auto"):
+    """ProxyAnchor (K = 1), negative term averaged over all C classes."""
+    labels, c = _proxy_inputs(embeddings, labels, proxies)
+    V.number(margin, "margin"), V.number(alpha, "alpha", positive=True)
+    return _proxy_loss("proxy_anchor_loss", backend, embeddings, embeddings.shape[0] * c,
+                       embeddings, labels, proxies, margin=margin, alpha=alpha)
+
+
+def soft_triple_loss(embeddings, labels, proxies, centers_per_class=10, la=20.0, gamma=0.1, margin=0.01, tau=0.2,
+                     backend="auto"):
+    """SoftTriple: mean_i CE(la (S_i - margin onehot(y_i)), y_i) + tau R(W); proxies [C*K, D]."""
+    labels, c = _proxy_inputs(embeddings, labels, proxies, centers_per_class)
+    V.number(la, "la", positive=True), V.number(gamma, "gamma", positive=True)
+    V.number(margin, "margin"), V.number(tau, "tau", nonnegative=True)
+    return _proxy_loss("soft_triple_loss", backend, embeddings, embeddings.shape[0] * proxies.shape[0],
+                       embeddings, labels, proxies, centers_per_class=centers_per_class, la=la, gamma=gamma,
+                       margin=margin, tau=tau)
+
+
+def mpa_loss(embeddings, labels, proxies, centers_per_class=10, alpha=32.0, margin=0.1, gamma=0.1, tau=0.2,
+             variant="mpa", backend="auto"):
+    """Multi-Proxy Anchor family: variant "mpa" (class-wise), "dw" (data-wise), "ap" (all pairs)."""
+    labels, c = _proxy_inputs(embeddings, labels, proxies, centers_per_class)
+    V.number(alpha, "alpha", positive=True), V.number(margin, "margin")
+    V.number(gamma, "gamma", positive=True), V.number(tau, "tau", nonnegative=True)
+    V.choice(variant, "variant", ("mpa", "dw", "ap"))
+    return _proxy_loss("mpa_loss", backend, embeddings, embeddings.shape[0] * proxies.shape[0],
+                       embeddings, labels, proxies, centers_per_class=centers_per_class, alpha=alpha,
+                       margin=margin, gamma=gamma, tau=tau, variant=variant)
+
+
+def arcface_loss(embeddings, labels, weight, margin=28.6, scale=64.0, backend="auto"):
+    """ArcFace: additive angular margin (degrees) on the target logit; weight [C, D]."""
+    labels, c = _proxy_inputs(embeddings, labels, weight, name="weight")
+    V.number(margin, "margin", nonnegative=True), V.number(scale, "scale", positive=True)
+    if margin >= 180:
+        raise ValueError(f"margin is in degrees and must be < 180, got {margin!r}")
+    return _proxy_loss("arcface_loss", backend, embeddings, embeddings.shape[0] * c,
+                       embeddings, labels, weight, margin=margin, scale=scale)
+
+
+def cosface_loss(embeddings, labels, weight, margin=0.35, scale=64.0, backend="auto"):
+    """CosFace: additive cosine margin on the target logit; weight [C, D]."""
+    labels, c = _proxy_inputs(embeddings, labels, weight, name="weight")
+    V.number(margin, "margin"), V.number(scale, "scale", positive=True)
+    return _proxy_loss("cosface_loss", backend, embeddings, embeddings.shape[0] * c,
+                       embeddings, labels, weight, margin=margin, scale=scale)
+
+
+def l2_softmax_loss(embeddings, labels, weight, bias=None, scale=16.0, normalize_weights=False, backend="auto"):
+    """L2-constrained softmax: CE((s x̂) Wᵀ + b); weight [C, D] unnormalised unless normalize_weights; bias [C]."""
+    labels, c = _proxy_inputs(embeddings, labels, weight, name="weight")
+    V.number(scale, "scale", positive=True)
+    if bias is not None:
+        V.tensor(bias, "bias")
+        if bias.shape != (c,) or not bias.is_floating_point() or bias.device != embeddings.device:
+            raise ValueError(f"bias must be a floating tensor of shape [{c}] on {embeddings.device}, "
+                             f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}")
+    return _proxy_loss("l2_softmax_loss", backend, embeddings, embeddings.shape[0] * c,
+                       embeddings, labels, weight, bias=bias, scale=scale,
+                       normalize_weights=bool(normalize_weights))
+
+
+@functools.lru_cache(maxsize=32)
+def _polytope(kind: str, num_classes: int) -> torch.Tensor:
+    return regular_polytope(kind, num_classes)
+
+
+def regular_polytope_loss(embeddings, labels, num_classes, polytope="simplex", scale=30.0, margin="max",
+                          backend="auto"):
+    """Margin-RePoNet: ArcFace on x̂ with the fixed polytope weights; margin "max" (the polytope's angle φ) or a
+    number in degrees. The embedding width must be the polytope's dimension."""
+    V.embeddings(embeddings)
+    V.positive_int(num_classes, "num_classes")
+    V.choice(polytope, "polytope", ("simplex", "orthoplex", "cube"))
+    V.number(scale, "scale", positive=True)
+    if margin != "max":
+        V.number(margin, "margin", nonnegative=True)
+    d = _polytope(polytope, num_classes).shape[1]
+    if embeddings.shape[1] != d:
+        raise ValueError(f"embeddings must have width {d} for a {polytope} of {num_classes} classes, "
+                         f"got {embeddings.shape[1]}")
+    labels = V.labels(labels, embeddings.shape[0], embeddings.device, num_classes)
+    return _proxy_loss("regular_polytope_loss", backend, embeddings, embeddings.shape[0] * num_classes,
+                       embeddings, labels, num_classes, polytope=polytope, scale=scale, margin=margin)
+
+
+def proxy_repel_loss(embeddings, labels, proxies, alpha=32.0, margin=0.1, variant="proxies", backend="auto"):
+    """Proxy-repel (thesis eqs. 6.1 / 6.2): variant "proxies" or "batch"; proxies [C, D]."""
+    labels, c = _proxy_inputs(embeddings, labels, proxies)
+    V.number(alpha, "alpha", positive=True), V.number(margin, "margin")
+    V.choice(variant, "variant", ("proxies", "batch"))
+    return _proxy_loss("proxy_repel_loss", backend, embeddings, max(embeddings.shape[0], c) * c,
+                       embeddings, labels, proxies, alpha=alpha, margin=margin, variant=variant)
+
+
+def contrastive_loss(embeddings, labels, pos_margin=1.0, neg_margin=0.5, backend="auto"):
+    """Contrastive on cosine similarities: mean [m_pos - S]₊ over positive pairs + mean [S - m_neg]₊ over negatives."""
+    labels = _pair_inputs(embeddings, labels, backend)
+    V.number(pos_margin, "pos_margin"), V.number(neg_margin, "neg_margin")
+    return reference.contrastive_loss(embeddings, labels, pos_margin=pos_margin, neg_margin=neg_margin)
+
+
+def triplet_margin_loss(embeddings, labels, margin=0.1, distance="cosine", mining="all", backend="auto"):
+    """Triplet margin loss with "all", "semi-hard" or "hard" mining; distance "cosine", "euclidean",
+    "squared_euclidean" (on x̂)."""
+    labels = _pair_inputs(embeddings, labels, backend)
+    V.number(margin, "margin")
+    V.choice(distance, "distance", ("cosine", "euclidean", "squared_euclidean"))
+    V.choice(mining, "mining", ("all", "semi-hard", "hard"))
+    return reference.triplet_margin_loss(embeddings, labels, margin=margin, distance=distance, mining=mining)
+
+
+def lifted_structure_loss(embeddings, labels, margin=0.5, backend="auto"):
+    """Generalised lifted structure loss (thesis eq. 2.21)."""
+    labels = _pair_inputs(embeddings, labels, backend)
+    V.number(margin, "margin")
+    return reference.lifted_structure_loss(embeddings, labels, margin=margin)
+
+
+def npairs_loss(embeddings, labels, l2_reg=0.02, backend="auto"):
+    """N-pair loss on raw dot products plus l2_reg * mean ‖x‖²."""
+    labels = _pair_inputs(embeddings, labels, backend)
+    V.number(l2_reg, "l2_reg", nonnegative=True)
+    return reference.npairs_loss(embeddings, labels, l2_reg=l2_reg)
+
+
+def margin_loss(embeddings, labels, margin=0.2, beta=1.2, generator=None, backend="auto"):
+    """Margin loss with distance-weighted negative sampling; beta a float or a per-class Tensor[C]."""
+    V.embeddings(embeddings)
+    V.number(margin, "margin")
+    num_classes = None
+    if torch.is_tensor(beta):
+        if beta.dim() != 1 or not beta.is_floating_point() or beta.device != embeddings.device:
+            raise ValueError(f"beta must be a float or a floating 1-D per-class tensor on {embeddings.device}, "
+                             f"got shape {tuple(beta.shape)} {beta.dtype} on {beta.device}")
+        num_classes = beta.shape[0]
+    else:
+        V.number(beta, "beta")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    labels = _pair_inputs(embeddings, labels, backend, num_classes)
+    return reference.margin_loss(embeddings, labels, margin=margin, beta=beta, generator=generator)
+
+
+def multi_similarity_loss(embeddings, labels, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, backend="auto"):
+    """Multi-Similarity loss with its pair mining."""
+    labels = _pair_inputs(embeddings, labels, backend)
+    V.number(alpha, "alpha", positive=True), V.number(beta, "beta", positive=True)
+    V.number(base, "base"), V.number(epsilon, "epsilon", nonnegative=True)
+    return reference.multi_similarity_loss(embeddings, labels, alpha=alpha, beta=beta, base=base, epsilon=epsilon)
+
+
+def exponential_triplet_loss(embeddings, labels, num_classes, overlap=1.2, distance="cosine", embedding_scale=1.0,
+                             pos_coef=1.0, neg_coef=1.0, backend="auto"):
+    """Exponential triplet loss (Urtans et al.), batch-hard; num_classes = number of training classes."""
+    V.positive_int(num_classes, "num_classes")
+    labels = _pair_inputs(embeddings, labels, backend)
+    V.number(overlap, "overlap", positive=True)
+    V.choice(distance, "distance", ("cosine", "euclidean", "squared_euclidean"))
+    V.number(embedding_scale, "embedding_scale", positive=True)
+    V.number(pos_coef, "pos_coef", nonnegative=True), V.number(neg_coef, "neg_coef", nonnegative=True)
+    return reference.exponential_triplet_loss(embeddings, labels, num_classes, overlap=overlap, distance=distance,
+                                              embedding_scale=embedding_scale, pos_coef=pos_coef,
+                                              neg_coef=neg_coef)
+
+
+def center_loss(embeddings, labels, centers, margin=0.0, backend="auto"):
+    """Center loss with margin: mean_i [‖x_i − c_{y_i}‖² − margin]₊; centers [C, D] receive no gradient."""
+    V.embeddings(embeddings)
+    num_classes = V.weights(centers, embeddings.shape[1], embeddings.device, "centers")
+    labels = _pair_inputs(embeddings, labels, backend, num_classes)
+    V.number(margin, "margin", nonnegative=True)
+    return reference.center_loss(embeddings, labels, centers, margin=margin)

@@ -1,0 +1,303 @@
+"""The public API: names and defaults of DESIGN.md, validation errors, backend dispatch, module wrappers."""
+import inspect
+import math
+
+import pytest
+import torch
+
+import metricloss_kernels as mlk
+from metricloss_kernels import functional as F
+from metricloss_kernels import reference
+
+N, C, K, D = 37, 53, 3, 40
+
+
+def data(n=N, c=C, k=1, d=D, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    y = torch.randint(0, c, (n,), generator=g)
+    w = torch.randn(c * k, d, generator=g, dtype=dtype)
+    return x, y, w
+
+
+# ---- names and defaults are a contract ------------------------------------------------------------------------
+
+FUNCTIONAL_DEFAULTS = {
+    "proxy_nca_loss": dict(scale=2.0, exclude_positive=True, backend="auto"),
+    "proxy_anchor_loss": dict(margin=0.1, alpha=32.0, backend="auto"),
+    "soft_triple_loss": dict(centers_per_class=10, la=20.0, gamma=0.1, margin=0.01, tau=0.2, backend="auto"),
+    "mpa_loss": dict(centers_per_class=10, alpha=32.0, margin=0.1, gamma=0.1, tau=0.2, variant="mpa",
+                     backend="auto"),
+    "arcface_loss": dict(margin=28.6, scale=64.0, backend="auto"),
+    "cosface_loss": dict(margin=0.35, scale=64.0, backend="auto"),
+    "l2_softmax_loss": dict(bias=None, scale=16.0, normalize_weights=False, backend="auto"),
+    "regular_polytope_loss": dict(polytope="simplex", scale=30.0, margin="max", backend="auto"),
+    "proxy_repel_loss": dict(alpha=32.0, margin=0.1, variant="proxies", backend="auto"),
+    "contrastive_loss": dict(pos_margin=1.0, neg_margin=0.5),
+    "triplet_margin_loss": dict(margin=0.1, distance="cosine", mining="all"),
+    "lifted_structure_loss": dict(margin=0.5),
+    "npairs_loss": dict(l2_reg=0.02),
+    "margin_loss": dict(margin=0.2, beta=1.2, generator=None),
+    "multi_similarity_loss": dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1),
+    "exponential_triplet_loss": dict(overlap=1.2, distance="cosine", embedding_scale=1.0, pos_coef=1.0,
+                                     neg_coef=1.0),
+    "center_loss": dict(margin=0.0),
+}
+
+MODULE_DEFAULTS = {
+    "ProxyNCALoss": dict(scale=2.0, exclude_positive=True),
+    "ProxyAnchorLoss": dict(margin=0.1, alpha=32.0),
+    "SoftTripleLoss": dict(centers_per_class=10, la=20.0, gamma=0.1, margin=0.01, tau=0.2),
+    "MPALoss": dict(centers_per_class=10, alpha=32.0, margin=0.1, gamma=0.1, tau=0.2, variant="mpa"),
+    "ArcFaceLoss": dict(margin=28.6, scale=64.0),
+    "CosFaceLoss": dict(margin=0.35, scale=64.0),
+    "L2SoftmaxLoss": dict(scale=16.0, normalize_weights=False),
+    "RegularPolytopeLoss": dict(polytope="simplex", scale=30.0, margin="max"),
+    "ProxyRepelLoss": dict(alpha=32.0, margin=0.1, variant="proxies"),
+    "ContrastiveLoss": dict(pos_margin=1.0, neg_margin=0.5),
+    "TripletMarginLoss": dict(margin=0.1, distance="cosine", mining="all"),
+    "LiftedStructureLoss": dict(margin=0.5),
+    "NPairsLoss": dict(l2_reg=0.02),
+    "MarginLoss": dict(margin=0.2, beta=1.2, learn_beta=False, num_classes=None),
+    "MultiSimilarityLoss": dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1),
+    "ExponentialTripletLoss": dict(overlap=1.2, distance="cosine", embedding_scale=1.0, pos_coef=1.0, neg_coef=1.0),
+    "CenterLoss": dict(margin=0.0, alpha=0.5),
+}
+
+
+def _defaults(fn):
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONAL_DEFAULTS))
+def test_functional_defaults(name):
+    got = _defaults(getattr(F, name))
+    for key, value in FUNCTIONAL_DEFAULTS[name].items():
+        assert got[key] == value, (name, key)
+    assert "backend" in got
+
+
+@pytest.mark.parametrize("name", sorted(MODULE_DEFAULTS))
+def test_module_defaults(name):
+    got = _defaults(getattr(mlk, name).__init__)
+    for key, value in MODULE_DEFAULTS[name].items():
+        assert got[key] == value, (name, key)
+    assert got["backend"] == "auto"
+
+
+@pytest.mark.parametrize("cls, k", [(mlk.ProxyNCALoss, 1), (mlk.ProxyAnchorLoss, 1), (mlk.SoftTripleLoss, 10),
+                                    (mlk.MPALoss, 10), (mlk.ArcFaceLoss, 1), (mlk.CosFaceLoss, 1),
+                                    (mlk.L2SoftmaxLoss, 1), (mlk.ProxyRepelLoss, 1)])
+def test_modules_expose_proxies_and_match_functional(cls, k):
+    torch.manual_seed(0)
+    loss = cls(7, 12).double()
+    assert isinstance(loss.proxies, torch.nn.Parameter) and loss.proxies.shape == (7 * k, 12)
+    assert torch.isfinite(loss.proxies).all() and loss.proxies.std() > 0
+    x, y, _ = data(n=20, c=7, d=12)
+    value = loss(x, y)
+    assert value.dim() == 0 and torch.isfinite(value)
+    value.backward()
+    assert loss.proxies.grad is not None and torch.isfinite(loss.proxies.grad).all()
+
+
+def test_proxy_anchor_init_is_kaiming_normal_fan_out():
+    torch.manual_seed(0)
+    w = mlk.ProxyAnchorLoss(2000, 64).proxies  # fan_out of a [C, D] weight is C: std = sqrt(2 / C)
+    assert abs(w.std().item() / math.sqrt(2 / 2000) - 1) < 0.05
+
+
+def test_soft_triple_init_is_authors_uniform():
+    torch.manual_seed(0)
+    w = mlk.SoftTripleLoss(100, 64, centers_per_class=10).proxies  # on the [D, C*K] view: bound 1/sqrt(C*K)
+    bound = 1 / math.sqrt(1000)
+    assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound
+
+
+def test_regular_polytope_module():
+    loss = mlk.RegularPolytopeLoss(10, polytope="cube")
+    assert loss.embedding_size == 4 and not loss.proxies.requires_grad
+    x = torch.randn(16, 4, requires_grad=True)
+    loss(x, torch.randint(0, 10, (16,))).backward()
+    assert torch.isfinite(x.grad).all() and list(loss.parameters()) == []
+
+
+def test_center_loss_module_updates_centres_in_training_only():
+    torch.manual_seed(0)
+    loss = mlk.CenterLoss(3, 5)
+    x, y = torch.randn(12, 5), torch.tensor([0, 0, 1, 1] * 3)
+    before = loss.centers.clone()
+    loss.eval()
+    loss(x, y)
+    assert torch.equal(loss.centers, before)
+    loss.train()
+    loss(x, y)
+    expected0 = before[0] - 0.5 * (before[0] - x[y == 0].mean(0))
+    torch.testing.assert_close(loss.centers[0], expected0)
+    assert torch.equal(loss.centers[2], before[2])  # class 2 is not in the batch
+
+
+def test_weighted_sum_loss_is_weighted_sum_of_terms():
+    torch.manual_seed(0)
+    terms = {"exp": mlk.ExponentialTripletLoss(5), "center": mlk.CenterLoss(5, 8).eval(),
+             "class": mlk.L2SoftmaxLoss(5, 8)}
+    total = mlk.WeightedSumLoss(terms, weights={"exp": 1.0, "center": 0.5, "class": 2.0})
+    x, y = torch.randn(20, 8), torch.arange(20) % 5
+    value = total(x, y)
+    expected = terms["exp"](x, y) + 0.5 * terms["center"](x, y) + 2.0 * terms["class"](x, y)
+    torch.testing.assert_close(value, expected)
+    assert set(total.last_terms) == {"exp", "center", "class"}
+    with pytest.raises(ValueError, match="weights"):
+        mlk.WeightedSumLoss(terms, weights={"exp": 1.0})
+
+
+def test_learnable_margin_beta_gets_gradient():
+    loss = mlk.MarginLoss(learn_beta=True, num_classes=4, generator=torch.Generator().manual_seed(0))
+    x, y = torch.randn(16, 6), torch.arange(16) % 4
+    loss(x, y).backward()
+    assert loss.beta.shape == (4,) and loss.beta.grad is not None and loss.beta.grad.abs().sum() > 0
+
+
+# ---- validation: each error names its argument ----------------------------------------------------------------
+
+def _proxy_calls(x, y, w):
+    return {
+        "proxy_nca": lambda **kw: F.proxy_nca_loss(kw.get("x", x), kw.get("y", y), kw.get("w", w)),
+        "proxy_anchor": lambda **kw: F.proxy_anchor_loss(kw.get("x", x), kw.get("y", y), kw.get("w", w)),
+        "soft_triple": lambda **kw: F.soft_triple_loss(kw.get("x", x), kw.get("y", y), kw.get("w", w),
+                                                       centers_per_class=1),
+        "mpa": lambda **kw: F.mpa_loss(kw.get("x", x), kw.get("y", y), kw.get("w", w), centers_per_class=1),
+        "arcface": lambda **kw: F.arcface_loss(kw.get("x", x), kw.get("y", y), kw.get("w", w)),
+        "cosface": lambda **kw: F.cosface_loss(kw.get("x", x), kw.get("y", y), kw.get("w", w)),
+        "l2_softmax": lambda **kw: F.l2_softmax_loss(kw.get("x", x), kw.get("y", y), kw.get("w", w)),
+        "proxy_repel": lambda **kw: F.proxy_repel_loss(kw.get("x", x), kw.get("y", y), kw.get("w", w)),
+    }
+
+
+PROXY_FUNCS = sorted(_proxy_calls(None, None, None))
+
+
+@pytest.mark.parametrize("name", PROXY_FUNCS)
+def test_proxy_validation(name):
+    x, y, w = data(n=8, c=5, d=6)
+    call = _proxy_calls(x, y, w)[name]
+    call()  # valid
+    with pytest.raises(ValueError, match="embeddings"):
+        call(x=x[0])
+    with pytest.raises(TypeError, match="embeddings"):
+        call(x=x.long())
+    with pytest.raises(TypeError, match="embeddings"):
+        call(x=x.tolist())
+    with pytest.raises(TypeError, match="labels"):
+        call(y=y.double())
+    with pytest.raises(ValueError, match="labels"):
+        call(y=y[:-1])
+    with pytest.raises(ValueError, match="labels"):
+        call(y=torch.full_like(y, 5))
+    with pytest.raises(ValueError, match="labels"):
+        call(y=torch.full_like(y, -1))
+    with pytest.raises(ValueError, match="proxies|weight"):
+        call(w=w[:, :-1])
+    with pytest.raises(TypeError, match="proxies|weight"):
+        call(w=w.long())
+
+
+def test_centers_per_class_validation():
+    x, y, w = data(n=8, c=4, k=3, d=6)
+    with pytest.raises(ValueError, match="centers_per_class"):
+        F.soft_triple_loss(x, y, w, centers_per_class=0)
+    with pytest.raises(ValueError, match="centers_per_class"):
+        F.mpa_loss(x, y, w[:-1], centers_per_class=3)
+    with pytest.raises(ValueError, match="centers_per_class"):
+        mlk.SoftTripleLoss(4, 6, centers_per_class=-2)
+
+
+@pytest.mark.parametrize("call, arg", [
+    (lambda x, y, w: F.proxy_nca_loss(x, y, w, backend="cuda"), "backend"),
+    (lambda x, y, w: F.mpa_loss(x, y, w, centers_per_class=1, variant="xx"), "variant"),
+    (lambda x, y, w: F.proxy_repel_loss(x, y, w, variant="rows"), "variant"),
+    (lambda x, y, w: F.triplet_margin_loss(x, y, mining="easy"), "mining"),
+    (lambda x, y, w: F.triplet_margin_loss(x, y, distance="manhattan"), "distance"),
+    (lambda x, y, w: F.exponential_triplet_loss(x, y, 5, distance="manhattan"), "distance"),
+    (lambda x, y, w: F.regular_polytope_loss(x, y, 5, polytope="cross"), "polytope"),
+    (lambda x, y, w: F.contrastive_loss(x, y, backend="triton"), "backend"),
+    (lambda x, y, w: F.arcface_loss(x, y, w, margin=200.0), "margin"),
+    (lambda x, y, w: F.soft_triple_loss(x, y, w, centers_per_class=1, gamma=0.0), "gamma"),
+    (lambda x, y, w: F.l2_softmax_loss(x, y, w, bias=torch.zeros(3, dtype=x.dtype)), "bias"),
+    (lambda x, y, w: F.center_loss(x, y, w[:, :3]), "centers"),
+    (lambda x, y, w: F.margin_loss(x, y, beta=torch.ones(2, dtype=x.dtype)), "labels"),
+])
+def test_argument_errors_name_the_argument(call, arg):
+    x, y, w = data(n=8, c=5, d=6)
+    with pytest.raises(ValueError, match=arg):
+        call(x, y, w)
+
+
+def test_polytope_width_mismatch():
+    x, y, _ = data(n=8, c=5, d=6)
+    with pytest.raises(ValueError, match="width 4"):
+        F.regular_polytope_loss(x, y, 5, polytope="simplex")
+
+
+def test_labels_on_other_device_or_2d():
+    x, y, w = data(n=8, c=5, d=6)
+    with pytest.raises(ValueError, match="labels"):
+        F.proxy_anchor_loss(x, y[:, None], w)
+    with pytest.raises(ValueError, match="labels"):
+        F.contrastive_loss(x, y.repeat(2))
+
+
+# ---- backends ---------------------------------------------------------------------------------------------------
+
+def test_backends_report():
+    info = mlk.backends()
+    assert set(info) == {"reference", "chunked", "triton"}
+    assert info["reference"][0] and info["chunked"][0]
+    assert all(isinstance(why, str) and why for _, why in info.values())
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_explicit_backends_agree(backend):
+    x, y, w = data(n=19, c=11, k=3, d=9)
+    ref = reference.soft_triple_loss(x, y, w, centers_per_class=3)
+    got = F.soft_triple_loss(x, y, w, centers_per_class=3, backend=backend)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_env_variable_sets_default_backend(monkeypatch):
+    from metricloss_kernels import chunked
+    calls = []
+    original = chunked.class_lse
+    monkeypatch.setattr(chunked, "class_lse", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x, y, w = data(n=9, c=6, d=5)
+    monkeypatch.setenv("METRICLOSS_BACKEND", "chunked")
+    F.proxy_nca_loss(x, y, w)
+    assert calls
+    monkeypatch.setenv("METRICLOSS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="backend"):
+        F.proxy_nca_loss(x, y, w)
+
+
+def test_auto_picks_chunked_for_large_logits(monkeypatch):
+    from metricloss_kernels import _backend
+    assert _backend.resolve("auto", torch.device("cpu"), 10) == "reference"
+    assert _backend.resolve("auto", torch.device("cpu"), _backend.AUTO_CHUNK_BYTES) == "chunked"
+    assert _backend.resolve("auto", torch.device("cpu"), 10**9, ("auto", "reference")) == "reference"
+
+
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    from metricloss_kernels import _backend
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, y, w = data(n=9, c=6, d=5)
+    with pytest.raises(RuntimeError, match="triton"):
+        F.proxy_nca_loss(x, y, w, backend="triton")
+    assert _backend.resolve("auto", torch.device("cpu"), 10) == "reference"
+
+
+def test_half_precision_result_dtype():
+    x, y, w = data(n=16, c=6, d=8, dtype=torch.float32)
+    for dtype in (torch.float16, torch.bfloat16):
+        xh = x.to(dtype).requires_grad_()
+        out = F.proxy_anchor_loss(xh, y, w.to(dtype), backend="reference")
+        out.backward()
+        assert out.dtype == dtype and xh.grad.dtype == dtype
+        torch.testing.assert_close(out.float(), F.proxy_anchor_loss(x, y, w), rtol=2e-2, atol=2e-2)
