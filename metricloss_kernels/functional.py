@@ -4,14 +4,12 @@ Shapes: embeddings [N, D] float; labels [N] integer; proxies [C*K, D] class-majo
 class c); weight [C, D]. Every loss returns a scalar tensor in the embeddings' dtype. The mathematics of each
 function is FORMULAS.md; the docstrings of `metricloss_kernels.reference` state it per loss.
 """
-import functools
-
 import torch
 
 from . import _validation as V
 from . import chunked, fused, reference
 from ._backend import resolve
-from .polytopes import regular_polytope
+from .polytopes import KINDS, polytope_dim
 
 PAIR_BACKENDS = ("auto", "reference")
 
@@ -48,6 +46,9 @@ def proxy_nca_loss(embeddings, labels, proxies, scale=2.0, exclude_positive=True
     """ProxyNCA (K = 1): mean_i [-s S_iy + LSE_{c != y_i} s S_ic] (plain softmax CE if not exclude_positive)."""
     labels, c = _proxy_inputs(embeddings, labels, proxies)
     V.number(scale, "scale", positive=True)
+    if exclude_positive and c < 2:
+        raise ValueError("proxies must hold at least 2 classes for proxy_nca_loss with exclude_positive=True "
+                         "(the log-sum-exp over the other classes would be empty)")
     return _proxy_loss("proxy_nca_loss", backend, embeddings, embeddings.shape[0] * c,
                        embeddings, labels, proxies, scale=scale, exclude_positive=bool(exclude_positive))
 
@@ -115,22 +116,19 @@ def l2_softmax_loss(embeddings, labels, weight, bias=None, scale=16.0, normalize
                        normalize_weights=bool(normalize_weights))
 
 
-@functools.lru_cache(maxsize=32)
-def _polytope(kind: str, num_classes: int) -> torch.Tensor:
-    return regular_polytope(kind, num_classes)
-
-
 def regular_polytope_loss(embeddings, labels, num_classes, polytope="simplex", scale=30.0, margin="max",
                           backend="auto"):
     """Margin-RePoNet: ArcFace on x̂ with the fixed polytope weights; margin "max" (the polytope's angle φ) or a
     number in degrees. The embedding width must be the polytope's dimension."""
     V.embeddings(embeddings)
     V.positive_int(num_classes, "num_classes")
-    V.choice(polytope, "polytope", ("simplex", "orthoplex", "cube"))
+    V.choice(polytope, "polytope", KINDS)
     V.number(scale, "scale", positive=True)
     if margin != "max":
         V.number(margin, "margin", nonnegative=True)
-    d = _polytope(polytope, num_classes).shape[1]
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2 for a polytope classifier, got {num_classes}")
+    d = polytope_dim(polytope, num_classes)
     if embeddings.shape[1] != d:
         raise ValueError(f"embeddings must have width {d} for a {polytope} of {num_classes} classes, "
                          f"got {embeddings.shape[1]}")
