@@ -1,0 +1,103 @@
+"""Pure-torch references of the exponential-triplet family (Urtans et al.; FORMULAS.md, "The exponential triplet
+loss family"): the exponential triplet loss, the center loss with margin and its centre update rule.
+
+Shapes: ``embeddings`` [N, D] float, ``labels`` [N] int64, ``centers`` [C, D].
+"""
+import torch
+import torch.nn.functional as F
+
+from .._dtypes import upcast
+
+_DISTANCES = ("cosine", "euclidean", "squared_euclidean")
+_EPS = 1e-20
+
+
+def _distances(embeddings, distance, embedding_scale):
+    """Distance matrix [N, N] and its maximum D_max.
+    cosine: 1 - x̂_i·x̂_j (D_max = 2); euclidean: ||x_i - x_j|| on the embeddings as given (D_max = 2 c_s);
+    squared_euclidean: ||x_i - x_j||² (D_max = (2 c_s)²)."""
+    if distance == "cosine":
+        x = F.normalize(embeddings, dim=1, eps=1e-12)
+        return 1.0 - x @ x.T, 2.0
+    sq = (embeddings * embeddings).sum(dim=1)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * (embeddings @ embeddings.T)).clamp_min(0.0)
+    if distance == "squared_euclidean":
+        return d2, (2.0 * embedding_scale) ** 2
+    # sqrt with a zero (not NaN) gradient where d2 = 0, e.g. on the diagonal.
+    nz = d2 > 0
+    d = torch.where(nz, torch.sqrt(torch.where(nz, d2, torch.ones_like(d2))), torch.zeros_like(d2))
+    return d, 2.0 * embedding_scale
+
+
+@upcast
+def exponential_triplet_loss(embeddings, labels, num_classes, overlap=1.2, distance="cosine",
+                             embedding_scale=1.0, pos_coef=1.0, neg_coef=1.0):
+    """Exponential triplet loss (Urtans et al., following the authors' code), batch-hard.
+
+    Per anchor a: ``d_ap`` = distance to its farthest positive (j != a, same label), ``d_an`` = distance to its
+    closest negative; ``p = d_ap / D_max``, ``n = d_an / D_max``, ``c_pos = overlap / num_classes``:
+    ``L = -pos_coef * log(1 - mean_a([p - c_pos]₊) / (1 - c_pos) + ε)
+          - neg_coef * log(1 - mean_a([0.5 - n]₊) / 0.5 + ε)``, ε = 1e-20.
+    The batch mean sits inside the log, as the authors' code does **(resolved)**. Each mean runs over the anchors
+    that have a positive (resp. a negative); a term with no such anchor is 0 **(resolved)**; with neither, the
+    loss is a 0 that carries a graph. Euclidean distances are taken on the embeddings as given (expected from
+    ``unit_range``/``unit_bounce`` or an L2 normalisation scaled by ``embedding_scale``); cosine normalises.
+
+    Args: embeddings [N, D]; labels [N] int64; num_classes: the number of training classes K_train;
+    distance in {"cosine", "euclidean", "squared_euclidean"}. Returns a scalar.
+    Raises ValueError when ``overlap / num_classes >= 1`` (c_pos must be below 1).
+    """
+    if distance not in _DISTANCES:
+        raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}")
+    c_pos = overlap / num_classes
+    if c_pos >= 1.0:
+        raise ValueError(f"overlap / num_classes must be < 1 (c_pos = overlap / K_train), got overlap={overlap}, "
+                         f"num_classes={num_classes}: c_pos = {c_pos}")
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    pos, neg = same & ~eye, ~same
+    d, d_max = _distances(embeddings, distance, embedding_scale)
+    has_pos, has_neg = pos.any(dim=1), neg.any(dim=1)
+    if not has_pos.any() and not has_neg.any():
+        return embeddings.sum() * 0
+    loss = embeddings.sum() * 0
+    if has_pos.any():
+        d_ap = d[has_pos].masked_fill(~pos[has_pos], float("-inf")).amax(dim=1)
+        hinge = F.relu(d_ap / d_max - c_pos).mean()
+        loss = loss - pos_coef * torch.log(1.0 - hinge / (1.0 - c_pos) + _EPS)
+    if has_neg.any():
+        d_an = d[has_neg].masked_fill(~neg[has_neg], float("inf")).amin(dim=1)
+        hinge = F.relu(0.5 - d_an / d_max).mean()
+        loss = loss - neg_coef * torch.log(1.0 - hinge / 0.5 + _EPS)
+    return loss
+
+
+@upcast
+def center_loss(embeddings, labels, centers, margin=0.0):
+    """Center loss with margin (Urtans et al. eq. 9): ``L = mean_i [ ||x_i - c_{y_i}||² - margin ]₊``
+    (``margin`` = c_d / 2; 0 gives Wen's center loss). No gradient reaches the centres (they are detached; update
+    them with ``update_centers``).
+
+    Args: embeddings [N, D]; labels [N] int64; centers [C, D]. Returns a scalar.
+    """
+    diff = embeddings - centers.detach()[labels]
+    return F.relu((diff * diff).sum(dim=1) - margin).mean()
+
+
+@torch.no_grad()
+def update_centers(centers, embeddings, labels, alpha=0.5):
+    """In-place centre update, no gradient: for every class y present in the batch,
+    ``c_y <- c_y - alpha * (c_y - mean_{i : y_i = y} x_i)``; the other centres are unchanged.
+    The class means are accumulated in fp32 (fp64 for fp64 tensors), the result is written in the centres' dtype.
+
+    Args: centers [C, D] (modified in place); embeddings [N, D]; labels [N] int64. Returns ``centers``.
+    """
+    acc = torch.float64 if torch.float64 in (centers.dtype, embeddings.dtype) else torch.float32
+    sums = torch.zeros(centers.shape, dtype=acc, device=centers.device)
+    sums.index_add_(0, labels, embeddings.to(acc))
+    counts = torch.bincount(labels, minlength=centers.shape[0])
+    present = (counts > 0).nonzero(as_tuple=True)[0]
+    means = sums[present] / counts[present].to(acc)[:, None]
+    c = centers[present].to(acc)
+    centers[present] = (c - alpha * (c - means)).to(centers.dtype)
+    return centers

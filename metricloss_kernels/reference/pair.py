@@ -1,0 +1,268 @@
+"""Pure-torch references of the pair-based losses (FORMULAS.md, "Pair-based losses").
+
+All of them work on the batch x batch similarity matrix ``S_ij = x̂_i · x̂_j`` (N-pair: raw dot products), with
+boolean masks for positives ``P_i = {j != i : y_j = y_i}`` and negatives ``N_i = {j : y_j != y_i}``. N is a batch,
+so N x N intermediates are fine here. When no pair / triplet / anchor is valid, a loss returns
+``embeddings.sum() * 0``: a zero that still carries a graph, so ``backward()`` works.
+
+Shapes: ``embeddings`` [N, D] float, ``labels`` [N] int64; every loss returns a scalar in the embeddings' dtype
+(half precision is computed in fp32, see ``metricloss_kernels._dtypes.upcast``).
+"""
+import torch
+import torch.nn.functional as F
+
+from .._dtypes import upcast
+
+_DISTANCES = ("cosine", "euclidean", "squared_euclidean")
+_MINING = ("all", "semi-hard", "hard")
+# Anchor block size for the all-triplets loss: bounds the [B, N, N] intermediate.
+_TRIPLET_BLOCK_ELEMS = 1 << 24
+
+
+def _masks(labels):
+    """Positive mask (same label, j != i) and negative mask (different label), both [N, N] bool."""
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    return same & ~eye, ~same
+
+
+def _cosine(embeddings):
+    """S = x̂ x̂ᵀ, [N, N]."""
+    x = F.normalize(embeddings, dim=1, eps=1e-12)
+    return x @ x.T
+
+
+def _safe_sqrt(z):
+    """sqrt(max(z, 0)) with a finite gradient (0) where z <= 0: the diagonal of a distance matrix has z = 0."""
+    pos = z > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, z, torch.ones_like(z))), torch.zeros_like(z))
+
+
+def _sq_dist(x):
+    """Squared Euclidean distances ||x_i - x_j||², [N, N], through the Gram matrix (clamped at 0)."""
+    sq = (x * x).sum(dim=1)
+    return (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)).clamp_min(0.0)
+
+
+def _zero(embeddings, *extra):
+    """A scalar 0 connected to the graph of the inputs."""
+    z = embeddings.sum() * 0
+    for t in extra:
+        if torch.is_tensor(t):
+            z = z + t.sum() * 0
+    return z
+
+
+def _masked_lse(z, mask):
+    """Row-wise log-sum-exp of z over mask, [R]. Every row must have at least one True (else -inf and NaN grad)."""
+    return torch.logsumexp(z.masked_fill(~mask, float("-inf")), dim=1)
+
+
+@upcast
+def contrastive_loss(embeddings, labels, pos_margin=1.0, neg_margin=0.5):
+    """Contrastive loss on cosine similarities.
+
+    ``L = mean_{pos pairs (i != j)} [m_pos - S_ij]₊ + mean_{neg pairs} [S_ij - m_neg]₊``.
+    Each mean is a plain mean over all pairs of its kind (not over the non-zero ones); an empty kind of pair
+    contributes 0 **(resolved)**; with neither kind (N = 1) the loss is a 0 that carries a graph.
+
+    Args: embeddings [N, D]; labels [N] int64. Returns a scalar.
+    """
+    pos, neg = _masks(labels)
+    if not pos.any() and not neg.any():
+        return _zero(embeddings)
+    s = _cosine(embeddings)
+    loss = _zero(embeddings)
+    if pos.any():
+        loss = loss + F.relu(pos_margin - s[pos]).mean()
+    if neg.any():
+        loss = loss + F.relu(s[neg] - neg_margin).mean()
+    return loss
+
+
+def _dissimilarity(embeddings, distance):
+    """Returns (S, G): cosine similarities [N, N] and the matrix G [N, N] the triplet loss is linear in:
+    G = -S for "cosine", ||x̂_i - x̂_j|| for "euclidean", ||x̂_i - x̂_j||² for "squared_euclidean"."""
+    x = F.normalize(embeddings, dim=1, eps=1e-12)
+    s = x @ x.T
+    if distance == "cosine":
+        return s, -s
+    d2 = _sq_dist(x)
+    return s, (_safe_sqrt(d2) if distance == "euclidean" else d2)
+
+
+@upcast
+def triplet_margin_loss(embeddings, labels, margin=0.1, distance="cosine", mining="all"):
+    """Triplet margin loss on normalised embeddings, mean over the triplets used.
+
+    Per triplet (a, p, n): ``[S_an - S_ap + m]₊`` for ``distance="cosine"``, ``[d_ap - d_an + m]₊`` for
+    ``"euclidean"`` (d = ||x̂_a - x̂_b||) and ``"squared_euclidean"`` (d = ||x̂_a - x̂_b||²).
+    Mining (the selection always compares cosine similarities S, which orders pairs exactly like the distances on
+    unit vectors):
+      * ``"all"``: every (a, p, n) with p in P_a, n in N_a;
+      * ``"semi-hard"``: for each ordered positive pair (a, p), the most similar negative among those with
+        ``S_an < S_ap`` (strict); pairs with no such negative are dropped;
+      * ``"hard"`` (batch-hard): per anchor, the least similar positive and the most similar negative; anchors
+        lacking either are dropped.
+    No triplet: a 0 that carries a graph.
+
+    Args: embeddings [N, D]; labels [N] int64; distance in {"cosine", "euclidean", "squared_euclidean"};
+    mining in {"all", "semi-hard", "hard"}. Returns a scalar.
+    """
+    if distance not in _DISTANCES:
+        raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}")
+    if mining not in _MINING:
+        raise ValueError(f"mining must be one of {_MINING}, got {mining!r}")
+    pos, neg = _masks(labels)
+    s, g = _dissimilarity(embeddings, distance)
+    sd = s.detach()
+
+    if mining == "all":
+        n = len(labels)
+        block = max(1, _TRIPLET_BLOCK_ELEMS // max(1, n * n))
+        total, count = _zero(embeddings), 0
+        for a0 in range(0, n, block):
+            gb = g[a0:a0 + block]
+            valid = pos[a0:a0 + block, :, None] & neg[a0:a0 + block, None, :]  # [B, P, N]
+            if valid.any():
+                total = total + F.relu(gb[:, :, None] - gb[:, None, :] + margin)[valid].sum()
+                count += int(valid.sum())
+        return total / count if count else _zero(embeddings)
+
+    if mining == "semi-hard":
+        a_idx, p_idx = pos.nonzero(as_tuple=True)
+        cand = neg[a_idx] & (sd[a_idx] < sd[a_idx, p_idx][:, None])  # [pairs, N]
+        keep = cand.any(dim=1)
+        if not keep.any():
+            return _zero(embeddings)
+        a_idx, p_idx, cand = a_idx[keep], p_idx[keep], cand[keep]
+        n_idx = sd[a_idx].masked_fill(~cand, float("-inf")).argmax(dim=1)
+    else:  # hard
+        keep = pos.any(dim=1) & neg.any(dim=1)
+        if not keep.any():
+            return _zero(embeddings)
+        a_idx = keep.nonzero(as_tuple=True)[0]
+        p_idx = sd[a_idx].masked_fill(~pos[a_idx], float("inf")).argmin(dim=1)
+        n_idx = sd[a_idx].masked_fill(~neg[a_idx], float("-inf")).argmax(dim=1)
+    return F.relu(g[a_idx, p_idx] - g[a_idx, n_idx] + margin).mean()
+
+
+@upcast
+def lifted_structure_loss(embeddings, labels, margin=0.5):
+    """Generalised lifted structure loss (thesis eq. 2.21) on cosine similarities.
+
+    Per anchor i with at least one positive and one negative:
+    ``[ LSE_{k in P_i}(λ - S_ik) + LSE_{k in N_i}(S_ik) ]₊``, λ = ``margin``; mean over those anchors.
+    No such anchor: a 0 that carries a graph.
+
+    Args: embeddings [N, D]; labels [N] int64. Returns a scalar.
+    """
+    pos, neg = _masks(labels)
+    keep = pos.any(dim=1) & neg.any(dim=1)
+    if not keep.any():
+        return _zero(embeddings)
+    s, pos, neg = _cosine(embeddings)[keep], pos[keep], neg[keep]
+    return F.relu(_masked_lse(margin - s, pos) + _masked_lse(s, neg)).mean()
+
+
+@upcast
+def npairs_loss(embeddings, labels, l2_reg=0.02):
+    """N-pair loss (Sohn) on raw dot products ``S = x xᵀ`` (no normalisation).
+
+    Per anchor i with positives and negatives: ``softplus( LSE_{j in P_i, k in N_i} (S_ik - S_ij) )``, computed as
+    ``softplus(LSE_{k in N_i} S_ik + LSE_{j in P_i} (-S_ij))`` (the double LSE separates); mean over those anchors,
+    plus ``l2_reg * mean_i ||x_i||²`` over all N samples. With no such anchor the first term is 0 and the
+    regulariser is still added **(resolved)**.
+
+    Args: embeddings [N, D]; labels [N] int64. Returns a scalar.
+    """
+    pos, neg = _masks(labels)
+    reg = l2_reg * (embeddings * embeddings).sum(dim=1).mean()
+    keep = pos.any(dim=1) & neg.any(dim=1)
+    if not keep.any():
+        return reg
+    s, pos, neg = (embeddings @ embeddings.T)[keep], pos[keep], neg[keep]
+    return F.softplus(_masked_lse(s, neg) + _masked_lse(-s, pos)).mean() + reg
+
+
+def _distance_weighted_probs(dist, neg, dim, cutoff, nonzero_loss_cutoff):
+    """Sampling probabilities [N, N] of distance-weighted sampling (Wu et al., Section 4; authors' code):
+    q(d) ∝ d^(2-D) (1 - d²/4)^(-(D-3)/2) with d clamped below at ``cutoff``, restricted to negatives with
+    d < ``nonzero_loss_cutoff``. Rows with no such negative fall back to uniform over the anchor's negatives
+    (resolved); rows without negatives are all 0."""
+    d = dist.clamp_min(cutoff)
+    log_w = (2.0 - dim) * torch.log(d) - ((dim - 3.0) / 2.0) * torch.log(1.0 - 0.25 * d * d)
+    allowed = neg & (dist < nonzero_loss_cutoff)
+    fallback = ~allowed.any(dim=1, keepdim=True)
+    allowed = torch.where(fallback, neg, allowed)
+    log_w = torch.where(fallback, torch.zeros_like(log_w), log_w)
+    has = allowed.any(dim=1, keepdim=True)
+    probs = torch.softmax(log_w.masked_fill(~allowed, float("-inf")), dim=1)
+    return torch.where(has, probs, torch.zeros_like(probs))
+
+
+@upcast
+def margin_loss(embeddings, labels, margin=0.2, beta=1.2, generator=None):
+    """Margin loss (Wu et al.) with distance-weighted negative sampling.
+
+    ``D_ij = ||x̂_i - x̂_j||``, ``ℓ_ij = [α + t_ij (D_ij - β)]₊``, t = +1 for positives, -1 for negatives,
+    α = ``margin``. ``beta``: float, or Tensor [C] of per-class values (learnable if it requires grad); a pair
+    (a, b) uses β of the anchor's class y_a.
+    Pairs: every ordered positive pair (a, p), p in P_a, and for each of them one negative n of anchor a drawn by
+    distance-weighted sampling (cutoff 0.5, nonzero_loss_cutoff 1.4, weights computed without gradient, drawn with
+    ``torch.multinomial(..., generator=generator)``). The loss is the plain mean of ℓ over all positive and
+    sampled negative pairs **(resolved: not over the non-zero ones)**. Resolved edge cases: an anchor whose
+    negatives all lie at distance >= 1.4 samples uniformly among its negatives (the authors' code falls back to
+    uniform sampling); a positive pair whose anchor has no negative keeps its positive term and has no negative
+    term. No positive pair: a 0 that carries a graph.
+
+    Args: embeddings [N, D]; labels [N] int64; generator: torch.Generator on the embeddings' device, or None.
+    Returns a scalar.
+    """
+    pos, neg = _masks(labels)
+    if not pos.any():
+        return _zero(embeddings, beta)
+    x = F.normalize(embeddings, dim=1, eps=1e-12)
+    dist = _safe_sqrt(_sq_dist(x))
+    a_idx, p_idx = pos.nonzero(as_tuple=True)
+    with torch.no_grad():
+        probs = _distance_weighted_probs(dist.detach(), neg, embeddings.shape[1], 0.5, 1.4)[a_idx]
+        has_neg = probs.sum(dim=1) > 0
+    b = beta[labels] if torch.is_tensor(beta) else torch.full_like(dist[:, 0], beta)  # β per anchor, [N]
+    pos_loss = F.relu(margin + dist[a_idx, p_idx] - b[a_idx])
+    if not has_neg.any():
+        return pos_loss.mean()
+    an_idx = a_idx[has_neg]
+    n_idx = torch.multinomial(probs[has_neg], 1, generator=generator).squeeze(1)
+    neg_loss = F.relu(margin - dist[an_idx, n_idx] + b[an_idx])
+    return (pos_loss.sum() + neg_loss.sum()) / (len(pos_loss) + len(neg_loss))
+
+
+@upcast
+def multi_similarity_loss(embeddings, labels, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1):
+    """Multi-Similarity loss (Wang et al.; authors' code) on cosine similarities.
+
+    Per anchor i: ``pos = {S_ij : j in P_i, S_ij < 1 - 1e-5}``, ``neg = {S_ik : k in N_i}``; mining keeps the
+    negatives with ``S + ε > min(pos)`` and the positives with ``S - ε < max(neg)`` (strict, on the unmined sets).
+    ``L = (1/N) Σ_i [ (1/α) softplus(LSE -α(S_pos - λ)) + (1/β) softplus(LSE β(S_neg - λ)) ]``, λ = ``base``.
+    An anchor whose mined positive or mined negative set is empty contributes 0 to both terms **(resolved: the
+    authors' code skips such an anchor entirely)**; the sum is still divided by N. No anchor left: a 0 that carries
+    a graph.
+
+    Args: embeddings [N, D]; labels [N] int64. Returns a scalar.
+    """
+    pos, neg = _masks(labels)
+    s = _cosine(embeddings)
+    sd = s.detach()
+    pos = pos & (sd < 1.0 - 1e-5)
+    min_pos = sd.masked_fill(~pos, float("inf")).amin(dim=1, keepdim=True)
+    max_neg = sd.masked_fill(~neg, float("-inf")).amax(dim=1, keepdim=True)
+    neg_keep = neg & (sd + epsilon > min_pos)
+    pos_keep = pos & (sd - epsilon < max_neg)
+    keep = pos_keep.any(dim=1) & neg_keep.any(dim=1)
+    if not keep.any():
+        return _zero(embeddings)
+    s, pos_keep, neg_keep = s[keep], pos_keep[keep], neg_keep[keep]
+    pos_term = F.softplus(_masked_lse(-alpha * (s - base), pos_keep)) / alpha
+    neg_term = F.softplus(_masked_lse(beta * (s - base), neg_keep)) / beta
+    return (pos_term + neg_term).sum() / len(labels)

@@ -1,0 +1,455 @@
+"""Pair-family references (metricloss_kernels/reference/pair.py) against explicit loops written from FORMULAS.md."""
+import math
+
+import pytest
+import torch
+
+from metricloss_kernels.reference import pair
+
+F64 = torch.float64
+REL = 1e-6
+
+
+def make_batch(n=37, d=40, c=9, seed=0, dtype=F64):
+    """Random embeddings [n, d] and labels [n] in [0, c); the last sample gets a class of its own."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    y = torch.randint(0, c, (n,), generator=g)
+    y[-1] = c
+    return x, y
+
+
+def unit(v):
+    return v / max(float(v.norm()), 1e-12)
+
+
+def sims(x):
+    """Python list-of-lists of cosine similarities, pair by pair."""
+    xs = [unit(v) for v in x]
+    return [[float(xs[i] @ xs[j]) for j in range(len(xs))] for i in range(len(xs))], xs
+
+
+def pos_neg(y, i):
+    n = len(y)
+    return ([j for j in range(n) if j != i and y[j] == y[i]], [k for k in range(n) if y[k] != y[i]])
+
+
+def lse(vals):
+    m = max(vals)
+    return m + math.log(sum(math.exp(v - m) for v in vals))
+
+
+def softplus(z):
+    return max(z, 0.0) + math.log1p(math.exp(-abs(z)))
+
+
+def relu(z):
+    return max(z, 0.0)
+
+
+def assert_rel(actual, expected, rel=REL):
+    assert actual == pytest.approx(expected, rel=rel, abs=1e-12), (actual, expected)
+
+
+def assert_zero_with_graph(fn, x, y, **kw):
+    x = x.clone().requires_grad_(True)
+    out = fn(x, y, **kw)
+    assert out.item() == 0.0 and out.requires_grad
+    out.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+# ---------------------------------------------------------------- loop references, written from the formulas
+def contrastive_loop(x, y, mp=1.0, mn=0.5):
+    s, _ = sims(x)
+    y = y.tolist()
+    pos = [relu(mp - s[i][j]) for i in range(len(y)) for j in range(len(y)) if i != j and y[i] == y[j]]
+    neg = [relu(s[i][j] - mn) for i in range(len(y)) for j in range(len(y)) if y[i] != y[j]]
+    return (sum(pos) / len(pos) if pos else 0.0) + (sum(neg) / len(neg) if neg else 0.0)
+
+
+def triplet_loop(x, y, margin, distance, mining):
+    s, xs = sims(x)
+    y = y.tolist()
+
+    def tl(a, p, n):
+        if distance == "cosine":
+            return relu(s[a][n] - s[a][p] + margin)
+        dap, dan = float((xs[a] - xs[p]).norm()), float((xs[a] - xs[n]).norm())
+        if distance == "squared_euclidean":
+            dap, dan = dap ** 2, dan ** 2
+        return relu(dap - dan + margin)
+
+    losses = []
+    for a in range(len(y)):
+        P, N = pos_neg(y, a)
+        if mining == "all":
+            losses += [tl(a, p, n) for p in P for n in N]
+        elif mining == "semi-hard":
+            for p in P:
+                cands = [n for n in N if s[a][n] < s[a][p]]
+                if cands:
+                    losses.append(tl(a, p, max(cands, key=lambda n: s[a][n])))
+        elif P and N:
+            losses.append(tl(a, min(P, key=lambda p: s[a][p]), max(N, key=lambda n: s[a][n])))
+    return sum(losses) / len(losses)
+
+
+def lifted_loop(x, y, lam=0.5):
+    s, _ = sims(x)
+    y = y.tolist()
+    terms = []
+    for i in range(len(y)):
+        P, N = pos_neg(y, i)
+        if P and N:
+            terms.append(relu(lse([lam - s[i][k] for k in P]) + lse([s[i][k] for k in N])))
+    return sum(terms) / len(terms)
+
+
+def npairs_loop(x, y, l2=0.02):
+    y = y.tolist()
+    S = [[float(x[i] @ x[j]) for j in range(len(y))] for i in range(len(y))]
+    terms = []
+    for i in range(len(y)):
+        P, N = pos_neg(y, i)
+        if P and N:
+            terms.append(softplus(lse([S[i][k] - S[i][j] for j in P for k in N])))
+    reg = l2 * sum(float(v @ v) for v in x) / len(y)
+    return (sum(terms) / len(terms) if terms else 0.0) + reg
+
+
+def ms_loop(x, y, alpha=2.0, beta=50.0, lam=0.5, eps=0.1):
+    s, _ = sims(x)
+    y = y.tolist()
+    total = 0.0
+    for i in range(len(y)):
+        P, N = pos_neg(y, i)
+        pos = [s[i][j] for j in P if s[i][j] < 1 - 1e-5]
+        neg = [s[i][k] for k in N]
+        if not pos or not neg:
+            continue
+        negm = [v for v in neg if v + eps > min(pos)]
+        posm = [v for v in pos if v - eps < max(neg)]
+        if not posm or not negm:
+            continue
+        total += softplus(lse([-alpha * (v - lam) for v in posm])) / alpha
+        total += softplus(lse([beta * (v - lam) for v in negm])) / beta
+    return total / len(y)
+
+
+def dw_probs_loop(x, y, a, cutoff=0.5, nz=1.4):
+    """Distance-weighted sampling distribution of anchor a over the batch (list), from Wu et al. Section 4."""
+    _, xs = sims(x)
+    dim = x.shape[1]
+    y = y.tolist()
+    w = [0.0] * len(y)
+    logs = {}
+    for n in range(len(y)):
+        d = float((xs[a] - xs[n]).norm())
+        if y[n] != y[a] and d < nz:
+            dc = max(d, cutoff)
+            logs[n] = (2 - dim) * math.log(dc) - (dim - 3) / 2 * math.log(1 - dc * dc / 4)
+    if not logs:  # fallback: uniform over the anchor's negatives
+        logs = {n: 0.0 for n in range(len(y)) if y[n] != y[a]}
+    if logs:
+        m = max(logs.values())
+        z = sum(math.exp(v - m) for v in logs.values())
+        for n, v in logs.items():
+            w[n] = math.exp(v - m) / z
+    return w
+
+
+def margin_loop(x, y, alpha, beta, seed):
+    """Margin loss with the negatives drawn from loop-computed probabilities, one torch.multinomial call over the
+    ordered positive pairs in row-major order (the same draw the reference makes)."""
+    _, xs = sims(x)
+    yl = y.tolist()
+    b = (lambda a: float(beta[yl[a]])) if torch.is_tensor(beta) else (lambda a: beta)
+    pairs = [(a, p) for a in range(len(yl)) for p in pos_neg(yl, a)[0]]
+    probs = [dw_probs_loop(x, y, a) for a, _ in pairs]
+    rows = [i for i, pr in enumerate(probs) if sum(pr) > 0]
+    draws = torch.multinomial(torch.tensor([probs[i] for i in rows], dtype=F64), 1,
+                              generator=torch.Generator().manual_seed(seed)).squeeze(1).tolist()
+    dist = lambda i, j: float((xs[i] - xs[j]).norm())  # noqa: E731
+    losses = [relu(alpha + dist(a, p) - b(a)) for a, p in pairs]
+    losses += [relu(alpha - dist(pairs[i][0], n) + b(pairs[i][0])) for i, n in zip(rows, draws)]
+    return sum(losses) / len(losses)
+
+
+# ---------------------------------------------------------------- values against the loops
+@pytest.mark.parametrize("seed", [0, 1])
+def test_contrastive_matches_loop(seed):
+    x, y = make_batch(seed=seed)
+    assert_rel(pair.contrastive_loss(x, y).item(), contrastive_loop(x, y))
+    assert_rel(pair.contrastive_loss(x, y, 0.8, 0.1).item(), contrastive_loop(x, y, 0.8, 0.1))
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "squared_euclidean"])
+@pytest.mark.parametrize("mining", ["all", "semi-hard", "hard"])
+def test_triplet_matches_loop(distance, mining):
+    x, y = make_batch(n=23, d=12, c=5, seed=2)
+    margin = 0.1 if distance == "cosine" else 0.3
+    got = pair.triplet_margin_loss(x, y, margin=margin, distance=distance, mining=mining).item()
+    assert got > 0
+    assert_rel(got, triplet_loop(x, y, margin, distance, mining))
+
+
+def test_triplet_all_blocks_over_anchors(monkeypatch):
+    x, y = make_batch(n=19, d=7, c=4, seed=3)
+    full = pair.triplet_margin_loss(x, y, margin=0.2)
+    monkeypatch.setattr(pair, "_TRIPLET_BLOCK_ELEMS", 19 * 19 * 3)  # blocks of 3 anchors, last one partial
+    assert_rel(pair.triplet_margin_loss(x, y, margin=0.2).item(), full.item(), rel=1e-12)
+
+
+def test_triplet_mining_differs():
+    """The three minings select different triplets on a generic batch (so the loops above are discriminating)."""
+    x, y = make_batch(seed=4)
+    vals = {m: pair.triplet_margin_loss(x, y, margin=0.1, mining=m).item() for m in ("all", "semi-hard", "hard")}
+    assert len({round(v, 9) for v in vals.values()}) == 3
+    assert vals["hard"] > vals["all"]
+
+
+def test_triplet_bad_arguments():
+    x, y = make_batch(n=5, d=3, c=2)
+    with pytest.raises(ValueError, match="distance"):
+        pair.triplet_margin_loss(x, y, distance="manhattan")
+    with pytest.raises(ValueError, match="mining"):
+        pair.triplet_margin_loss(x, y, mining="easy")
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_lifted_structure_matches_loop(seed):
+    x, y = make_batch(seed=seed)
+    assert_rel(pair.lifted_structure_loss(x, y).item(), lifted_loop(x, y))
+    assert_rel(pair.lifted_structure_loss(x, y, margin=1.5).item(), lifted_loop(x, y, 1.5))
+
+
+@pytest.mark.parametrize("seed", [0, 6])
+def test_npairs_matches_loop(seed):
+    x, y = make_batch(n=21, d=10, c=6, seed=seed)
+    x = x * 0.3
+    assert_rel(pair.npairs_loss(x, y).item(), npairs_loop(x, y))
+    assert_rel(pair.npairs_loss(x, y, l2_reg=0.5).item(), npairs_loop(x, y, 0.5))
+
+
+def clustered_batch(n=37, d=6, c=5, noise=0.6, seed=0):
+    """Samples around random class centres: positives mostly similar, so the MS mining has work to do."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, c, (n,), generator=g)
+    y[-1] = c
+    centres = torch.randn(c + 1, d, generator=g, dtype=F64)
+    return centres[y] + noise * torch.randn(n, d, generator=g, dtype=F64), y
+
+
+def ms_mined_counts(x, y, eps=0.1):
+    """(negatives dropped, positives dropped) by the MS mining over the whole batch, by loops."""
+    s, _ = sims(x)
+    y = y.tolist()
+    dropped_neg = dropped_pos = 0
+    for i in range(len(y)):
+        P, N = pos_neg(y, i)
+        pos = [s[i][j] for j in P if s[i][j] < 1 - 1e-5]
+        neg = [s[i][k] for k in N]
+        if pos and neg:
+            dropped_neg += sum(v + eps <= min(pos) for v in neg)
+            dropped_pos += sum(v - eps >= max(neg) for v in pos)
+    return dropped_neg, dropped_pos
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_multi_similarity_matches_loop(seed):
+    x, y = make_batch(n=37, d=6, c=5, seed=seed)
+    assert_rel(pair.multi_similarity_loss(x, y).item(), ms_loop(x, y))
+    assert_rel(pair.multi_similarity_loss(x, y, 1.0, 10.0, 0.3, 0.3).item(), ms_loop(x, y, 1.0, 10.0, 0.3, 0.3))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_multi_similarity_mining_matches_loop(seed):
+    x, y = clustered_batch(seed=seed)
+    dropped_neg, dropped_pos = ms_mined_counts(x, y)
+    assert dropped_neg > 0 and dropped_pos > 0  # both mining rules are exercised
+    got = pair.multi_similarity_loss(x, y).item()
+    assert got > 0
+    assert_rel(got, ms_loop(x, y))
+
+
+def test_multi_similarity_drops_near_duplicate_positives():
+    """A positive with S >= 1 - 1e-5 is not a positive (neither in the loss nor in min(pos))."""
+    ang = torch.tensor([0.0, 0.0, 60.0, 10.0, 200.0], dtype=F64).deg2rad()
+    x = torch.stack([ang.cos(), ang.sin()], dim=1)
+    x[1] *= 2.0  # a duplicate of sample 0
+    y = torch.tensor([0, 0, 0, 1, 1])
+    got = pair.multi_similarity_loss(x, y).item()
+    assert got > 0
+    assert_rel(got, ms_loop(x, y))
+    only = torch.tensor([0, 0, 1, 2, 3])  # the duplicate is sample 0's only positive: nothing left
+    assert_zero_with_graph(pair.multi_similarity_loss, x, only)
+    assert ms_loop(x, only) == 0.0
+
+
+@pytest.mark.parametrize("d", [2, 3, 8])
+def test_distance_weighted_probabilities_match_loop(d):
+    x, y = make_batch(n=25, d=d, c=5, seed=d)
+    xn = torch.nn.functional.normalize(x, dim=1)
+    dist = pair._safe_sqrt(pair._sq_dist(xn))
+    _, neg = pair._masks(y)
+    probs = pair._distance_weighted_probs(dist, neg, x.shape[1], 0.5, 1.4)
+    expected = torch.tensor([dw_probs_loop(x, y, a) for a in range(len(y))], dtype=F64)
+    torch.testing.assert_close(probs, expected, rtol=1e-9, atol=1e-12)
+    assert (probs[neg.logical_not()] == 0).all()
+
+
+def test_distance_weighted_fallback_is_uniform_over_negatives():
+    """Every negative at distance >= 1.4: sampling falls back to uniform over the anchor's negatives."""
+    x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [-1.0, 0.0], [-1.0, 0.05]], dtype=F64)
+    y = torch.tensor([0, 0, 1, 1])
+    dist = pair._safe_sqrt(pair._sq_dist(torch.nn.functional.normalize(x, dim=1)))
+    probs = pair._distance_weighted_probs(dist, pair._masks(y)[1], 2, 0.5, 1.4)
+    expected = torch.tensor([[0, 0, .5, .5], [0, 0, .5, .5], [.5, .5, 0, 0], [.5, .5, 0, 0]], dtype=F64)
+    torch.testing.assert_close(probs, expected)
+
+
+@pytest.mark.parametrize("per_class", [False, True])
+def test_margin_loss_matches_loop(per_class):
+    x, y = make_batch(n=30, d=8, c=6, seed=10)
+    beta = torch.linspace(0.9, 1.4, 7, dtype=F64) if per_class else 1.1
+    got = pair.margin_loss(x, y, margin=0.2, beta=beta, generator=torch.Generator().manual_seed(3)).item()
+    assert_rel(got, margin_loop(x, y, 0.2, beta, seed=3))
+
+
+def test_margin_loss_deterministic_negatives():
+    """Class 1 has a single sample: it is every other anchor's only negative, so the sampling is deterministic."""
+    x, y = make_batch(n=6, d=5, c=1, seed=11)
+    y = torch.tensor([0, 0, 0, 0, 0, 1])
+    xs = [unit(v) for v in x]
+    terms = []
+    for a in range(5):
+        for p in range(5):
+            if p != a:
+                terms.append(relu(0.2 + float((xs[a] - xs[p]).norm()) - 1.2))
+                terms.append(relu(0.2 - float((xs[a] - xs[5]).norm()) + 1.2))
+    for seed in range(3):
+        got = pair.margin_loss(x, y, generator=torch.Generator().manual_seed(seed)).item()
+        assert_rel(got, sum(terms) / len(terms))
+
+
+def test_margin_loss_generator_reproducible():
+    x, y = make_batch(seed=12)
+    a = pair.margin_loss(x, y, generator=torch.Generator().manual_seed(5))
+    b = pair.margin_loss(x, y, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    others = {pair.margin_loss(x, y, generator=torch.Generator().manual_seed(s)).item() for s in range(6, 12)}
+    assert len(others) > 1
+
+
+# ---------------------------------------------------------------- gradients
+def _margin_fixed(x, y, beta=1.2):
+    return pair.margin_loss(x, y, beta=beta, generator=torch.Generator().manual_seed(0))
+
+
+GRAD_CASES = {
+    "contrastive": lambda x, y: pair.contrastive_loss(x, y, 0.9, 0.1),
+    "triplet-all-cos": lambda x, y: pair.triplet_margin_loss(x, y, margin=0.5),
+    "triplet-semi-euc": lambda x, y: pair.triplet_margin_loss(x, y, 0.5, "euclidean", "semi-hard"),
+    "triplet-hard-sq": lambda x, y: pair.triplet_margin_loss(x, y, 1.0, "squared_euclidean", "hard"),
+    "lifted": pair.lifted_structure_loss,
+    "npairs": pair.npairs_loss,
+    "margin": _margin_fixed,
+    "ms": lambda x, y: pair.multi_similarity_loss(x, y, beta=10.0, epsilon=0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(GRAD_CASES))
+def test_gradcheck(name):
+    x, y = make_batch(n=11, d=5, c=3, seed=13)
+    x.requires_grad_(True)
+    fn = GRAD_CASES[name]
+    assert fn(x, y).item() != 0
+    assert torch.autograd.gradcheck(lambda e: fn(e, y), (x,))
+
+
+def test_gradcheck_margin_per_class_beta():
+    x, y = make_batch(n=11, d=5, c=3, seed=14)
+    beta = torch.tensor([1.0, 1.1, 1.2, 1.3], dtype=F64, requires_grad=True)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda e, b: _margin_fixed(e, y, b), (x, beta))
+
+
+# ---------------------------------------------------------------- invariances, edge cases, dtypes
+NORMALISED = {
+    "contrastive": pair.contrastive_loss,
+    "triplet-all": pair.triplet_margin_loss,
+    "triplet-semi-euc": lambda x, y: pair.triplet_margin_loss(x, y, 0.3, "euclidean", "semi-hard"),
+    "triplet-hard-sq": lambda x, y: pair.triplet_margin_loss(x, y, 0.3, "squared_euclidean", "hard"),
+    "lifted": pair.lifted_structure_loss,
+    "margin": _margin_fixed,
+    "ms": pair.multi_similarity_loss,
+}
+
+
+@pytest.mark.parametrize("name", list(NORMALISED))
+def test_normalised_losses_are_scale_invariant(name):
+    x, y = make_batch(seed=15)
+    fn = NORMALISED[name]
+    assert_rel(fn(x * 7.3, y).item(), fn(x, y).item(), rel=1e-10)
+
+
+def test_npairs_is_not_scale_invariant():
+    x, y = make_batch(seed=15)
+    assert pair.npairs_loss(2 * x, y).item() != pytest.approx(pair.npairs_loss(x, y).item(), rel=1e-3)
+
+
+def test_single_sample_classes_only():
+    """All classes singletons: no positive pair anywhere."""
+    x, _ = make_batch(n=8, d=5, seed=16)
+    y = torch.arange(8)
+    for fn in (pair.triplet_margin_loss, pair.lifted_structure_loss, _margin_fixed, pair.multi_similarity_loss):
+        assert_zero_with_graph(fn, x, y)
+    for mining in ("semi-hard", "hard"):
+        assert_zero_with_graph(pair.triplet_margin_loss, x, y, mining=mining)
+    assert_rel(pair.contrastive_loss(x, y).item(), contrastive_loop(x, y))  # negatives only
+    assert_rel(pair.npairs_loss(x, y).item(), npairs_loop(x, y))  # regulariser only
+
+
+def test_single_class_batch():
+    x, _ = make_batch(n=8, d=5, seed=17)
+    y = torch.zeros(8, dtype=torch.long)
+    for fn in (pair.triplet_margin_loss, pair.lifted_structure_loss, pair.multi_similarity_loss):
+        assert_zero_with_graph(fn, x, y)
+    assert_rel(pair.contrastive_loss(x, y).item(), contrastive_loop(x, y))  # positives only
+    assert_rel(pair.npairs_loss(x, y).item(), 0.02 * float((x * x).sum()) / 8)
+    # Margin loss: positive pairs only (no negative to sample).
+    xs = [unit(v) for v in x]
+    pos = [relu(0.2 + float((xs[a] - xs[p]).norm()) - 1.2) for a in range(8) for p in range(8) if a != p]
+    assert_rel(_margin_fixed(x, y).item(), sum(pos) / len(pos))
+
+
+def test_single_sample_batch():
+    x, _ = make_batch(n=1, d=5, seed=18)
+    y = torch.zeros(1, dtype=torch.long)
+    for fn in (pair.contrastive_loss, pair.triplet_margin_loss, pair.lifted_structure_loss, _margin_fixed,
+               pair.multi_similarity_loss):
+        assert_zero_with_graph(fn, x, y)
+
+
+FP16 = {
+    "contrastive": pair.contrastive_loss,
+    "triplet": lambda x, y: pair.triplet_margin_loss(x, y, 0.2, "euclidean", "hard"),
+    "lifted": pair.lifted_structure_loss,
+    "npairs": pair.npairs_loss,
+    "margin": _margin_fixed,
+    "ms": pair.multi_similarity_loss,
+}
+
+
+@pytest.mark.parametrize("name", list(FP16))
+def test_half_inputs_give_half_result(name):
+    x, y = make_batch(seed=19, dtype=torch.float32)
+    x = x * 0.2
+    fn = FP16[name]
+    xh = x.half().requires_grad_(True)
+    out = fn(xh, y)
+    assert out.dtype == torch.float16
+    out.backward()
+    assert xh.grad.dtype == torch.float16 and torch.isfinite(xh.grad).all()
+    assert out.item() == pytest.approx(fn(xh.detach().float(), y).item(), rel=2e-3)
