@@ -27,11 +27,8 @@ def _triton_reason(device: torch.device) -> str | None:
     err = _triton_import_error()
     if err:
         return err
-    if device.type == "cuda":
-        return None
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return None
-    return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); got {device.type} tensors"
+    from . import triton as kernels
+    return kernels.unavailable_reason(device)
 
 
 def backends() -> dict:

@@ -1,0 +1,160 @@
+"""Launch plumbing shared by the row- and column-reduce kernels: tile configuration, dtypes, inverse norms."""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# Kernels are decorated at import time, so this is the mode they run in (CPU tensors need the interpreter).
+INTERPRET = bool(triton.knobs.runtime.interpret)
+
+NORM_EPS = 1e-12  # as F.normalize: x / max(||x||, eps)
+
+# Upper bound on the fp32 scratch that split reductions / half-precision dW accumulation may allocate.
+SCRATCH_BYTES = 64 * 2**20
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+              torch.float64: tl.float64}
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes and launch parameters of one class_lse call.
+
+    block_n x block_c is the logit tile (rows x classes; each class brings its K proxies, one tl.dot each),
+    block_d the chunk of the embedding dimension streamed through each dot."""
+    block_n: int
+    block_c: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+def tile_config(x: torch.Tensor, block_n=None, block_c=None, block_d=None) -> TileConfig:
+    """Default tiles. Interpreter: small fixed tiles (its cost is per op, not per element). GPU: 64 x 64 logit
+    tiles over 8 warps, D streamed in 64-element chunks (32 for fp32/fp64, whose chunks take twice the shared
+    memory) through a 3-stage pipeline. The intra-class softmax keeps four 64 x 64 fp32 tiles live besides the
+    MMA accumulator: compiled offline for sm_90a this gives wgmma, no register spills in the forward and at most
+    a few hundred bytes in the backward for K = 10, where 4 warps or 64 x 128 tiles spill kilobytes.
+    Not timed: no GPU was available when these were chosen."""
+    d = x.shape[1]
+    if INTERPRET:
+        bn, bc, bd, warps, stages = 16, 16, 64, 1, 1
+    else:
+        bn, bc, bd, warps, stages = 64, 64, (32 if x.element_size() >= 4 else 64), 8, 3
+    bd = min(bd, max(16, triton.next_power_of_2(d)))  # tl.dot needs every tile dimension >= 16
+    return TileConfig(block_n or bn, block_c or bc, block_d or bd, warps, stages)
+
+
+def num_splits(parallel_tiles: int, streamed_tiles: int, device, requested=None, cap=None) -> int:
+    """How many programs share the streamed axis (classes for the row forward and the dX kernel, rows for the col
+    forward), FlashDecoding style, so that a small batch still fills the GPU: enough for ~4 programs per SM (2
+    under the interpreter, so that the CPU tests exercise the split merge), at most one per streamed tile and
+    at most `cap`."""
+    if requested is None:
+        if INTERPRET:
+            requested = 2
+        else:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            requested = triton.cdiv(4 * sms, parallel_tiles)
+    splits = max(1, min(requested, streamed_tiles, cap or requested))
+    # Re-derive from the tiles per split so that no split is empty.
+    return triton.cdiv(streamed_tiles, triton.cdiv(streamed_tiles, splits))
+
+
+def dtypes(x: torch.Tensor, w: torch.Tensor):
+    """(accumulation torch dtype, the same as a tl dtype, tl.dot operand dtype, input_precision) for x, w.
+
+    Accumulation is fp32 (fp64 for fp64 inputs). Operands keep the input dtype when x and w share it (tensor cores
+    for fp16/bf16), else both are upcast. fp32 dots follow torch's matmul precision setting, so that a Triton/torch
+    comparison in one process compares like with like: "highest" -> exact fp32 ("ieee"), otherwise TF32."""
+    acc = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
+    op = x.dtype if x.dtype == w.dtype else acc
+    precision = "ieee" if op != torch.float32 or torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return acc, _TL_DTYPES[acc], _TL_DTYPES[op], precision
+
+
+@triton.jit
+def _inv_norm_kernel(
+    t_ptr,  # [R, D] rows to measure, any float dtype
+    inv_ptr,  # [R] out: 1 / max(||t_r||, eps)
+    coef_ptr,  # [R] out: inv^2 where the norm is not clamped, else 0 (scales the normalisation's backward term)
+    R, D,  # rows, row length
+    stride_r, stride_d,  # strides of t
+    eps,  # clamp of the norm
+    ACC: tl.constexpr,  # accumulation dtype
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    r_ok = offs_r < R
+    ptrs = t_ptr + offs_r.to(tl.int64)[:, None] * stride_r + offs_d[None, :] * stride_d
+    sq = tl.zeros((BLOCK_R,), dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        t = tl.load(ptrs, mask=r_ok[:, None] & (d0 + offs_d < D)[None, :], other=0.0).to(ACC)
+        sq += tl.sum(t * t, axis=1)
+        ptrs += BLOCK_D * stride_d
+    norm = tl.sqrt(sq)
+    inv = 1.0 / tl.maximum(norm, eps)
+    tl.store(inv_ptr + offs_r, inv, mask=r_ok)
+    # Below eps the clamp is constant, so the norm contributes no gradient (as F.normalize's clamp_min).
+    tl.store(coef_ptr + offs_r, tl.where(norm > eps, inv * inv, 0.0), mask=r_ok)
+
+
+def inv_norms(t: torch.Tensor, acc: torch.dtype):
+    """(1 / max(||t_r||, eps), its backward coefficient) per row of t [R, D], accumulated in `acc` without
+    materialising a converted or normalised copy of t."""
+    r, d = t.shape
+    inv = torch.empty(r, dtype=acc, device=t.device)
+    coef = torch.empty_like(inv)
+    block_r = 16 if INTERPRET else 32
+    block_d = min(256 if not INTERPRET else 64, max(16, triton.next_power_of_2(d)))
+    _inv_norm_kernel[(triton.cdiv(r, block_r),)](t, inv, coef, r, d, t.stride(0), t.stride(1), NORM_EPS,
+                                                 ACC=_TL_DTYPES[acc], BLOCK_R=block_r, BLOCK_D=block_d)
+    return inv, coef
+
+
+@dataclass(frozen=True)
+class Options:
+    """The non-tensor arguments of one class_lse call (see class_lse)."""
+    centers_per_class: int = 1
+    gamma: float = 0.1
+    scale: float = 1.0
+    shift: float = 0.0
+    normalize_x: bool = True
+    normalize_w: bool = True
+    block_n: int | None = None
+    block_c: int | None = None
+    block_d: int | None = None
+    num_splits: int | None = None
+
+
+class Problem:
+    """One class_lse call prepared for the kernels: inputs, inverse norms (O(N + C*K)), dtypes, tiles."""
+
+    def __init__(self, x, w, labels, bias, options: Options, norms=None):
+        self.x, self.w, self.labels, self.bias, self.options = x, w, labels, bias, options
+        self.n, self.d = x.shape
+        self.k = options.centers_per_class
+        self.c = w.shape[0] // self.k
+        self.acc, self.acc_tl, self.op_tl, self.precision = dtypes(x, w)
+        self.normalize_x, self.normalize_w = bool(options.normalize_x), bool(options.normalize_w)
+        self.scale, self.shift, self.inv_gamma = float(options.scale), float(options.shift), 1.0 / options.gamma
+        self.cfg = tile_config(x, options.block_n, options.block_c, options.block_d)
+        if norms is None:
+            rx, cx = inv_norms(x, self.acc) if self.normalize_x else (None, None)
+            rw, cw = inv_norms(w, self.acc) if self.normalize_w else (None, None)
+            norms = (rx, cx, rw, cw)
+        self.rx, self.cx, self.rw, self.cw = norms
+        # Kernels ignore the pointers of disabled features; x stands in for them.
+        self.bias_arg, self.rx_arg, self.cx_arg, self.rw_arg, self.cw_arg = (
+            x if t is None else t for t in (bias, *norms))
+
+    def tensors(self):
+        """What the backward needs: inputs and inverse norms (for ctx.save_for_backward)."""
+        return self.x, self.w, self.labels, self.bias, self.rx, self.cx, self.rw, self.cw
+
+    @classmethod
+    def restore(cls, tensors, options: Options) -> "Problem":
+        x, w, labels, bias, *norms = tensors
+        return cls(x, w, labels, bias, options, tuple(norms))
