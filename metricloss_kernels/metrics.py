@@ -1,0 +1,271 @@
+"""Retrieval and clustering metrics (FORMULAS.md, "Retrieval metrics") and :func:`evaluate`.
+
+The ranking metrics take the relevance of ranked neighbours and return one value per query:
+
+    relevance:    bool [Q, L]  relevance[q, i] = the (i+1)-th nearest neighbour of query q has q's label
+    num_relevant: long [Q]     R_q = number of reference items with q's label (excluding q itself when the
+                               reference set is the query set)
+
+A query with R_q = 0 (no relevant neighbour) scores 0 on every ranking metric; :func:`evaluate` leaves such queries
+out of its means.
+Neighbours missing from the list (positions past L) count as not relevant, so map@r and r_precision are lower
+bounds when R_q > L (see :func:`evaluate`'s ``max_k``).
+"""
+import numpy as np
+import torch
+
+from . import _validation as check
+from .retrieval import knn
+
+# evaluate() computes the ranking metrics over blocks of queries of at most this many ranked neighbours in all.
+_METRIC_BLOCK_ELEMENTS = 1 << 22
+
+
+def _ranking_args(relevance, num_relevant, k=None):
+    check.tensor(relevance, "relevance")
+    check.tensor(num_relevant, "num_relevant")
+    if relevance.dtype != torch.bool:
+        raise TypeError(f"relevance must be a bool tensor, got dtype {relevance.dtype}")
+    if relevance.dim() != 2:
+        raise ValueError(f"relevance must be 2-D [Q, L], got shape {tuple(relevance.shape)}")
+    if num_relevant.dtype.is_floating_point or num_relevant.dtype in (torch.bool, torch.complex64,
+                                                                        torch.complex128):
+        raise TypeError(f"num_relevant must be an integer tensor, got dtype {num_relevant.dtype}")
+    if num_relevant.shape != relevance.shape[:1]:
+        raise ValueError(f"num_relevant must have shape [{relevance.shape[0]}] (one count per query), "
+                         f"got {tuple(num_relevant.shape)}")
+    if num_relevant.device != relevance.device:
+        raise ValueError(f"num_relevant must be on relevance's device {relevance.device}, got {num_relevant.device}")
+    if num_relevant.numel() and int(num_relevant.min()) < 0:
+        raise ValueError(f"num_relevant must be >= 0, got {int(num_relevant.min())}")
+    if k is not None:
+        check.positive_int(k, "k")
+        if k > relevance.shape[1]:
+            raise ValueError(f"k must be <= the number of ranked neighbours L = {relevance.shape[1]}, got {k}")
+
+
+def _dtype(relevance):
+    """Result dtype of the ranking metrics: float64 on CPU, float32 on accelerators (some lack float64)."""
+    return torch.float64 if relevance.device.type == "cpu" else torch.float32
+
+
+def _precision_at_each_rank(rel: torch.Tensor) -> torch.Tensor:
+    """P(i) for i = 1..L: [Q, L] float."""
+    ranks = torch.arange(1, rel.shape[1] + 1, dtype=rel.dtype, device=rel.device)
+    return rel.cumsum(dim=1) / ranks
+
+
+def recall_at_k(relevance: torch.Tensor, num_relevant: torch.Tensor, k: int) -> torch.Tensor:
+    """1 if any of the first k neighbours is relevant, else 0 (the DML definition). Returns float [Q]."""
+    _ranking_args(relevance, num_relevant, k)
+    return relevance[:, :k].any(dim=1).to(_dtype(relevance))
+
+
+def precision_at_k(relevance: torch.Tensor, num_relevant: torch.Tensor, k: int) -> torch.Tensor:
+    """(1/k) sum_{i<=k} rel(i). Returns float [Q]."""
+    _ranking_args(relevance, num_relevant, k)
+    return relevance[:, :k].sum(dim=1).to(_dtype(relevance)) / k
+
+
+def map_at_k(relevance: torch.Tensor, num_relevant: torch.Tensor, k: int) -> torch.Tensor:
+    """(1/k) sum_{i<=k} P(i) rel(i) (divided by k, as Saeki et al. define it). Returns float [Q]."""
+    _ranking_args(relevance, num_relevant, k)
+    rel = relevance[:, :k].to(_dtype(relevance))
+    return (_precision_at_each_rank(rel) * rel).sum(dim=1) / k
+
+
+def ndcg_at_k(relevance: torch.Tensor, num_relevant: torch.Tensor, k: int) -> torch.Tensor:
+    """DCG@k / IDCG@k with binary gains, DCG@k = sum_{i<=k} rel(i) / log2(i + 1) and IDCG@k the DCG of
+    min(k, R_q) relevant items at the top (0 when R_q = 0). Returns float [Q]."""
+    _ranking_args(relevance, num_relevant, k)
+    dtype = _dtype(relevance)
+    discount = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=dtype, device=relevance.device))
+    dcg = (relevance[:, :k].to(dtype) * discount).sum(dim=1)
+    # the same masked sum as dcg, so a perfect ranking gives exactly 1
+    ideal = torch.arange(1, k + 1, device=relevance.device) <= num_relevant[:, None]
+    idcg = (ideal.to(dtype) * discount).sum(dim=1)
+    return torch.where(idcg > 0, dcg / idcg.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(dcg))
+
+
+def map_at_r(relevance: torch.Tensor, num_relevant: torch.Tensor) -> torch.Tensor:
+    """(1/R_q) sum_{i<=R_q} P(i) rel(i) (Musgrave et al.); ranks past L count as not relevant. Returns float [Q]."""
+    _ranking_args(relevance, num_relevant)
+    rel = relevance.to(_dtype(relevance))
+    within_r = _ranks(relevance) <= num_relevant[:, None]
+    total = (_precision_at_each_rank(rel) * rel * within_r).sum(dim=1)
+    return total / num_relevant.clamp_min(1)
+
+
+def r_precision(relevance: torch.Tensor, num_relevant: torch.Tensor) -> torch.Tensor:
+    """precision@R_q = (1/R_q) sum_{i<=R_q} rel(i); ranks past L count as not relevant. Returns float [Q]."""
+    _ranking_args(relevance, num_relevant)
+    within_r = _ranks(relevance) <= num_relevant[:, None]
+    return (relevance & within_r).sum(dim=1).to(_dtype(relevance)) / num_relevant.clamp_min(1)
+
+
+def _ranks(relevance: torch.Tensor) -> torch.Tensor:
+    """1-based ranks [L] (broadcasts against [Q, 1])."""
+    return torch.arange(1, relevance.shape[1] + 1, device=relevance.device)
+
+
+def _embedding_args(embeddings, labels):
+    check.embeddings(embeddings)
+    check.tensor(labels, "labels")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if labels.shape != embeddings.shape[:1]:
+        raise ValueError(f"labels must have shape [{embeddings.shape[0]}] (one per embedding), "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != embeddings.device:
+        raise ValueError(f"labels must be on the embeddings' device {embeddings.device}, got {labels.device}")
+
+
+def nmi(embeddings: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> float:
+    """Normalised mutual information between the labels and a k-means clustering of the embeddings (as given,
+    not normalised) with n_clusters = number of distinct labels (scikit-learn KMeans, k-means++ with
+    ``random_state=seed``; normalized_mutual_info_score, arithmetic normalisation)."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import normalized_mutual_info_score
+
+    _embedding_args(embeddings, labels)
+    x = embeddings.detach().to(torch.float64).cpu().numpy()
+    y = labels.detach().cpu().numpy()
+    n_clusters = len(np.unique(y))
+    clusters = KMeans(n_clusters=n_clusters, n_init=1, random_state=seed).fit_predict(x)
+    return float(normalized_mutual_info_score(y, clusters))
+
+
+def _centroid_distances(embeddings, labels, block_elements=1 << 24):
+    """Yields (rows, distances [rows, C]) from every sample to every class centroid in bounded blocks, plus the
+    class index of every sample. Exact per-pair differences (no ||a||^2 - 2ab + ||b||^2 cancellation), so a
+    sample's distance to its own centroid is the same number in every pass."""
+    classes, inverse = torch.unique(labels, return_inverse=True)
+    x = embeddings.detach().to(torch.float64 if embeddings.dtype == torch.float64 else torch.float32)
+    sums = torch.zeros(len(classes), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
+    counts = torch.bincount(inverse, minlength=len(classes)).to(x.dtype)
+    centroids = sums / counts[:, None]
+    block = max(1, block_elements // max(len(classes), 1))
+
+    def blocks():
+        for i0 in range(0, x.shape[0], block):
+            d = torch.cdist(x[i0:i0 + block], centroids, compute_mode="donot_use_mm_for_euclid_dist")
+            yield slice(i0, i0 + block), d
+
+    return inverse, len(classes), blocks
+
+
+def closest_center_accuracy(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per sample [N]: 1 if the nearest class centroid (Euclidean, centroids of the given set) is the sample's
+    own class's, else 0. A tie between centroids counts as correct only if the own class has the lowest index
+    among the tied classes (sorted labels)."""
+    _embedding_args(embeddings, labels)
+    inverse, _, blocks = _centroid_distances(embeddings, labels)
+    out = torch.empty(embeddings.shape[0], dtype=torch.float64, device=embeddings.device)
+    for rows, d in blocks():
+        out[rows] = (d.argmin(dim=1) == inverse[rows]).to(out.dtype)
+    return out
+
+
+def range_accuracy(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per sample [N]: 1/m if the sample lies inside the ranges of m classes including its own, else 0. The range
+    of a class is the ball around its centroid whose radius is the largest distance of its samples to it
+    (Euclidean); a ball includes its boundary."""
+    _embedding_args(embeddings, labels)
+    inverse, num_classes, blocks = _centroid_distances(embeddings, labels)
+    own = torch.empty(embeddings.shape[0], dtype=torch.float64, device=embeddings.device)
+    for rows, d in blocks():
+        own[rows] = d.gather(1, inverse[rows, None])[:, 0].to(own.dtype)
+    radius = own.new_zeros(num_classes).scatter_reduce_(0, inverse, own, reduce="amax")
+    out = torch.empty_like(own)
+    for rows, d in blocks():
+        inside = d.to(own.dtype) <= radius
+        m = inside.sum(dim=1).to(own.dtype)
+        own_inside = inside.gather(1, inverse[rows, None])[:, 0]
+        out[rows] = torch.where(own_inside, 1.0 / m.clamp_min(1), torch.zeros_like(m))
+    return out
+
+
+def evaluate(embeddings: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None = None,
+             reference_labels: torch.Tensor | None = None, ks=(1, 2, 4, 8), metric: str = "cosine",
+             max_k: int = 1024) -> dict:
+    """Retrieval and clustering metrics of ``embeddings`` [Q, D] (queries) with integer ``labels`` [Q].
+
+    Neighbours are searched in ``reference`` [R, D] (labels ``reference_labels`` [R]) or, when both are None, in
+    the queries themselves with each query's own row excluded (leave-one-out). One :func:`~.retrieval.knn` call
+    fetches L = min(max(max(ks), max_q R_q), max_k, reference size) neighbours per query, so memory is O(Q * L):
+    when a query has more than ``max_k`` relevant items, "map@r" and "r_precision" count only the first
+    ``max_k`` neighbours (missing ranks count as not relevant, so they are lower bounds); raise ``max_k`` for exact
+    values.
+
+    The ranking metrics are averaged over the queries with R_q > 0. "nmi", "closest_center_accuracy" and
+    "range_accuracy" are computed on the query embeddings and labels only (the reference set is not used).
+
+    Returns:
+        dict of Python floats in [0, 1]: "recall@{k}", "precision@{k}", "map@{k}", "ndcg@{k}" for each k in ks,
+        "r_precision", "map@r", "nmi", "closest_center_accuracy", "range_accuracy".
+    """
+    _embedding_args(embeddings, labels)
+    if (reference is None) != (reference_labels is None):
+        raise ValueError("reference and reference_labels must be given together (or both None), got "
+                         f"reference={'None' if reference is None else 'a tensor'} and reference_labels="
+                         f"{'None' if reference_labels is None else 'a tensor'}")
+    leave_one_out = reference is None
+    if not leave_one_out:
+        _embedding_args(reference, reference_labels)
+        if reference.shape[1] != embeddings.shape[1]:
+            raise ValueError(f"reference must have shape [R, {embeddings.shape[1]}] (the embeddings' D), "
+                             f"got {tuple(reference.shape)}")
+        if reference.device != embeddings.device:
+            raise ValueError(f"reference must be on the embeddings' device {embeddings.device}, "
+                             f"got {reference.device}")
+        if reference.dtype != embeddings.dtype:
+            raise TypeError(f"reference must have the embeddings' dtype {embeddings.dtype}, got {reference.dtype}")
+    if isinstance(ks, int) or not hasattr(ks, "__iter__"):
+        raise TypeError(f"ks must be a sequence of positive integers, got {ks!r}")
+    ks = tuple(ks)
+    if not ks:
+        raise ValueError("ks must contain at least one k")
+    for k in ks:
+        check.positive_int(k, "ks entries")
+    check.positive_int(max_k, "max_k")
+    if max_k < max(ks):
+        raise ValueError(f"max_k must be >= max(ks) = {max(ks)}, got {max_k}")
+    available = embeddings.shape[0] - 1 if leave_one_out else reference.shape[0]
+    if max(ks) > available:
+        what = "number of embeddings minus 1 (leave-one-out)" if leave_one_out else "reference size"
+        raise ValueError(f"ks must be <= the {what} = {available}, got max(ks) = {max(ks)}")
+
+    labels = labels.long()
+    ref_labels = labels if leave_one_out else reference_labels.long()
+    classes, counts = torch.unique(ref_labels, return_counts=True)
+    pos = torch.searchsorted(classes, labels).clamp(max=len(classes) - 1)
+    num_relevant = torch.where(classes[pos] == labels, counts[pos], torch.zeros_like(counts[pos]))
+    if leave_one_out:
+        num_relevant = num_relevant - 1
+    valid = num_relevant > 0
+    if not bool(valid.any()):
+        raise ValueError("labels: no query has a relevant item in the reference set (every class has a single "
+                         "sample, or no query label occurs in reference_labels)")
+
+    num_neighbours = min(max(max(ks), int(num_relevant.max())), max_k, available)
+    _, indices = knn(embeddings, reference, num_neighbours, metric)
+
+    per_k = {"recall": recall_at_k, "precision": precision_at_k, "map": map_at_k, "ndcg": ndcg_at_k}
+    sums = {}
+    # the metrics' float temporaries are [rows, L]: bound them by working through blocks of queries
+    block = max(1, _METRIC_BLOCK_ELEMENTS // num_neighbours)
+    for q0 in range(0, indices.shape[0], block):
+        rows = slice(q0, q0 + block)
+        relevance = ref_labels[indices[rows]] == labels[rows, None]
+        counted, keep = num_relevant[rows], valid[rows]
+        values = {f"{name}@{k}": fn(relevance, counted, k) for k in ks for name, fn in per_k.items()}
+        values["r_precision"] = r_precision(relevance, counted)
+        values["map@r"] = map_at_r(relevance, counted)
+        for name, v in values.items():
+            sums[name] = sums.get(name, 0.0) + float(v[keep].sum())
+    num_valid = int(valid.sum())
+    out = {name: total / num_valid for name, total in sums.items()}
+    out["nmi"] = nmi(embeddings, labels)
+    out["closest_center_accuracy"] = float(closest_center_accuracy(embeddings, labels).mean())
+    out["range_accuracy"] = float(range_accuracy(embeddings, labels).mean())
+    return out
