@@ -31,6 +31,11 @@ def _softplus_lse(z: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor
     return torch.logsumexp(z, dim=dim)
 
 
+def _softplus(v: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^v) exactly (F.softplus returns v above 20, off by e^-v: visible in float64)."""
+    return torch.logaddexp(v, torch.zeros_like(v))
+
+
 def _target(s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """s [N, C] -> s[i, labels_i], [N]."""
     return s.gather(1, labels.unsqueeze(1)).squeeze(1)
@@ -148,7 +153,7 @@ def soft_triple_loss(embeddings: torch.Tensor, labels: torch.Tensor, proxies: to
         scalar.
     """
     s = class_similarity(embeddings, proxies, centers_per_class, gamma)
-    logits = la * (s - margin * _positive_mask(labels, s.shape[1]))
+    logits = la * (s - margin * _positive_mask(labels, s.shape[1]).to(s.dtype))
     return _with_regularizer(F.cross_entropy(logits, labels), proxies, centers_per_class, tau)
 
 
@@ -177,12 +182,12 @@ def mpa_loss(embeddings: torch.Tensor, labels: torch.Tensor, proxies: torch.Tens
         loss = pos[present].mean() + neg[has_neg].mean()
     elif variant == "dw":
         pos_mask = _positive_mask(labels, s.shape[1])
-        pos = F.softplus(-alpha * (_target(s, labels) - margin))
+        pos = _softplus(-alpha * (_target(s, labels) - margin))
         loss = (pos + _softplus_lse(alpha * (s + margin), ~pos_mask, dim=1)).mean()
     elif variant == "ap":
         pos_mask = _positive_mask(labels, s.shape[1])
         s_prime = torch.where(pos_mask, margin - s, s + margin)
-        loss = F.softplus(torch.logsumexp(alpha * s_prime, dim=1)).mean()
+        loss = _softplus(torch.logsumexp(alpha * s_prime, dim=1)).mean()
     else:
         raise ValueError(f"variant must be 'mpa', 'dw' or 'ap', got {variant!r}")
     return _with_regularizer(loss, proxies, centers_per_class, tau)
@@ -231,7 +236,7 @@ def cosface_loss(embeddings: torch.Tensor, labels: torch.Tensor, weight: torch.T
         scalar.
     """
     cos = _cosines(embeddings, weight)
-    return F.cross_entropy(scale * (cos - margin * _positive_mask(labels, cos.shape[1])), labels)
+    return F.cross_entropy(scale * (cos - margin * _positive_mask(labels, cos.shape[1]).to(cos.dtype)), labels)
 
 
 @upcast

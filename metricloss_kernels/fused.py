@@ -1,0 +1,225 @@
+"""Every proxy loss of FORMULAS.md written on top of one streaming primitive, `lse = class_lse` (chunked.class_lse or
+triton.class_lse; see chunked.py for its contract), so that no N x C (or N x C*K) tensor is ever held.
+
+Each loss is O(N) / O(C) torch work around one or two `lse` calls:
+- the target-class similarities S_{i,y_i} are gathered in torch: O(N*K*D);
+- row-wise losses (ProxyNCA, SoftTriple, MPA-DW/AP, ArcFace, CosFace, L2-softmax, polytopes) combine the row LSE over
+  the other classes with the target logit t_i: CE_i = logaddexp(lse_i, t_i) - t_i;
+- class-wise losses (ProxyAnchor, MPA, proxy-repel) take their negative term from the column LSE and their positive
+  term from a segment log-sum-exp over the samples of each class (torch scatter, O(N));
+- R(W) is streamed over blocks of classes too (bmm of [B, K, D] blocks), forward and backward.
+Signatures are those of `metricloss_kernels.reference` plus the keyword `lse`; inputs are assumed valid (the
+functional layer validates). fp16/bf16 inputs are computed in fp32 (W is never copied whole for that: `lse` converts
+it tile by tile) and the loss comes back in the embeddings' dtype.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from metricloss_kernels import polytopes
+from metricloss_kernels._dtypes import compute_dtype
+
+# Classes per block of the regulariser: [B, K, D] blocks of about this many bytes.
+_REGULARIZER_BLOCK_BYTES = 4 * 2**20
+
+
+def _unit_rows(embeddings: torch.Tensor) -> torch.Tensor:
+    """x^ [N, D] in compute dtype."""
+    return F.normalize(embeddings.to(compute_dtype(embeddings.dtype)), dim=1)
+
+
+def _target_cosines(x_hat: torch.Tensor, proxies: torch.Tensor, labels: torch.Tensor, k: int,
+                    normalize: bool = True) -> torch.Tensor:
+    """l_{i, y_i, k} = x^_i . w^_{y_i, k} -> [N, K], gathering only the N*K target proxies."""
+    w = proxies.unflatten(0, (-1, k))[labels].to(x_hat.dtype)  # [N, K, D]
+    if normalize:
+        w = F.normalize(w, dim=-1)
+    return (w @ x_hat.unsqueeze(-1)).squeeze(-1)
+
+
+def _target_similarity(x_hat, proxies, labels, k, gamma):
+    """S_{i, y_i} = sum_k softmax_k(l / gamma) l over the target class's proxies -> [N]."""
+    l = _target_cosines(x_hat, proxies, labels, k)
+    return l.squeeze(1) if k == 1 else (torch.softmax(l / gamma, dim=-1) * l).sum(-1)
+
+
+def _row_ce(lse: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mean_i CE_i with CE_i = LSE(all logits) - t_i = logaddexp(lse_i, t_i) - t_i (lse_i over the other classes)."""
+    return (torch.logaddexp(lse, target) - target).mean()
+
+
+def _softplus(v: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^v) = logaddexp(v, 0), exact at every v (F.softplus switches to v above 20, off by e^-v, which
+    shows at float64 precision); softplus(-inf) = 0 with zero gradient."""
+    return torch.logaddexp(v, v.new_zeros(()))
+
+
+def _class_softplus_lse(t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """softplus(LSE_{i: y_i = c} t_i) for each class c present in the batch -> [|C+|] (a segment LSE, O(N))."""
+    _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    m = t.new_full(counts.shape, float("-inf")).scatter_reduce(0, inverse, t.detach(), "amax")
+    s = t.new_zeros(counts.shape).index_add(0, inverse, torch.exp(t - m[inverse]))
+    return _softplus(m + s.log())
+
+
+class _ProxyRegularizer(torch.autograd.Function):
+    """R(W) = sum_c sum_{t<s} sqrt(2 + 1e-5 - 2 w^_{c,t} . w^_{c,s}) / (C*K*(K-1)) (as reference.proxy_regularizer),
+    streamed over blocks of classes: [B, K, K] Gram matrices by bmm, only W saved, each block recomputed in
+    backward. Autograd through the whole-W version holds ~5 W-sized temporaries and costs as much time as the
+    streamed logits of SoftTriple; this holds block-sized ones."""
+
+    @staticmethod
+    def _blocks(w, k):
+        cd = compute_dtype(w.dtype)
+        w3 = w.unflatten(0, (-1, k))
+        step = max(1, _REGULARIZER_BLOCK_BYTES // (k * w.shape[1] * 4))
+        t, s = torch.triu_indices(k, k, offset=1, device=w.device)
+        for c0 in range(0, w3.shape[0], step):
+            wb = w3[c0:c0 + step]
+            inv = torch.linalg.vector_norm(wb, dim=-1, dtype=cd).clamp_min_(1e-12).reciprocal_()  # [B, K]
+            w_hat = torch.mul(wb, inv.unsqueeze(-1))
+            dist = torch.sqrt(2.0 + 1e-5 - 2.0 * torch.bmm(w_hat, w_hat.transpose(1, 2))[:, t, s])  # [B, pairs]
+            yield c0, w_hat, inv, dist, (t, s)
+
+    @staticmethod
+    def forward(ctx, w, k):
+        ctx.save_for_backward(w)
+        ctx.k = k
+        total = sum(dist.sum() for *_, dist, _ in _ProxyRegularizer._blocks(w, k))
+        return total / (w.shape[0] * (k - 1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w,), k = ctx.saved_tensors, ctx.k
+        dw = torch.empty_like(w).unflatten(0, (-1, k))
+        scale = grad / (w.shape[0] * (k - 1))
+        for c0, w_hat, inv, dist, (t, s) in _ProxyRegularizer._blocks(w, k):
+            # d dist_ts / d (w^_t . w^_s) = -1 / dist_ts, for both proxies of the pair
+            coef = torch.zeros(w_hat.shape[0], k, k, dtype=w_hat.dtype, device=w.device)
+            coef[:, t, s] = -scale / dist
+            grad_hat = torch.bmm(coef + coef.transpose(1, 2), w_hat)
+            # through w^ = w / max(||w||, eps): inv (g - w^ (w^ . g)), the projection dropped where clamped
+            dot = (w_hat * grad_hat).sum(-1, keepdim=True).masked_fill_((inv >= 1e12).unsqueeze(-1), 0)
+            dw[c0:c0 + w_hat.shape[0]] = grad_hat.addcmul_(w_hat, dot, value=-1).mul_(inv.unsqueeze(-1))
+        return dw.flatten(0, 1), None
+
+
+def _with_regularizer(loss, proxies, k, tau):
+    """loss + tau * R(W); R is 0 by definition when tau = 0 or K = 1."""
+    if tau == 0 or k == 1:
+        return loss
+    return loss + tau * _ProxyRegularizer.apply(proxies, k).to(loss.dtype)
+
+
+def _arcface_ce(embeddings, labels, weight, margin_rad, scale, *, lse, normalize_w=True):
+    """ArcFace CE with the angular margin in radians (insightface rule): target phi = cos(theta + m) where
+    cos(theta) > cos(pi - m), else cos(theta) - sin(pi - m) * m; only the target cosine is clamped to
+    [-1 + 1e-7, 1 - 1e-7]."""
+    c = _target_cosines(_unit_rows(embeddings), weight, labels, 1, normalize_w).squeeze(1)
+    c = c.clamp(-1.0 + 1e-7, 1.0 - 1e-7)
+    sin = torch.sqrt(1.0 - c * c)
+    th, mm = math.cos(math.pi - margin_rad), math.sin(math.pi - margin_rad) * margin_rad
+    phi = torch.where(c > th, c * math.cos(margin_rad) - sin * math.sin(margin_rad), c - mm)
+    row = lse(embeddings, weight, labels, scale=scale, normalize_w=normalize_w, reduce="row")
+    return _row_ce(row, scale * phi)
+
+
+def proxy_nca_loss(embeddings, labels, proxies, scale=2.0, exclude_positive=True, *, lse):
+    """ProxyNCA (K = 1): mean_i [-s S_{i,y_i} + LSE_{c != y_i} s S_{i,c}]; exclude_positive=False puts the positive
+    in the LSE (softmax CE). embeddings [N, D], labels [N], proxies [C, D] -> scalar."""
+    t = scale * _target_cosines(_unit_rows(embeddings), proxies, labels, 1).squeeze(1)
+    row = lse(embeddings, proxies, labels, scale=scale, reduce="row")
+    loss = (row - t).mean() if exclude_positive else _row_ce(row, t)
+    return loss.to(embeddings.dtype)
+
+
+def proxy_anchor_loss(embeddings, labels, proxies, margin=0.1, alpha=32.0, *, lse):
+    """ProxyAnchor (K = 1): (1/|C+|) sum_{c in C+} softplus(LSE_{y_i=c} -alpha(S_ic - delta))
+    + (1/C) sum_c softplus(LSE_{y_i!=c} alpha(S_ic + delta)). proxies [C, D] -> scalar."""
+    s = _target_cosines(_unit_rows(embeddings), proxies, labels, 1).squeeze(1)
+    pos = _class_softplus_lse(-alpha * (s - margin), labels).mean()
+    neg = _softplus(lse(embeddings, proxies, labels, scale=alpha, shift=alpha * margin, reduce="col")).mean()
+    return (pos + neg).to(embeddings.dtype)
+
+
+def soft_triple_loss(embeddings, labels, proxies, centers_per_class=10, la=20.0, gamma=0.1, margin=0.01, tau=0.2,
+                     *, lse):
+    """SoftTriple: mean_i CE(la (S_i - delta onehot(y_i)), y_i) + tau R(W). proxies [C*K, D] -> scalar."""
+    k = centers_per_class
+    t = la * (_target_similarity(_unit_rows(embeddings), proxies, labels, k, gamma) - margin)
+    row = lse(embeddings, proxies, labels, centers_per_class=k, gamma=gamma, scale=la, reduce="row")
+    return _with_regularizer(_row_ce(row, t), proxies, k, tau).to(embeddings.dtype)
+
+
+def mpa_loss(embeddings, labels, proxies, centers_per_class=10, alpha=32.0, margin=0.1, gamma=0.1, tau=0.2,
+             variant="mpa", *, lse):
+    """Multi-Proxy Anchor family on S (temperature gamma) + tau R(W): "mpa" class-wise (negatives averaged over the
+    classes that have a negative in the batch), "dw" data-wise, "ap" data-wise all pairs. -> scalar."""
+    k = centers_per_class
+    s = _target_similarity(_unit_rows(embeddings), proxies, labels, k, gamma)
+    kw = dict(centers_per_class=k, gamma=gamma, scale=alpha, shift=alpha * margin)
+    if variant == "mpa":
+        pos = _class_softplus_lse(-alpha * (s - margin), labels)
+        neg = _softplus(lse(embeddings, proxies, labels, reduce="col", **kw))
+        # C- is every class once the batch holds two labels, else all but the batch's one (whose LSE is empty).
+        num_neg = neg.shape[0] - (1 if pos.shape[0] == 1 else 0)
+        loss = pos.mean() + neg.sum() / num_neg
+    elif variant == "dw":
+        row = lse(embeddings, proxies, labels, reduce="row", **kw)
+        loss = (_softplus(-alpha * (s - margin)) + _softplus(row)).mean()
+    elif variant == "ap":
+        row = lse(embeddings, proxies, labels, reduce="row", **kw)
+        loss = _softplus(torch.logaddexp(row, alpha * (margin - s))).mean()
+    else:
+        raise ValueError(f"variant must be 'mpa', 'dw' or 'ap', got {variant!r}")
+    return _with_regularizer(loss, proxies, k, tau).to(embeddings.dtype)
+
+
+def arcface_loss(embeddings, labels, weight, margin=28.6, scale=64.0, *, lse):
+    """ArcFace, angular margin in DEGREES (28.6 deg ~ 0.4992 rad). weight [C, D] -> scalar."""
+    return _arcface_ce(embeddings, labels, weight, math.radians(margin), scale, lse=lse).to(embeddings.dtype)
+
+
+def cosface_loss(embeddings, labels, weight, margin=0.35, scale=64.0, *, lse):
+    """CosFace: mean_i CE(s (cos_i - m onehot(y_i)), y_i). weight [C, D] -> scalar."""
+    t = scale * (_target_cosines(_unit_rows(embeddings), weight, labels, 1).squeeze(1) - margin)
+    return _row_ce(lse(embeddings, weight, labels, scale=scale, reduce="row"), t).to(embeddings.dtype)
+
+
+def l2_softmax_loss(embeddings, labels, weight, bias=None, scale=16.0, normalize_weights=False, *, lse):
+    """L2-constrained softmax: mean_i CE((s x^_i) W^T + b, y_i); W unnormalised unless normalize_weights
+    (NormFace); a bias that is given is added in either case. weight [C, D], bias [C] or None -> scalar."""
+    t = scale * _target_cosines(_unit_rows(embeddings), weight, labels, 1, normalize_weights).squeeze(1)
+    if bias is not None:
+        t = t + bias[labels].to(t.dtype)
+    row = lse(embeddings, weight, labels, scale=scale, bias=bias, normalize_w=normalize_weights, reduce="row")
+    return _row_ce(row, t).to(embeddings.dtype)
+
+
+def regular_polytope_loss(embeddings, labels, num_classes, polytope="simplex", scale=30.0, margin="max", *, lse):
+    """Margin-RePoNet: ArcFace on x^ with the fixed unit-row weights regular_polytope(polytope, C); margin "max"
+    (the polytope's neighbour angle) or a number in DEGREES. embeddings [N, d] -> scalar."""
+    w = polytopes.regular_polytope(polytope, num_classes).to(embeddings.device, compute_dtype(embeddings.dtype))
+    m = polytopes.polytope_margin(polytope, w.shape[1]) if margin == "max" else math.radians(margin)
+    # The rows are unit vectors by construction: used as they are, like the reference.
+    return _arcface_ce(embeddings, labels, w, m, scale, lse=lse, normalize_w=False).to(embeddings.dtype)
+
+
+def proxy_repel_loss(embeddings, labels, proxies, alpha=32.0, margin=0.1, variant="proxies", *, lse):
+    """Proxy-repel (K = 1): ProxyAnchor's positive term + (1/C) sum_w softplus(LSE_{w' != w} alpha(P_ww' + delta)),
+    P = W^ W^T ("proxies") or W^ (X^T X^) W^T ("batch", a sum over the batch). proxies [C, D] -> scalar."""
+    x_hat = _unit_rows(embeddings)
+    s = _target_cosines(x_hat, proxies, labels, 1).squeeze(1)
+    pos = _class_softplus_lse(-alpha * (s - margin), labels).mean()
+    eye_labels = torch.arange(proxies.shape[0], device=proxies.device)
+    kw = dict(scale=alpha, shift=alpha * margin, reduce="row")
+    if variant == "proxies":
+        row = lse(proxies, proxies, eye_labels, **kw)
+    elif variant == "batch":
+        # Row w of the "x" operand is w^ (X^T X^), so that its dot product with w'^ is P_ww'.
+        rows = F.normalize(proxies.to(x_hat.dtype), dim=1) @ (x_hat.T @ x_hat)
+        row = lse(rows, proxies, eye_labels, normalize_x=False, **kw)
+    else:
+        raise ValueError(f"variant must be 'proxies' or 'batch', got {variant!r}")
+    return (pos + _softplus(row).mean()).to(embeddings.dtype)
