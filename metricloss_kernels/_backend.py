@@ -43,9 +43,16 @@ def backends() -> dict:
 
 
 def resolve(backend: str | None, device: torch.device, logits: int, supported=BACKENDS) -> str:
-    """The concrete backend for an op on `device` whose reference would hold `logits` fp32 values."""
+    """The concrete backend for an op on `device` whose reference would hold `logits` fp32 values.
+
+    METRICLOSS_BACKEND replaces "auto"; a backend it names that this op does not implement (the pair losses have
+    only the reference) falls back to the automatic choice, whereas an explicit `backend=` argument raises."""
     if backend is None or backend == "auto":
         backend = os.environ.get("METRICLOSS_BACKEND", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"METRICLOSS_BACKEND must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+        if backend not in supported:
+            backend = "auto"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
     if backend == "auto":

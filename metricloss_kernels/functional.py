@@ -79,6 +79,9 @@ def mpa_loss(embeddings, labels, proxies, centers_per_class=10, alpha=32.0, marg
     V.number(alpha, "alpha", positive=True), V.number(margin, "margin")
     V.number(gamma, "gamma", positive=True), V.number(tau, "tau", nonnegative=True)
     V.choice(variant, "variant", ("mpa", "dw", "ap"))
+    if variant == "mpa" and c < 2:
+        raise ValueError("proxies must hold at least 2 classes for mpa_loss with variant='mpa' "
+                         "(C- would be empty)")
     return _proxy_loss("mpa_loss", backend, embeddings, embeddings.shape[0] * proxies.shape[0],
                        embeddings, labels, proxies, centers_per_class=centers_per_class, alpha=alpha,
                        margin=margin, gamma=gamma, tau=tau, variant=variant)

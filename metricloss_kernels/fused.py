@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from metricloss_kernels import polytopes
 from metricloss_kernels._dtypes import compute_dtype
+from metricloss_kernels._math import arcface_target, softplus
 
 # Classes per block of the regulariser: [B, K, D] blocks of about this many bytes.
 _REGULARIZER_BLOCK_BYTES = 4 * 2**20
@@ -49,18 +50,12 @@ def _row_ce(lse: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (torch.logaddexp(lse, target) - target).mean()
 
 
-def _softplus(v: torch.Tensor) -> torch.Tensor:
-    """log(1 + e^v) = logaddexp(v, 0), exact at every v (F.softplus switches to v above 20, off by e^-v, which
-    shows at float64 precision); softplus(-inf) = 0 with zero gradient."""
-    return torch.logaddexp(v, v.new_zeros(()))
-
-
 def _class_softplus_lse(t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """softplus(LSE_{i: y_i = c} t_i) for each class c present in the batch -> [|C+|] (a segment LSE, O(N))."""
     _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
     m = t.new_full(counts.shape, float("-inf")).scatter_reduce(0, inverse, t.detach(), "amax")
     s = t.new_zeros(counts.shape).index_add(0, inverse, torch.exp(t - m[inverse]))
-    return _softplus(m + s.log())
+    return softplus(m + s.log())
 
 
 class _ProxyRegularizer(torch.autograd.Function):
@@ -116,11 +111,8 @@ def _arcface_ce(embeddings, labels, weight, margin_rad, scale, *, lse, normalize
     """ArcFace CE with the angular margin in radians (insightface rule): target phi = cos(theta + m) where
     cos(theta) > cos(pi - m), else cos(theta) - sin(pi - m) * m; only the target cosine is clamped to
     [-1 + 1e-7, 1 - 1e-7]."""
-    c = _target_cosines(_unit_rows(embeddings), weight, labels, 1, normalize_w).squeeze(1)
-    c = c.clamp(-1.0 + 1e-7, 1.0 - 1e-7)
-    sin = torch.sqrt(1.0 - c * c)
-    th, mm = math.cos(math.pi - margin_rad), math.sin(math.pi - margin_rad) * margin_rad
-    phi = torch.where(c > th, c * math.cos(margin_rad) - sin * math.sin(margin_rad), c - mm)
+    phi = arcface_target(_target_cosines(_unit_rows(embeddings), weight, labels, 1, normalize_w).squeeze(1),
+                         margin_rad)
     row = lse(embeddings, weight, labels, scale=scale, normalize_w=normalize_w, reduce="row")
     return _row_ce(row, scale * phi)
 
@@ -139,7 +131,7 @@ def proxy_anchor_loss(embeddings, labels, proxies, margin=0.1, alpha=32.0, *, ls
     + (1/C) sum_c softplus(LSE_{y_i!=c} alpha(S_ic + delta)). proxies [C, D] -> scalar."""
     s = _target_cosines(_unit_rows(embeddings), proxies, labels, 1).squeeze(1)
     pos = _class_softplus_lse(-alpha * (s - margin), labels).mean()
-    neg = _softplus(lse(embeddings, proxies, labels, scale=alpha, shift=alpha * margin, reduce="col")).mean()
+    neg = softplus(lse(embeddings, proxies, labels, scale=alpha, shift=alpha * margin, reduce="col")).mean()
     return (pos + neg).to(embeddings.dtype)
 
 
@@ -161,16 +153,16 @@ def mpa_loss(embeddings, labels, proxies, centers_per_class=10, alpha=32.0, marg
     kw = dict(centers_per_class=k, gamma=gamma, scale=alpha, shift=alpha * margin)
     if variant == "mpa":
         pos = _class_softplus_lse(-alpha * (s - margin), labels)
-        neg = _softplus(lse(embeddings, proxies, labels, reduce="col", **kw))
+        neg = softplus(lse(embeddings, proxies, labels, reduce="col", **kw))
         # C- is every class once the batch holds two labels, else all but the batch's one (whose LSE is empty).
         num_neg = neg.shape[0] - (1 if pos.shape[0] == 1 else 0)
         loss = pos.mean() + neg.sum() / num_neg
     elif variant == "dw":
         row = lse(embeddings, proxies, labels, reduce="row", **kw)
-        loss = (_softplus(-alpha * (s - margin)) + _softplus(row)).mean()
+        loss = (softplus(-alpha * (s - margin)) + softplus(row)).mean()
     elif variant == "ap":
         row = lse(embeddings, proxies, labels, reduce="row", **kw)
-        loss = _softplus(torch.logaddexp(row, alpha * (margin - s))).mean()
+        loss = softplus(torch.logaddexp(row, alpha * (margin - s))).mean()
     else:
         raise ValueError(f"variant must be 'mpa', 'dw' or 'ap', got {variant!r}")
     return _with_regularizer(loss, proxies, k, tau).to(embeddings.dtype)
@@ -200,8 +192,8 @@ def l2_softmax_loss(embeddings, labels, weight, bias=None, scale=16.0, normalize
 def regular_polytope_loss(embeddings, labels, num_classes, polytope="simplex", scale=30.0, margin="max", *, lse):
     """Margin-RePoNet: ArcFace on x^ with the fixed unit-row weights regular_polytope(polytope, C); margin "max"
     (the polytope's neighbour angle) or a number in DEGREES. embeddings [N, d] -> scalar."""
-    w = polytopes.regular_polytope(polytope, num_classes).to(embeddings.device, compute_dtype(embeddings.dtype))
-    m = polytopes.polytope_margin(polytope, w.shape[1]) if margin == "max" else math.radians(margin)
+    w = polytopes.polytope_weights(polytope, num_classes, embeddings.device, compute_dtype(embeddings.dtype))
+    m = polytopes.margin_radians(polytope, num_classes, margin)
     # The rows are unit vectors by construction: used as they are, like the reference.
     return _arcface_ce(embeddings, labels, w, m, scale, lse=lse, normalize_w=False).to(embeddings.dtype)
 
@@ -222,4 +214,4 @@ def proxy_repel_loss(embeddings, labels, proxies, alpha=32.0, margin=0.1, varian
         row = lse(rows, proxies, eye_labels, normalize_x=False, **kw)
     else:
         raise ValueError(f"variant must be 'proxies' or 'batch', got {variant!r}")
-    return (pos + _softplus(row).mean()).to(embeddings.dtype)
+    return (pos + softplus(row).mean()).to(embeddings.dtype)

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import _validation as V
 from . import functional as F
-from .polytopes import polytope_margin, regular_polytope
+from .polytopes import regular_polytope
 from .reference import update_centers
 
 
@@ -131,10 +131,9 @@ class RegularPolytopeLoss(nn.Module):
         super().__init__()
         self.num_classes, self.polytope, self.scale, self.margin, self.backend = (
             num_classes, polytope, scale, margin, backend)
+        # for inspection and state_dict; the loss itself uses the same cached polytope (polytopes.polytope_weights)
         self.register_buffer("proxies", regular_polytope(polytope, num_classes))
         self.embedding_size = self.proxies.shape[1]
-        self.margin_radians = polytope_margin(polytope, self.embedding_size) if margin == "max" \
-            else math.radians(margin)
 
     def forward(self, embeddings, labels):
         return F.regular_polytope_loss(embeddings, labels, self.num_classes, self.polytope, self.scale, self.margin,
@@ -243,7 +242,10 @@ class CenterLoss(nn.Module):
 
     def __init__(self, num_classes, embedding_size, margin=0.0, alpha=0.5, backend="auto"):
         super().__init__()
-        self.margin, self.alpha, self.backend = margin, V.number(alpha, "alpha", nonnegative=True), backend
+        self.margin, self.backend = margin, backend
+        self.alpha = V.number(alpha, "alpha", nonnegative=True)
+        if self.alpha > 1:
+            raise ValueError(f"alpha must be in [0, 1] (the centre update rate), got {alpha!r}")
         self.register_buffer("centers", torch.randn(V.positive_int(num_classes, "num_classes"),
                                                     V.positive_int(embedding_size, "embedding_size")))
 

@@ -11,6 +11,8 @@ out of its means.
 Neighbours missing from the list (positions past L) count as not relevant, so map@r and r_precision are lower
 bounds when R_q > L (see :func:`evaluate`'s ``max_k``).
 """
+import warnings
+
 import numpy as np
 import torch
 
@@ -190,8 +192,8 @@ def evaluate(embeddings: torch.Tensor, labels: torch.Tensor, reference: torch.Te
              max_k: int = 1024) -> dict:
     """Retrieval and clustering metrics of ``embeddings`` [Q, D] (queries) with integer ``labels`` [Q].
 
-    Neighbours are searched in ``reference`` [R, D] (labels ``reference_labels`` [R]) or, when both are None, in
-    the queries themselves with each query's own row excluded (leave-one-out). One :func:`~.retrieval.knn` call
+    Neighbours are searched in ``reference`` [R, D] (labels ``reference_labels`` [R]) or, when both are None or
+    ``reference`` is ``embeddings`` itself, in the queries with each query's own row excluded (leave-one-out). One :func:`~.retrieval.knn` call
     fetches L = min(max(max(ks), max_q R_q), max_k, reference size) neighbours per query, so memory is O(Q * L):
     when a query has more than ``max_k`` relevant items, "map@r" and "r_precision" count only the first
     ``max_k`` neighbours (missing ranks count as not relevant, so they are lower bounds); raise ``max_k`` for exact
@@ -209,8 +211,10 @@ def evaluate(embeddings: torch.Tensor, labels: torch.Tensor, reference: torch.Te
         raise ValueError("reference and reference_labels must be given together (or both None), got "
                          f"reference={'None' if reference is None else 'a tensor'} and reference_labels="
                          f"{'None' if reference_labels is None else 'a tensor'}")
-    leave_one_out = reference is None
-    if not leave_one_out:
+    leave_one_out = reference is None or reference is embeddings
+    if leave_one_out:
+        reference = None
+    else:
         _embedding_args(reference, reference_labels)
         if reference.shape[1] != embeddings.shape[1]:
             raise ValueError(f"reference must have shape [R, {embeddings.shape[1]}] (the embeddings' D), "
@@ -248,6 +252,10 @@ def evaluate(embeddings: torch.Tensor, labels: torch.Tensor, reference: torch.Te
                          "sample, or no query label occurs in reference_labels)")
 
     num_neighbours = min(max(max(ks), int(num_relevant.max())), max_k, available)
+    if int(num_relevant.max()) > max_k:
+        warnings.warn(f"evaluate: some queries have up to {int(num_relevant.max())} relevant items but only "
+                      f"max_k = {max_k} neighbours are fetched, so map@r and r_precision are lower bounds; raise "
+                      f"max_k for exact values", stacklevel=2)
     _, indices = knn(embeddings, reference, num_neighbours, metric)
 
     per_k = {"recall": recall_at_k, "precision": precision_at_k, "map": map_at_k, "ndcg": ndcg_at_k}

@@ -4,7 +4,15 @@ Both act on the last dimension: ``x`` [..., D] -> [..., D], in the dtype of ``x`
 """
 import torch
 
+from . import _validation as V
 from ._dtypes import upcast
+
+
+def _check(x, scale):
+    V.tensor(x, "x")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    V.number(scale, "scale", positive=True)
 
 
 def _norm(x):
@@ -18,6 +26,7 @@ def unit_range(x, scale=1.0):
 
     Args: x [..., D]; scale > 0. Returns [..., D].
     """
+    _check(x, scale)
     # scale / max(r, scale) equals min(1, scale / r) and is 1 (not 0/0) at r = 0.
     return x * (scale / _norm(x).clamp_min(scale))
 
@@ -38,6 +47,7 @@ def unit_bounce(x, scale=1.0):
 
     Args: x [..., D]; scale > 0. Returns [..., D].
     """
+    _check(x, scale)
     r = _norm(x)
     inside = r < scale
     # Outside the ball r >= scale > 0, so dividing by the masked radius never produces 0/0 (nor a NaN gradient).

@@ -2,6 +2,7 @@
 
 See FORMULAS.md, "Regular-polytope fixed classifiers". Rows are class weights, unit length, class-major.
 """
+import functools
 import math
 
 import torch
@@ -18,8 +19,8 @@ def polytope_dim(kind: str, num_classes: int) -> int:
     """Embedding dimension d of the `kind` polytope with `num_classes` vertices:
     simplex C - 1, orthoplex ceil(C / 2), cube ceil(log2 C)."""
     _check_kind(kind)
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     if kind == "simplex":
         return num_classes - 1
     if kind == "orthoplex":
@@ -66,10 +67,22 @@ def polytope_margin(kind: str, d: int) -> float:
         ValueError: unknown `kind` or `d` < 1.
     """
     _check_kind(kind)
-    if d < 1:
-        raise ValueError(f"d must be >= 1, got {d}")
+    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+        raise ValueError(f"d must be an integer >= 1, got {d!r}")
     if kind == "simplex":
         return math.acos(-1.0 / d)
     if kind == "orthoplex":
         return math.pi / 2
     return math.acos((d - 2) / d)
+
+
+@functools.lru_cache(maxsize=16)
+def polytope_weights(kind: str, num_classes: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """regular_polytope(kind, num_classes) on `device` in `dtype`, built once per (kind, C, device, dtype): the
+    simplex costs O(C^2) to build and the losses call this every step. Read-only: never modify it in place."""
+    return regular_polytope(kind, num_classes).to(device, dtype)
+
+
+def margin_radians(kind: str, num_classes: int, margin) -> float:
+    """The Margin-RePoNet margin in radians: "max" is the polytope's neighbour angle, a number is in degrees."""
+    return polytope_margin(kind, polytope_dim(kind, num_classes)) if margin == "max" else math.radians(margin)

@@ -47,8 +47,8 @@ def knn(queries: torch.Tensor, reference: torch.Tensor | None = None, k: int = 1
 
     Args:
         queries: [Q, D] floating tensor.
-        reference: [R, D] tensor with the dtype and device of ``queries``; None searches ``queries`` against
-            itself and excludes each query's own row (leave-one-out).
+        reference: [R, D] tensor with the dtype and device of ``queries``; None (or ``queries`` itself) searches
+            ``queries`` against itself and excludes each query's own row (leave-one-out).
         k: number of neighbours, 1 <= k <= R (R - 1 when reference is None).
         metric: "cosine" or "dot" (similarities, largest first) or "euclidean" (distances, smallest first).
 
@@ -60,7 +60,7 @@ def knn(queries: torch.Tensor, reference: torch.Tensor | None = None, k: int = 1
         raise TypeError(f"queries must be a floating-point tensor, got dtype {queries.dtype}")
     if queries.dim() != 2:
         raise ValueError(f"queries must be 2-D [Q, D], got shape {tuple(queries.shape)}")
-    exclude_self = reference is None
+    exclude_self = reference is None or reference is queries  # the query set as reference: leave-one-out
     if exclude_self:
         reference = queries
     else:

@@ -272,8 +272,10 @@ def test_env_variable_sets_default_backend(monkeypatch):
     monkeypatch.setenv("METRICLOSS_BACKEND", "chunked")
     F.proxy_nca_loss(x, y, w)
     assert calls
+    # an op without that backend (pair losses: reference only) falls back to the automatic choice
+    torch.testing.assert_close(F.contrastive_loss(x, y), reference.contrastive_loss(x, y))
     monkeypatch.setenv("METRICLOSS_BACKEND", "bogus")
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(ValueError, match="METRICLOSS_BACKEND"):
         F.proxy_nca_loss(x, y, w)
 
 
@@ -302,3 +304,34 @@ def test_half_precision_result_dtype():
         out.backward()
         assert out.dtype == dtype and xh.grad.dtype == dtype
         torch.testing.assert_close(out.float(), F.proxy_anchor_loss(x, y, w), rtol=2e-2, atol=2e-2)
+
+
+def test_normalisation_arguments():
+    for fn in (mlk.unit_range, mlk.unit_bounce):
+        with pytest.raises(ValueError, match="scale"):
+            fn(torch.randn(3, 4), scale=0.0)
+        with pytest.raises(TypeError, match="x"):
+            fn(torch.ones(3, 4, dtype=torch.long))
+
+
+def test_mpa_needs_two_classes_and_exp_triplet_needs_the_ball():
+    x, y, w = data(n=8, c=1, d=6)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        F.mpa_loss(x, y, w, centers_per_class=1)
+    x, y, _ = data(n=8, c=3, d=6)
+    with pytest.raises(ValueError, match="embedding_scale"):
+        F.exponential_triplet_loss(10 * x, y, 10, distance="euclidean")
+    inside = mlk.unit_range(10 * x)
+    assert torch.isfinite(F.exponential_triplet_loss(inside, y, 10, distance="euclidean"))
+
+
+def test_center_loss_alpha_range():
+    with pytest.raises(ValueError, match="alpha"):
+        mlk.CenterLoss(3, 4, alpha=1.5)
+
+
+def test_polytope_loss_uses_cached_weights():
+    from metricloss_kernels import polytopes
+    a = polytopes.polytope_weights("simplex", 12, torch.device("cpu"), torch.float32)
+    assert a is polytopes.polytope_weights("simplex", 12, torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(a, mlk.RegularPolytopeLoss(12).proxies)

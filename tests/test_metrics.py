@@ -135,7 +135,8 @@ def test_evaluate_map_at_r_truncated_by_max_k():
     x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = torch.zeros(6, dtype=torch.long)    # one class: R = 5 for every query, every neighbour relevant
     assert metrics.evaluate(x, y, ks=(1, 2))["map@r"] == 1.0
-    truncated = metrics.evaluate(x, y, ks=(1, 2), max_k=2)     # only 2 of R = 5 neighbours fetched
+    with pytest.warns(UserWarning, match="lower bounds"):
+        truncated = metrics.evaluate(x, y, ks=(1, 2), max_k=2)     # only 2 of R = 5 neighbours fetched
     assert truncated["map@r"] == pytest.approx(2 / 5)
     assert truncated["r_precision"] == pytest.approx(2 / 5)
 
@@ -264,3 +265,14 @@ def test_centroid_metrics_validation():
         metrics.closest_center_accuracy(CENTRE_X, CENTRE_Y.double())
     with pytest.raises(TypeError, match="embeddings"):
         metrics.nmi(CENTRE_X.long(), CENTRE_Y)
+
+
+def test_query_set_as_its_own_reference_is_leave_one_out():
+    import metricloss_kernels as mlk
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(40, 6, generator=g), torch.randint(0, 4, (40,), generator=g)
+    assert mlk.evaluate(x, y, x, y) == mlk.evaluate(x, y)
+    s1, i1 = mlk.knn(x, x, k=3)
+    s2, i2 = mlk.knn(x, k=3)
+    assert torch.equal(i1, i2) and torch.equal(s1, s2)
+    assert not (i1 == torch.arange(40)[:, None]).any()

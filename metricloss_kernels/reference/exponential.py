@@ -6,7 +6,7 @@ Shapes: ``embeddings`` [N, D] float, ``labels`` [N] int64, ``centers`` [C, D].
 import torch
 import torch.nn.functional as F
 
-from .._dtypes import upcast
+from .._dtypes import compute_dtype, upcast
 
 _DISTANCES = ("cosine", "euclidean", "squared_euclidean")
 _EPS = 1e-20
@@ -57,6 +57,10 @@ def exponential_triplet_loss(embeddings, labels, num_classes, overlap=1.2, dista
     eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
     pos, neg = same & ~eye, ~same
     d, d_max = _distances(embeddings, distance, embedding_scale)
+    if distance != "cosine" and d.max() > d_max * (1 + 1e-6):
+        raise ValueError(f"embeddings must lie in the ball of radius embedding_scale = {embedding_scale} for the "
+                         f"{distance} distance (largest distance {d.max().item():.4g} > D_max = {d_max:.4g}); map "
+                         f"them with unit_range / unit_bounce(x, scale=embedding_scale) or a scaled L2 normalisation")
     has_pos, has_neg = pos.any(dim=1), neg.any(dim=1)
     if not has_pos.any() and not has_neg.any():
         return embeddings.sum() * 0
@@ -92,7 +96,7 @@ def update_centers(centers, embeddings, labels, alpha=0.5):
 
     Args: centers [C, D] (modified in place); embeddings [N, D]; labels [N] int64. Returns ``centers``.
     """
-    acc = torch.float64 if torch.float64 in (centers.dtype, embeddings.dtype) else torch.float32
+    acc = compute_dtype(centers.dtype, embeddings.dtype)
     sums = torch.zeros(centers.shape, dtype=acc, device=centers.device)
     sums.index_add_(0, labels, embeddings.to(acc))
     counts = torch.bincount(labels, minlength=centers.shape[0])

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from metricloss_kernels import polytopes
 from metricloss_kernels._dtypes import upcast
+from metricloss_kernels._math import arcface_target, softplus
 
 
 def _cosines(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -29,11 +30,6 @@ def _softplus_lse(z: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor
     zero_shape[dim] = 1
     z = torch.cat([z.masked_fill(~mask, float("-inf")), z.new_zeros(zero_shape)], dim=dim)
     return torch.logsumexp(z, dim=dim)
-
-
-def _softplus(v: torch.Tensor) -> torch.Tensor:
-    """log(1 + e^v) exactly (F.softplus returns v above 20, off by e^-v: visible in float64)."""
-    return torch.logaddexp(v, torch.zeros_like(v))
 
 
 def _target(s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -182,12 +178,12 @@ def mpa_loss(embeddings: torch.Tensor, labels: torch.Tensor, proxies: torch.Tens
         loss = pos[present].mean() + neg[has_neg].mean()
     elif variant == "dw":
         pos_mask = _positive_mask(labels, s.shape[1])
-        pos = _softplus(-alpha * (_target(s, labels) - margin))
+        pos = softplus(-alpha * (_target(s, labels) - margin))
         loss = (pos + _softplus_lse(alpha * (s + margin), ~pos_mask, dim=1)).mean()
     elif variant == "ap":
         pos_mask = _positive_mask(labels, s.shape[1])
         s_prime = torch.where(pos_mask, margin - s, s + margin)
-        loss = _softplus(torch.logsumexp(alpha * s_prime, dim=1)).mean()
+        loss = softplus(torch.logsumexp(alpha * s_prime, dim=1)).mean()
     else:
         raise ValueError(f"variant must be 'mpa', 'dw' or 'ap', got {variant!r}")
     return _with_regularizer(loss, proxies, centers_per_class, tau)
@@ -201,10 +197,7 @@ def _additive_angular_margin_ce(cos: torch.Tensor, labels: torch.Tensor, margin:
     Only the target cosines are clamped to [-1 + 1e-7, 1 - 1e-7] (they feed the sqrt of sin(theta), whose gradient
     is infinite at +-1); the other logits are the raw cosines.
     """
-    c = _target(cos, labels).clamp(-1.0 + 1e-7, 1.0 - 1e-7)
-    sin = torch.sqrt(1.0 - c * c)
-    th, mm = math.cos(math.pi - margin), math.sin(math.pi - margin) * margin
-    phi = torch.where(c > th, c * math.cos(margin) - sin * math.sin(margin), c - mm)
+    phi = arcface_target(_target(cos, labels), margin)
     logits = cos.scatter(1, labels.unsqueeze(1), phi.unsqueeze(1))
     return F.cross_entropy(scale * logits, labels)
 
@@ -272,8 +265,8 @@ def regular_polytope_loss(embeddings: torch.Tensor, labels: torch.Tensor, num_cl
     Returns:
         scalar.
     """
-    w = polytopes.regular_polytope(polytope, num_classes).to(embeddings)
-    m = polytopes.polytope_margin(polytope, w.shape[1]) if margin == "max" else math.radians(margin)
+    w = polytopes.polytope_weights(polytope, num_classes, embeddings.device, embeddings.dtype)
+    m = polytopes.margin_radians(polytope, num_classes, margin)
     return _additive_angular_margin_ce(F.normalize(embeddings, dim=1) @ w.T, labels, m, scale)
 
 
