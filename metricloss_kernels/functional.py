@@ -8,10 +8,52 @@ import torch
 
 from . import _validation as V
 from . import chunked, fused, reference
-from ._backend import resolve
+from ._backend import BACKENDS, resolve
 from .polytopes import KINDS, polytope_dim
 
 PAIR_BACKENDS = ("auto", "reference")
+MPA_VARIANTS = ("mpa", "dw", "ap")
+REPEL_VARIANTS = ("proxies", "batch")
+DISTANCES = ("cosine", "euclidean", "squared_euclidean")
+MININGS = ("all", "semi-hard", "hard")
+
+
+def _degrees(value, name):
+    V.number(value, name, nonnegative=True)
+    if value >= 180:
+        raise ValueError(f"{name} is in degrees and must be < 180, got {value!r}")
+
+
+_POS = lambda v, n: V.number(v, n, positive=True)  # noqa: E731
+_NONNEG = lambda v, n: V.number(v, n, nonnegative=True)  # noqa: E731
+_RULES = {  # argument rules shared by the functions below and the modules' constructors
+    "scale": _POS, "alpha": _POS, "la": _POS, "gamma": _POS, "overlap": _POS, "embedding_scale": _POS,
+    "tau": _NONNEG, "l2_reg": _NONNEG, "epsilon": _NONNEG, "pos_coef": _NONNEG, "neg_coef": _NONNEG,
+    "margin": V.number, "pos_margin": V.number, "neg_margin": V.number, "base": V.number,
+    "centers_per_class": V.positive_int, "num_classes": V.positive_int,
+    "mining": lambda v, n: V.choice(v, n, MININGS), "distance": lambda v, n: V.choice(v, n, DISTANCES),
+    "polytope": lambda v, n: V.choice(v, n, KINDS),
+    "backend": lambda v, n: V.choice(v, n, BACKENDS),
+}
+_LOSS_RULES = {  # per loss, where an argument's rule differs from the shared one
+    "mpa_loss": {"variant": lambda v, n: V.choice(v, n, MPA_VARIANTS)},
+    "proxy_repel_loss": {"variant": lambda v, n: V.choice(v, n, REPEL_VARIANTS)},
+    "arcface_loss": {"margin": _degrees},
+    "regular_polytope_loss": {"margin": lambda v, n: v == "max" or _degrees(v, n)},
+    "center_loss": {"margin": _NONNEG},
+    "multi_similarity_loss": {"beta": _POS},
+    "margin_loss": {"beta": lambda v, n: torch.is_tensor(v) or V.number(v, n)},
+}
+
+
+def check_arguments(loss: str, **arguments) -> None:
+    """Validates the hyper-parameters of `loss` (a function name of this module; "" for the shared rules only):
+    ValueError naming the argument. Tensors and arguments without a rule are checked where they are used."""
+    rules = _LOSS_RULES.get(loss, {})
+    for name, value in arguments.items():
+        rule = rules.get(name, _RULES.get(name))
+        if rule is not None:
+            rule(value, name)
 
 
 def _lse_impl(name: str):
@@ -45,7 +87,7 @@ def _pair_inputs(embeddings, labels, backend, num_classes=None):
 def proxy_nca_loss(embeddings, labels, proxies, scale=2.0, exclude_positive=True, backend="auto"):
     """ProxyNCA (K = 1): mean_i [-s S_iy + LSE_{c != y_i} s S_ic] (plain softmax CE if not exclude_positive)."""
     labels, c = _proxy_inputs(embeddings, labels, proxies)
-    V.number(scale, "scale", positive=True)
+    check_arguments("proxy_nca_loss", scale=scale)
     if exclude_positive and c < 2:
         raise ValueError("proxies must hold at least 2 classes for proxy_nca_loss with exclude_positive=True "
                          "(the log-sum-exp over the other classes would be empty)")
@@ -56,7 +98,7 @@ def proxy_nca_loss(embeddings, labels, proxies, scale=2.0, exclude_positive=True
 def proxy_anchor_loss(embeddings, labels, proxies, margin=0.1, alpha=32.0, backend="auto"):
     """ProxyAnchor (K = 1), negative term averaged over all C classes."""
     labels, c = _proxy_inputs(embeddings, labels, proxies)
-    V.number(margin, "margin"), V.number(alpha, "alpha", positive=True)
+    check_arguments("proxy_anchor_loss", margin=margin, alpha=alpha)
     return _proxy_loss("proxy_anchor_loss", backend, embeddings, embeddings.shape[0] * c,
                        embeddings, labels, proxies, margin=margin, alpha=alpha)
 
@@ -65,8 +107,7 @@ def soft_triple_loss(embeddings, labels, proxies, centers_per_class=10, la=20.0,
                      backend="auto"):
     """SoftTriple: mean_i CE(la (S_i - margin onehot(y_i)), y_i) + tau R(W); proxies [C*K, D]."""
     labels, c = _proxy_inputs(embeddings, labels, proxies, centers_per_class)
-    V.number(la, "la", positive=True), V.number(gamma, "gamma", positive=True)
-    V.number(margin, "margin"), V.number(tau, "tau", nonnegative=True)
+    check_arguments("soft_triple_loss", la=la, gamma=gamma, margin=margin, tau=tau)
     return _proxy_loss("soft_triple_loss", backend, embeddings, embeddings.shape[0] * proxies.shape[0],
                        embeddings, labels, proxies, centers_per_class=centers_per_class, la=la, gamma=gamma,
                        margin=margin, tau=tau)
@@ -76,9 +117,7 @@ def mpa_loss(embeddings, labels, proxies, centers_per_class=10, alpha=32.0, marg
              variant="mpa", backend="auto"):
     """Multi-Proxy Anchor family: variant "mpa" (class-wise), "dw" (data-wise), "ap" (all pairs)."""
     labels, c = _proxy_inputs(embeddings, labels, proxies, centers_per_class)
-    V.number(alpha, "alpha", positive=True), V.number(margin, "margin")
-    V.number(gamma, "gamma", positive=True), V.number(tau, "tau", nonnegative=True)
-    V.choice(variant, "variant", ("mpa", "dw", "ap"))
+    check_arguments("mpa_loss", alpha=alpha, margin=margin, gamma=gamma, tau=tau, variant=variant)
     if variant == "mpa" and c < 2:
         raise ValueError("proxies must hold at least 2 classes for mpa_loss with variant='mpa' "
                          "(C- would be empty)")
@@ -90,9 +129,7 @@ def mpa_loss(embeddings, labels, proxies, centers_per_class=10, alpha=32.0, marg
 def arcface_loss(embeddings, labels, weight, margin=28.6, scale=64.0, backend="auto"):
     """ArcFace: additive angular margin (degrees) on the target logit; weight [C, D]."""
     labels, c = _proxy_inputs(embeddings, labels, weight, name="weight")
-    V.number(margin, "margin", nonnegative=True), V.number(scale, "scale", positive=True)
-    if margin >= 180:
-        raise ValueError(f"margin is in degrees and must be < 180, got {margin!r}")
+    check_arguments("arcface_loss", margin=margin, scale=scale)
     return _proxy_loss("arcface_loss", backend, embeddings, embeddings.shape[0] * c,
                        embeddings, labels, weight, margin=margin, scale=scale)
 
@@ -100,7 +137,7 @@ def arcface_loss(embeddings, labels, weight, margin=28.6, scale=64.0, backend="a
 def cosface_loss(embeddings, labels, weight, margin=0.35, scale=64.0, backend="auto"):
     """CosFace: additive cosine margin on the target logit; weight [C, D]."""
     labels, c = _proxy_inputs(embeddings, labels, weight, name="weight")
-    V.number(margin, "margin"), V.number(scale, "scale", positive=True)
+    check_arguments("cosface_loss", margin=margin, scale=scale)
     return _proxy_loss("cosface_loss", backend, embeddings, embeddings.shape[0] * c,
                        embeddings, labels, weight, margin=margin, scale=scale)
 
@@ -108,7 +145,7 @@ def cosface_loss(embeddings, labels, weight, margin=0.35, scale=64.0, backend="a
 def l2_softmax_loss(embeddings, labels, weight, bias=None, scale=16.0, normalize_weights=False, backend="auto"):
     """L2-constrained softmax: CE((s x̂) Wᵀ + b); weight [C, D] unnormalised unless normalize_weights; bias [C]."""
     labels, c = _proxy_inputs(embeddings, labels, weight, name="weight")
-    V.number(scale, "scale", positive=True)
+    check_arguments("l2_softmax_loss", scale=scale)
     if bias is not None:
         V.tensor(bias, "bias")
         if bias.shape != (c,) or not bias.is_floating_point() or bias.device != embeddings.device:
@@ -124,11 +161,8 @@ def regular_polytope_loss(embeddings, labels, num_classes, polytope="simplex", s
     """Margin-RePoNet: ArcFace on x̂ with the fixed polytope weights; margin "max" (the polytope's angle φ) or a
     number in degrees. The embedding width must be the polytope's dimension."""
     V.embeddings(embeddings)
-    V.positive_int(num_classes, "num_classes")
-    V.choice(polytope, "polytope", KINDS)
-    V.number(scale, "scale", positive=True)
-    if margin != "max":
-        V.number(margin, "margin", nonnegative=True)
+    check_arguments("regular_polytope_loss", num_classes=num_classes, polytope=polytope, scale=scale,
+                    margin=margin)
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2 for a polytope classifier, got {num_classes}")
     d = polytope_dim(polytope, num_classes)
@@ -143,8 +177,7 @@ def regular_polytope_loss(embeddings, labels, num_classes, polytope="simplex", s
 def proxy_repel_loss(embeddings, labels, proxies, alpha=32.0, margin=0.1, variant="proxies", backend="auto"):
     """Proxy-repel (thesis eqs. 6.1 / 6.2): variant "proxies" or "batch"; proxies [C, D]."""
     labels, c = _proxy_inputs(embeddings, labels, proxies)
-    V.number(alpha, "alpha", positive=True), V.number(margin, "margin")
-    V.choice(variant, "variant", ("proxies", "batch"))
+    check_arguments("proxy_repel_loss", alpha=alpha, margin=margin, variant=variant)
     return _proxy_loss("proxy_repel_loss", backend, embeddings, max(embeddings.shape[0], c) * c,
                        embeddings, labels, proxies, alpha=alpha, margin=margin, variant=variant)
 
@@ -152,7 +185,7 @@ def proxy_repel_loss(embeddings, labels, proxies, alpha=32.0, margin=0.1, varian
 def contrastive_loss(embeddings, labels, pos_margin=1.0, neg_margin=0.5, backend="auto"):
     """Contrastive on cosine similarities: mean [m_pos - S]₊ over positive pairs + mean [S - m_neg]₊ over negatives."""
     labels = _pair_inputs(embeddings, labels, backend)
-    V.number(pos_margin, "pos_margin"), V.number(neg_margin, "neg_margin")
+    check_arguments("contrastive_loss", pos_margin=pos_margin, neg_margin=neg_margin)
     return reference.contrastive_loss(embeddings, labels, pos_margin=pos_margin, neg_margin=neg_margin)
 
 
@@ -160,30 +193,28 @@ def triplet_margin_loss(embeddings, labels, margin=0.1, distance="cosine", minin
     """Triplet margin loss with "all", "semi-hard" or "hard" mining; distance "cosine", "euclidean",
     "squared_euclidean" (on x̂)."""
     labels = _pair_inputs(embeddings, labels, backend)
-    V.number(margin, "margin")
-    V.choice(distance, "distance", ("cosine", "euclidean", "squared_euclidean"))
-    V.choice(mining, "mining", ("all", "semi-hard", "hard"))
+    check_arguments("triplet_margin_loss", margin=margin, distance=distance, mining=mining)
     return reference.triplet_margin_loss(embeddings, labels, margin=margin, distance=distance, mining=mining)
 
 
 def lifted_structure_loss(embeddings, labels, margin=0.5, backend="auto"):
     """Generalised lifted structure loss (thesis eq. 2.21)."""
     labels = _pair_inputs(embeddings, labels, backend)
-    V.number(margin, "margin")
+    check_arguments("lifted_structure_loss", margin=margin)
     return reference.lifted_structure_loss(embeddings, labels, margin=margin)
 
 
 def npairs_loss(embeddings, labels, l2_reg=0.02, backend="auto"):
     """N-pair loss on raw dot products plus l2_reg * mean ‖x‖²."""
     labels = _pair_inputs(embeddings, labels, backend)
-    V.number(l2_reg, "l2_reg", nonnegative=True)
+    check_arguments("npairs_loss", l2_reg=l2_reg)
     return reference.npairs_loss(embeddings, labels, l2_reg=l2_reg)
 
 
 def margin_loss(embeddings, labels, margin=0.2, beta=1.2, generator=None, backend="auto"):
     """Margin loss with distance-weighted negative sampling; beta a float or a per-class Tensor[C]."""
     V.embeddings(embeddings)
-    V.number(margin, "margin")
+    check_arguments("margin_loss", margin=margin)
     num_classes = None
     if torch.is_tensor(beta):
         if beta.dim() != 1 or not beta.is_floating_point() or beta.device != embeddings.device:
@@ -201,20 +232,16 @@ def margin_loss(embeddings, labels, margin=0.2, beta=1.2, generator=None, backen
 def multi_similarity_loss(embeddings, labels, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, backend="auto"):
     """Multi-Similarity loss with its pair mining."""
     labels = _pair_inputs(embeddings, labels, backend)
-    V.number(alpha, "alpha", positive=True), V.number(beta, "beta", positive=True)
-    V.number(base, "base"), V.number(epsilon, "epsilon", nonnegative=True)
+    check_arguments("multi_similarity_loss", alpha=alpha, beta=beta, base=base, epsilon=epsilon)
     return reference.multi_similarity_loss(embeddings, labels, alpha=alpha, beta=beta, base=base, epsilon=epsilon)
 
 
 def exponential_triplet_loss(embeddings, labels, num_classes, overlap=1.2, distance="cosine", embedding_scale=1.0,
                              pos_coef=1.0, neg_coef=1.0, backend="auto"):
     """Exponential triplet loss (Urtans et al.), batch-hard; num_classes = number of training classes."""
-    V.positive_int(num_classes, "num_classes")
+    check_arguments("exponential_triplet_loss", num_classes=num_classes, overlap=overlap, distance=distance,
+                    embedding_scale=embedding_scale, pos_coef=pos_coef, neg_coef=neg_coef)
     labels = _pair_inputs(embeddings, labels, backend)
-    V.number(overlap, "overlap", positive=True)
-    V.choice(distance, "distance", ("cosine", "euclidean", "squared_euclidean"))
-    V.number(embedding_scale, "embedding_scale", positive=True)
-    V.number(pos_coef, "pos_coef", nonnegative=True), V.number(neg_coef, "neg_coef", nonnegative=True)
     return reference.exponential_triplet_loss(embeddings, labels, num_classes, overlap=overlap, distance=distance,
                                               embedding_scale=embedding_scale, pos_coef=pos_coef,
                                               neg_coef=neg_coef)
@@ -225,5 +252,5 @@ def center_loss(embeddings, labels, centers, margin=0.0, backend="auto"):
     V.embeddings(embeddings)
     num_classes = V.weights(centers, embeddings.shape[1], embeddings.device, "centers")
     labels = _pair_inputs(embeddings, labels, backend, num_classes)
-    V.number(margin, "margin", nonnegative=True)
+    check_arguments("center_loss", margin=margin)
     return reference.center_loss(embeddings, labels, centers, margin=margin)

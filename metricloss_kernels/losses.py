@@ -20,10 +20,9 @@ class _ProxyLoss(nn.Module):
 
     def __init__(self, num_classes, embedding_size, centers_per_class=1, backend="auto"):
         super().__init__()
-        self.num_classes = V.positive_int(num_classes, "num_classes")
+        F.check_arguments("", num_classes=num_classes, centers_per_class=centers_per_class, backend=backend)
+        self.num_classes, self.centers_per_class, self.backend = num_classes, centers_per_class, backend
         self.embedding_size = V.positive_int(embedding_size, "embedding_size")
-        self.centers_per_class = V.positive_int(centers_per_class, "centers_per_class")
-        self.backend = backend
         self.proxies = nn.Parameter(torch.empty(num_classes * centers_per_class, embedding_size))
 
     def extra_repr(self):
@@ -43,6 +42,7 @@ def _init_authors_uniform(w):
 class ProxyNCALoss(_ProxyLoss):
     def __init__(self, num_classes, embedding_size, scale=2.0, exclude_positive=True, backend="auto"):
         super().__init__(num_classes, embedding_size, backend=backend)
+        F.check_arguments("proxy_nca_loss", scale=scale)
         self.scale, self.exclude_positive = scale, exclude_positive
         _init_kaiming_normal_fan_out(self.proxies)
 
@@ -53,6 +53,7 @@ class ProxyNCALoss(_ProxyLoss):
 class ProxyAnchorLoss(_ProxyLoss):
     def __init__(self, num_classes, embedding_size, margin=0.1, alpha=32.0, backend="auto"):
         super().__init__(num_classes, embedding_size, backend=backend)
+        F.check_arguments("proxy_anchor_loss", margin=margin, alpha=alpha)
         self.margin, self.alpha = margin, alpha
         _init_kaiming_normal_fan_out(self.proxies)
 
@@ -64,6 +65,7 @@ class SoftTripleLoss(_ProxyLoss):
     def __init__(self, num_classes, embedding_size, centers_per_class=10, la=20.0, gamma=0.1, margin=0.01, tau=0.2,
                  backend="auto"):
         super().__init__(num_classes, embedding_size, centers_per_class, backend)
+        F.check_arguments("soft_triple_loss", la=la, gamma=gamma, margin=margin, tau=tau)
         self.la, self.gamma, self.margin, self.tau = la, gamma, margin, tau
         _init_authors_uniform(self.proxies)
 
@@ -78,8 +80,8 @@ class MPALoss(_ProxyLoss):
     def __init__(self, num_classes, embedding_size, centers_per_class=10, alpha=32.0, margin=0.1, gamma=0.1,
                  tau=0.2, variant="mpa", backend="auto"):
         super().__init__(num_classes, embedding_size, centers_per_class, backend)
-        self.variant = V.choice(variant, "variant", ("mpa", "dw", "ap"))
-        self.alpha, self.margin, self.gamma, self.tau = alpha, margin, gamma, tau
+        F.check_arguments("mpa_loss", alpha=alpha, margin=margin, gamma=gamma, tau=tau, variant=variant)
+        self.alpha, self.margin, self.gamma, self.tau, self.variant = alpha, margin, gamma, tau, variant
         _init_authors_uniform(self.proxies)
 
     def forward(self, embeddings, labels):
@@ -92,6 +94,7 @@ class ArcFaceLoss(_ProxyLoss):
 
     def __init__(self, num_classes, embedding_size, margin=28.6, scale=64.0, backend="auto"):
         super().__init__(num_classes, embedding_size, backend=backend)
+        F.check_arguments("arcface_loss", margin=margin, scale=scale)
         self.margin, self.scale = margin, scale
         nn.init.xavier_normal_(self.proxies)
 
@@ -102,6 +105,7 @@ class ArcFaceLoss(_ProxyLoss):
 class CosFaceLoss(_ProxyLoss):
     def __init__(self, num_classes, embedding_size, margin=0.35, scale=64.0, backend="auto"):
         super().__init__(num_classes, embedding_size, backend=backend)
+        F.check_arguments("cosface_loss", margin=margin, scale=scale)
         self.margin, self.scale = margin, scale
         nn.init.xavier_normal_(self.proxies)
 
@@ -115,6 +119,7 @@ class L2SoftmaxLoss(_ProxyLoss):
 
     def __init__(self, num_classes, embedding_size, scale=16.0, normalize_weights=False, backend="auto"):
         super().__init__(num_classes, embedding_size, backend=backend)
+        F.check_arguments("l2_softmax_loss", scale=scale)
         self.scale, self.normalize_weights = scale, normalize_weights
         nn.init.kaiming_uniform_(self.proxies, a=math.sqrt(5))  # as nn.Linear
         self.bias = None if normalize_weights else nn.Parameter(torch.zeros(num_classes))
@@ -129,6 +134,8 @@ class RegularPolytopeLoss(nn.Module):
 
     def __init__(self, num_classes, polytope="simplex", scale=30.0, margin="max", backend="auto"):
         super().__init__()
+        F.check_arguments("regular_polytope_loss", num_classes=num_classes, polytope=polytope, scale=scale,
+                          margin=margin, backend=backend)
         self.num_classes, self.polytope, self.scale, self.margin, self.backend = (
             num_classes, polytope, scale, margin, backend)
         # for inspection and state_dict; the loss itself uses the same cached polytope (polytopes.polytope_weights)
@@ -145,8 +152,8 @@ class ProxyRepelLoss(_ProxyLoss):
 
     def __init__(self, num_classes, embedding_size, alpha=32.0, margin=0.1, variant="proxies", backend="auto"):
         super().__init__(num_classes, embedding_size, backend=backend)
-        self.variant = V.choice(variant, "variant", ("proxies", "batch"))
-        self.alpha, self.margin = alpha, margin
+        F.check_arguments("proxy_repel_loss", alpha=alpha, margin=margin, variant=variant)
+        self.alpha, self.margin, self.variant = alpha, margin, variant
         _init_kaiming_normal_fan_out(self.proxies)
 
     def forward(self, embeddings, labels):
@@ -160,6 +167,7 @@ class _PairLoss(nn.Module):
 
     def __init__(self, backend="auto", **kwargs):
         super().__init__()
+        F.check_arguments(type(self).fn.__name__, backend=backend, **kwargs)
         self.backend, self.kwargs = backend, kwargs
 
     def forward(self, embeddings, labels):
@@ -180,8 +188,7 @@ class TripletMarginLoss(_PairLoss):
     fn = F.triplet_margin_loss
 
     def __init__(self, margin=0.1, distance="cosine", mining="all", backend="auto"):
-        super().__init__(backend, margin=margin, distance=V.choice(distance, "distance", (
-            "cosine", "euclidean", "squared_euclidean")), mining=V.choice(mining, "mining", ("all", "semi-hard", "hard")))
+        super().__init__(backend, margin=margin, distance=distance, mining=mining)
 
 
 class LiftedStructureLoss(_PairLoss):
@@ -211,10 +218,10 @@ class ExponentialTripletLoss(_PairLoss):
 
     def __init__(self, num_classes, overlap=1.2, distance="cosine", embedding_scale=1.0, pos_coef=1.0,
                  neg_coef=1.0, backend="auto"):
-        if overlap / V.positive_int(num_classes, "num_classes") >= 1:
-            raise ValueError(f"overlap / num_classes must be < 1, got {overlap} / {num_classes}")
         super().__init__(backend, num_classes=num_classes, overlap=overlap, distance=distance,
                          embedding_scale=embedding_scale, pos_coef=pos_coef, neg_coef=neg_coef)
+        if overlap / num_classes >= 1:
+            raise ValueError(f"overlap / num_classes must be < 1, got {overlap} / {num_classes}")
 
 
 class MarginLoss(nn.Module):
@@ -222,6 +229,7 @@ class MarginLoss(nn.Module):
 
     def __init__(self, margin=0.2, beta=1.2, learn_beta=False, num_classes=None, generator=None, backend="auto"):
         super().__init__()
+        F.check_arguments("margin_loss", margin=margin, beta=beta, backend=backend)
         self.margin, self.generator, self.backend = margin, generator, backend
         if learn_beta:
             size = 1 if num_classes is None else V.positive_int(num_classes, "num_classes")
@@ -242,6 +250,7 @@ class CenterLoss(nn.Module):
 
     def __init__(self, num_classes, embedding_size, margin=0.0, alpha=0.5, backend="auto"):
         super().__init__()
+        F.check_arguments("center_loss", margin=margin, backend=backend)
         self.margin, self.backend = margin, backend
         self.alpha = V.number(alpha, "alpha", nonnegative=True)
         if self.alpha > 1:

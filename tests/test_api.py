@@ -335,3 +335,26 @@ def test_polytope_loss_uses_cached_weights():
     a = polytopes.polytope_weights("simplex", 12, torch.device("cpu"), torch.float32)
     assert a is polytopes.polytope_weights("simplex", 12, torch.device("cpu"), torch.float32)
     torch.testing.assert_close(a, mlk.RegularPolytopeLoss(12).proxies)
+
+
+@pytest.mark.parametrize("make, arg", [
+    (lambda: mlk.ProxyAnchorLoss(5, 4, alpha=-1.0), "alpha"),
+    (lambda: mlk.SoftTripleLoss(5, 4, gamma=0.0), "gamma"),
+    (lambda: mlk.ArcFaceLoss(5, 4, margin=200.0), "margin"),
+    (lambda: mlk.ProxyNCALoss(5, 4, backend="cuda"), "backend"),
+    (lambda: mlk.MPALoss(5, 4, variant="x"), "variant"),
+    (lambda: mlk.ProxyRepelLoss(5, 4, variant="x"), "variant"),
+    (lambda: mlk.ContrastiveLoss(pos_margin="a"), "pos_margin"),
+    (lambda: mlk.TripletMarginLoss(mining="easy"), "mining"),
+    (lambda: mlk.MarginLoss(margin="a"), "margin"),
+    (lambda: mlk.CenterLoss(3, 4, margin=-1.0), "margin"),
+    (lambda: mlk.ExponentialTripletLoss(10, overlap="a"), "overlap"),
+    (lambda: mlk.ExponentialTripletLoss(1), "overlap"),
+    (lambda: mlk.RegularPolytopeLoss(5, margin=-10.0), "margin"),
+    (lambda: mlk.RegularPolytopeLoss(5.0), "num_classes"),
+    (lambda: mlk.MultiSimilarityLoss(beta=0.0), "beta"),
+    (lambda: mlk.SoftTripleLoss(5, 4, centers_per_class=0), "centers_per_class"),
+])
+def test_module_constructors_validate(make, arg):
+    with pytest.raises(ValueError, match=arg):
+        make()
