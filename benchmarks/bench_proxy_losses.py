@@ -260,7 +260,8 @@ def main():
             if impl != "torch.mm" and not args.no_memory:
                 entry.update(_spawn(args, "memory", name, [impl]))
             row["impls"][impl] = entry
-        base = times.get("chunked") or times.get("triton")
+        ours = ("triton", "chunked") if args.device == "cuda" else ("chunked", "triton")  # the backend "auto" picks
+        base = times.get(ours[0]) or times.get(ours[1])
         row["ratios_vs_ours_median_per_round"] = {
             impl: statistics.median(t / b for t, b in zip(ts, base)) for impl, ts in times.items()} if base else {}
         results.append(row)

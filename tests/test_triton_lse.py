@@ -1,10 +1,12 @@
-"""Triton class_lse (metricloss_kernels.triton) against a materialised float64 oracle.
+"""Triton class_lse (metricloss_kernels.triton) against a materialised float64 oracle; every proxy loss through the
+public API with backend="triton" against backend="reference"; no N x C allocation (streaming memory).
 
 On a machine without CUDA the kernels run under the Triton interpreter on CPU tensors: TRITON_INTERPRET must be
 set before triton (or the package) is imported. The interpreter is slow and its tl.dot cannot do bf16, so these
 tests use small awkward shapes (N=37, C=53, K=3, D=40: nothing a multiple of a tile) in fp32/fp16/fp64; the bf16
 and large-shape tests need a GPU and skip cleanly without one.
 """
+import functools
 import os
 import subprocess
 import sys
@@ -15,8 +17,12 @@ if __name__ != "__main__" and not __import__("torch").cuda.is_available():
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from test_chunked import _forward_backward, _largest_allocation  # noqa: E402  (tests/ is on sys.path)
 
 tl_kernels = pytest.importorskip("metricloss_kernels.triton")
+import metricloss_kernels as mlk  # noqa: E402
+from metricloss_kernels import fused  # noqa: E402
+from metricloss_kernels.polytopes import regular_polytope  # noqa: E402
 from metricloss_kernels.triton import _common, class_lse  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -230,35 +236,134 @@ def test_availability():
     assert tl_kernels.is_available(DEVICE) and tl_kernels.unavailable_reason(DEVICE) is None
 
 
-# Fused losses (metricloss_kernels.fused) on the Triton primitive vs the reference losses: (name, K, kwargs).
-E2E_CASES = [
+# ------------------------------------------------------------------------ every proxy loss, end to end
+# The public functional API with backend="triton" against backend="reference" in float64 on the same values (the
+# truth), forward and every gradient under one random upstream gradient. (name, K, kwargs): K = 0 for the polytope
+# loss (fixed weights: no proxies, width polytope_dim(C)); bias=True stands for a random [C] bias.
+LOSS_CASES = [
+    ("proxy_nca_loss", 1, dict(exclude_positive=True)),
+    ("proxy_nca_loss", 1, dict(scale=8.0, exclude_positive=False)),
     ("soft_triple_loss", 3, dict(centers_per_class=3)),
-    ("proxy_anchor_loss", 1, {}),
     ("mpa_loss", 3, dict(centers_per_class=3, variant="mpa")),
+    ("mpa_loss", 3, dict(centers_per_class=3, variant="dw")),
     ("mpa_loss", 3, dict(centers_per_class=3, variant="ap")),
     ("arcface_loss", 1, {}),
-    ("l2_softmax_loss", 1, dict(normalize_weights=False)),
+    ("cosface_loss", 1, {}),
+    ("l2_softmax_loss", 1, dict(bias=True)),
+    ("l2_softmax_loss", 1, dict(normalize_weights=True)),
+    ("l2_softmax_loss", 1, dict(bias=True, normalize_weights=True)),
+    ("regular_polytope_loss", 0, dict(polytope="simplex")),
+    ("regular_polytope_loss", 0, dict(polytope="orthoplex")),
+    ("regular_polytope_loss", 0, dict(polytope="cube", margin=20.0)),
+    ("proxy_anchor_loss", 1, {}),
+    ("proxy_repel_loss", 1, dict(variant="proxies")),
     ("proxy_repel_loss", 1, dict(variant="batch")),
 ]
+LOSS_IDS = [name.removesuffix("_loss") + "".join(f"-{a}={v}" for a, v in kw.items() if a != "centers_per_class")
+            for name, _, kw in LOSS_CASES]
+# (labels, geometry, dtype, tolerance). "aligned": every proxy within ~3 degrees of one direction and each
+# embedding within ~3 degrees of a proxy of its class, so every logit is near the (large default) scale: no
+# overflow, no NaN. (Closer than that, ArcFace's d sqrt(1 - c^2) / dc ~ 1 / angle amplifies fp32's rounding of the
+# target cosine past 1e-3 in the fp32 reference as well: that is conditioning, not the kernels.)
+SETTINGS = {
+    "random": ("random", "random", torch.float32, 1e-3),
+    "one_per_class": ("one_per_class", "random", torch.float32, 1e-3),
+    "one_class": ("one_class", "random", torch.float32, 1e-3),
+    "aligned": ("random", "aligned", torch.float32, 1e-3),
+    "fp16": ("random", "random", torch.float16, 5e-3),
+}
 
 
-@pytest.mark.parametrize("name,k,kw", E2E_CASES, ids=[c[0] + c[2].get("variant", "") for c in E2E_CASES])
-def test_fused_losses_on_triton_match_reference(name, k, kw):
-    fused = pytest.importorskip("metricloss_kernels.fused")
-    reference = pytest.importorskip("metricloss_kernels.reference.proxy")
-    x, w, b, labels = make_inputs(n=29, c=23, k=k, d=40, bias=name == "l2_softmax_loss", seed=20)
-    if b is not None:
-        kw = dict(kw, bias=b)
-    loss = getattr(fused, name)(x, labels, w, **kw, lse=class_lse)
-    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    ref_kw = dict(kw, bias=b.detach().double().requires_grad_()) if b is not None else kw
-    ref = getattr(reference, name)(xd, labels, wd, **ref_kw)
-    assert_rel_close(loss.detach(), ref.detach(), 1e-3, f"{name} loss")
-    inputs, ref_inputs = [x, w], [xd, wd]
-    if b is not None:
-        inputs.append(b), ref_inputs.append(ref_kw["bias"])
-    for n_, gr, rg in zip("xwb", torch.autograd.grad(loss, inputs), torch.autograd.grad(ref, ref_inputs)):
-        assert_rel_close(gr, rg, 1e-3, f"{name} d{n_}")
+def loss_inputs(name, k, kwargs, labels_kind, geometry, dtype, seed, n=37, c=53, d=40):
+    """(embeddings, labels, weights or num_classes, kwargs) in `dtype`, leaves requiring grad, on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+    labels = {"random": lambda: torch.randint(0, c, (n,), generator=g),
+              "one_per_class": lambda: torch.randperm(c, generator=g)[:n],
+              "one_class": lambda: torch.full((n,), 3, dtype=torch.long)}[labels_kind]()
+    if name == "regular_polytope_loss":
+        w = regular_polytope(kwargs["polytope"], c).double()
+        d = w.shape[1]
+    else:
+        w = torch.randn(c * k, d, generator=g, dtype=torch.float64)
+    if geometry == "aligned":
+        if name != "regular_polytope_loss":
+            w = torch.randn(d, generator=g, dtype=torch.float64) + 0.05 * w
+        x = F.normalize(w, dim=1)[labels * max(k, 1)] + 1e-2 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    else:
+        x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    x = x.to(DEVICE, dtype).requires_grad_()
+    kwargs = dict(kwargs)
+    if kwargs.get("bias") is True:
+        kwargs["bias"] = torch.randn(c, generator=g, dtype=torch.float64).to(DEVICE, dtype).requires_grad_()
+    if name == "regular_polytope_loss":
+        return x, labels.to(DEVICE), c, kwargs
+    return x, labels.to(DEVICE), w.to(DEVICE, dtype).requires_grad_(), kwargs
+
+
+def loss_and_grads(name, x, labels, w, kwargs, upstream, backend):
+    """The loss through mlk.functional and its gradients w.r.t. every leaf (embeddings, proxies, bias)."""
+    loss = getattr(mlk.functional, name)(x, labels, w, **kwargs, backend=backend)
+    leaves = [t for t in (x, w, kwargs.get("bias")) if torch.is_tensor(t)]
+    return loss, leaves, torch.autograd.grad(loss, leaves, torch.full_like(loss, upstream))
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("name,k,kwargs", LOSS_CASES, ids=LOSS_IDS)
+def test_losses_on_triton_match_reference(name, k, kwargs, setting):
+    labels_kind, geometry, dtype, rtol = SETTINGS[setting]
+    if geometry == "aligned" and name == "proxy_nca_loss":
+        kwargs = dict(kwargs, scale=64.0)
+    x, labels, w, kwargs = loss_inputs(name, k, kwargs, labels_kind, geometry, dtype, seed=20)
+    upstream = 0.5 + torch.rand((), generator=torch.Generator().manual_seed(21)).item()
+    loss, leaves, grads = loss_and_grads(name, x, labels, w, kwargs, upstream, "triton")
+    # The same values in float64 through the reference.
+    ref_x = x.detach().double().requires_grad_()
+    ref_w = w.detach().double().requires_grad_() if torch.is_tensor(w) else w
+    ref_kwargs = {a: v.detach().double().requires_grad_() if torch.is_tensor(v) else v for a, v in kwargs.items()}
+    ref, _, ref_grads = loss_and_grads(name, ref_x, labels, ref_w, ref_kwargs, upstream, "reference")
+    assert loss.dtype == dtype and loss.shape == ()
+    assert torch.isfinite(loss) and torch.isfinite(ref)
+    assert_rel_close(loss.detach(), ref.detach(), rtol, f"{name} loss")
+    for what, gr, rg, leaf in zip(("embeddings", "proxies", "bias"), grads, ref_grads, leaves):
+        assert gr.dtype == leaf.dtype and gr.shape == leaf.shape, what
+        assert torch.isfinite(gr).all(), f"{name} d{what}: non-finite"
+        assert_rel_close(gr, rg, rtol, f"{name} d{what}")
+
+
+def largest_allocation(fn) -> int:
+    """CPU: the largest single torch allocation during fn() (tests/test_chunked.py's profiler helper). CUDA: the
+    peak of extra allocated memory, an upper bound on it (all live temporaries together)."""
+    if DEVICE == "cpu":
+        return _largest_allocation(fn)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@pytest.mark.parametrize("name,n,c,k", [("soft_triple_loss", 128, 2000, 4), ("proxy_anchor_loss", 128, 8000, 1)])
+def test_no_n_by_c_allocation(name, n, c, k):
+    """Streaming memory: at sizes where the N x C logits dwarf everything else (D = 4: W and dW are C*K*4*4 bytes,
+    at most a quarter of N*C*4/2), no single torch allocation of the Triton loss's forward + backward reaches
+    N*C*4/2 bytes, while the reference's does (so the check can fail). Tiles larger than the interpreter's default
+    keep the program count low; the launcher's buffers (split partials, dX splits, dW scratch) do not grow with
+    them. On a GPU the sizes are 8 x 10 times larger, so that the peak of all temporaries together stays far below
+    the limit too."""
+    if DEVICE == "cuda":
+        n, c = 8 * n, 10 * c
+    g = torch.Generator().manual_seed(30)
+    x = torch.randn(n, 4, generator=g).to(DEVICE).requires_grad_()
+    w = torch.randn(c * k, 4, generator=g).to(DEVICE).requires_grad_()
+    labels = torch.randint(0, c, (n,), generator=g).to(DEVICE)
+    kw = {"centers_per_class": k} if k > 1 else {}
+    limit = n * c * 4 // 2
+    lse = functools.partial(class_lse, block_n=64, block_c=128)
+    triton_fn = functools.partial(getattr(fused, name), lse=lse, **kw)
+    reference_fn = functools.partial(getattr(mlk.functional, name), backend="reference", **kw)
+    assert largest_allocation(_forward_backward(reference_fn, x, labels, w)) >= limit
+    assert largest_allocation(_forward_backward(triton_fn, x, labels, w)) < limit
 
 
 def compile_for_hopper():
