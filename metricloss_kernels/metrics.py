@@ -40,6 +40,8 @@ def _ranking_args(relevance, num_relevant, k=None):
         raise ValueError(f"num_relevant must be on relevance's device {relevance.device}, got {num_relevant.device}")
     if num_relevant.numel() and int(num_relevant.min()) < 0:
         raise ValueError(f"num_relevant must be >= 0, got {int(num_relevant.min())}")
+    if relevance.numel() and bool((relevance.sum(dim=1) > num_relevant).any()):
+        raise ValueError("relevance marks more relevant neighbours than num_relevant allows for some query")
     if k is not None:
         check.positive_int(k, "k")
         if k > relevance.shape[1]:
@@ -112,14 +114,9 @@ def _ranks(relevance: torch.Tensor) -> torch.Tensor:
 
 def _embedding_args(embeddings, labels):
     check.embeddings(embeddings)
-    check.tensor(labels, "labels")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-    if labels.shape != embeddings.shape[:1]:
-        raise ValueError(f"labels must have shape [{embeddings.shape[0]}] (one per embedding), "
-                         f"got {tuple(labels.shape)}")
-    if labels.device != embeddings.device:
-        raise ValueError(f"labels must be on the embeddings' device {embeddings.device}, got {labels.device}")
+    if not bool(torch.isfinite(embeddings).all()):
+        raise ValueError("embeddings must be finite (found NaN or inf)")
+    check.labels(labels, embeddings.shape[0], embeddings.device)
 
 
 def nmi(embeddings: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> float:

@@ -58,10 +58,22 @@ def test_r_precision():
 
 
 def test_map_at_r_counts_precision_inside_r_only():
-    rel = torch.tensor([[0, 1, 1, 1]], dtype=torch.bool)
-    # R = 2: only ranks 1, 2 count: P(2) = 1/2
-    _check(metrics.map_at_r(rel, torch.tensor([2])), [(1 / 2) / 2])
-    _check(metrics.r_precision(rel, torch.tensor([2])), [1 / 2])
+    rel = torch.tensor([[0, 1, 0, 1, 1]], dtype=torch.bool)
+    # R = 3: only ranks 1..3 count: P(2) = 1/2; the relevant items at ranks 4 and 5 do not
+    _check(metrics.map_at_r(rel, torch.tensor([3])), [(1 / 2) / 3])
+    _check(metrics.r_precision(rel, torch.tensor([3])), [1 / 3])
+
+
+def test_ranking_rejects_more_relevant_than_num_relevant():
+    with pytest.raises(ValueError, match="num_relevant"):
+        metrics.ndcg_at_k(torch.tensor([[True, True, False]]), torch.tensor([1]), 2)
+
+
+def test_embedding_metrics_reject_nan():
+    x = torch.randn(6, 3)
+    x[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        metrics.closest_center_accuracy(x, torch.tensor([0, 0, 1, 1, 2, 2]))
 
 
 @pytest.mark.parametrize("fn", [metrics.recall_at_k, metrics.precision_at_k, metrics.map_at_k, metrics.ndcg_at_k])
