@@ -212,20 +212,21 @@ def npairs_loss(embeddings, labels, l2_reg=0.02, backend="auto"):
 
 
 def margin_loss(embeddings, labels, margin=0.2, beta=1.2, generator=None, backend="auto"):
-    """Margin loss with distance-weighted negative sampling; beta a float or a per-class Tensor[C]."""
+    """Margin loss with distance-weighted negative sampling; beta a float, a 0-d tensor (one learnable beta) or a
+    per-class Tensor[C]."""
     V.embeddings(embeddings)
-    check_arguments("margin_loss", margin=margin)
+    check_arguments("margin_loss", margin=margin, beta=beta)
     num_classes = None
     if torch.is_tensor(beta):
-        if beta.dim() != 1 or not beta.is_floating_point() or beta.device != embeddings.device:
-            raise ValueError(f"beta must be a float or a floating 1-D per-class tensor on {embeddings.device}, "
-                             f"got shape {tuple(beta.shape)} {beta.dtype} on {beta.device}")
-        num_classes = beta.shape[0]
-    else:
-        V.number(beta, "beta")
+        if beta.dim() > 1 or not beta.is_floating_point() or beta.device != embeddings.device:
+            raise ValueError(f"beta must be a float, or a floating 0-d or per-class 1-D tensor on "
+                             f"{embeddings.device}, got shape {tuple(beta.shape)} {beta.dtype} on {beta.device}")
+        num_classes = beta.shape[0] if beta.dim() == 1 else None
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     labels = _pair_inputs(embeddings, labels, backend, num_classes)
+    if torch.is_tensor(beta) and beta.dim() == 0:
+        beta = beta.expand(int(labels.max()) + 1)  # the reference indexes beta by class
     return reference.margin_loss(embeddings, labels, margin=margin, beta=beta, generator=generator)
 
 

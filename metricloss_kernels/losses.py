@@ -231,17 +231,14 @@ class MarginLoss(nn.Module):
         super().__init__()
         F.check_arguments("margin_loss", margin=margin, beta=beta, backend=backend)
         self.margin, self.generator, self.backend = margin, generator, backend
-        if learn_beta:
-            size = 1 if num_classes is None else V.positive_int(num_classes, "num_classes")
-            self.beta = nn.Parameter(torch.full((size,), float(beta)))
+        if learn_beta:  # per class when num_classes is given, else one global learnable beta (0-d)
+            shape = () if num_classes is None else (V.positive_int(num_classes, "num_classes"),)
+            self.beta = nn.Parameter(torch.full(shape, float(beta)))
         else:
             self.beta = beta
 
     def forward(self, embeddings, labels):
-        beta = self.beta
-        if torch.is_tensor(beta) and beta.shape[0] == 1:
-            beta = beta.expand(int(labels.max()) + 1 if labels.numel() else 1)  # one global learnable beta
-        return F.margin_loss(embeddings, labels, self.margin, beta, self.generator, self.backend)
+        return F.margin_loss(embeddings, labels, self.margin, self.beta, self.generator, self.backend)
 
 
 class CenterLoss(nn.Module):

@@ -155,6 +155,9 @@ def test_learnable_margin_beta_gets_gradient():
     x, y = torch.randn(16, 6), torch.arange(16) % 4
     loss(x, y).backward()
     assert loss.beta.shape == (4,) and loss.beta.grad is not None and loss.beta.grad.abs().sum() > 0
+    single = mlk.MarginLoss(learn_beta=True, generator=torch.Generator().manual_seed(0))
+    single(x, y).backward()
+    assert single.beta.shape == () and single.beta.grad is not None and single.beta.grad != 0
 
 
 # ---- validation: each error names its argument ----------------------------------------------------------------

@@ -38,3 +38,20 @@ def test_cli_backends_and_usage():
     assert "reference" in out and "chunked" in out and "triton" in out
     bad = subprocess.run([sys.executable, "-m", "metricloss_kernels", "nonsense"], capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stdout
+
+
+def test_cli_eval_matches_evaluate(tmp_path):
+    import numpy as np
+
+    import metricloss_kernels as mlk
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(50, 8, generator=g), torch.randint(0, 5, (50,), generator=g)
+    np.save(tmp_path / "x.npy", x.numpy())
+    torch.save(y, tmp_path / "y.pt")
+    out = subprocess.run([sys.executable, "-m", "metricloss_kernels", "eval", str(tmp_path / "x.npy"),
+                          str(tmp_path / "y.pt"), "--ks", "1", "4"], capture_output=True, text=True, check=True)
+    printed = dict(line.split() for line in out.stdout.strip().splitlines())
+    expected = mlk.evaluate(x, y, ks=(1, 4))
+    assert set(printed) == set(expected)
+    for name, value in expected.items():
+        assert abs(float(printed[name]) - 100 * value) < 0.006
