@@ -58,8 +58,8 @@ def knn(queries: torch.Tensor, reference: torch.Tensor | None = None, k: int = 1
     check.tensor(queries, "queries")
     if not queries.is_floating_point():
         raise TypeError(f"queries must be a floating-point tensor, got dtype {queries.dtype}")
-    if queries.dim() != 2:
-        raise ValueError(f"queries must be 2-D [Q, D], got shape {tuple(queries.shape)}")
+    if queries.dim() != 2 or queries.shape[1] == 0:
+        raise ValueError(f"queries must be 2-D [Q, D] with D >= 1, got shape {tuple(queries.shape)}")
     exclude_self = reference is None or reference is queries  # the query set as reference: leave-one-out
     if exclude_self:
         reference = queries
