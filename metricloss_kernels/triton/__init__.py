@@ -2,7 +2,8 @@
 
 Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set before
 triton is imported). Files: _tiles.py (the tile of class similarities, shared device code), row_lse.py and
-col_lse.py (forward kernels, launchers, autograd Functions), _backward.py (the backward kernels of both).
+col_lse.py (each reduction's forward kernel and autograd Function), _forward.py (the forward program and launcher
+of both), _backward.py (the backward kernels of both).
 """
 import torch
 

@@ -11,7 +11,7 @@ gradient GEMMs chunk by chunk of D into fp32 accumulators:
 Per-row (per-proxy) normalisation terms are O(N + C*K) side sums applied in each kernel's epilogue, so neither
 normalised inputs nor any N x C tile ever reach memory.
 
-With dl = dL/dl[i, p] (tile helpers), x^ = rx x and w^ = rw w:
+With dl = dL/dl[i, p] (_tiles._slot_logits_grad), x^ = rx x and w^ = rw w:
   dX_i = rx_i * sum_p dl_ip rw_p w_p - cx_i * x_i * sum_p dl_ip l_ip      (cx = rx^2, 0 where the norm is clamped)
   dW_p = rw_p * sum_i dl_ip rx_i x_i - cw_p * w_p * sum_i dl_ip l_ip
 """
@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import _class_similarity, _grad_logits, _grad_z, _lse_terms, _load_inv, _logits_z, _proxy_logits
+from ._tiles import _class_similarity, _grad_z, _load_inv, _logits_z, _lse_terms, _slot_logits_grad
 
 
 @triton.jit
@@ -70,12 +70,9 @@ def _dx_kernel(
         z = _logits_z(s_cls, offs_c, bias_ptr, C, scale, shift, HAS_BIAS)
         d_s = _grad_z(z, _lse_terms(offs_n, offs_c, labels, N, C), lse, g) * scale
         for k in range(K):
-            l = s_cls
-            if K > 1:  # second pass over the slots: the softmax weights need the final (m, den) of the first
-                l = _proxy_logits(x_ptr, w_ptr, rx, rw_ptr, offs_n, offs_c, k, N, C, D,
-                                  stride_xn, stride_xd, stride_wp, stride_wd,
-                                  K, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
-            dl = _grad_logits(l, d_s, s_cls, m, den, inv_gamma, K)
+            l, dl = _slot_logits_grad(x_ptr, w_ptr, rx, rw_ptr, offs_n, offs_c, k, s_cls, m, den, d_s, N, C, D,
+                                      stride_xn, stride_xd, stride_wp, stride_wd, inv_gamma,
+                                      K, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
             if NORM_X:
                 row_dot += tl.sum(dl * l, axis=1)
             p = offs_c.to(tl.int64) * K + k
@@ -163,12 +160,9 @@ def _dw_kernel(
         d_s = dz * scale
         x_rows = x_ptr + offs_n.to(tl.int64)[:, None] * stride_xn
         for k in range(K):
-            l = s_cls
-            if K > 1:  # second pass over the slots: the softmax weights need the final (m, den) of the first
-                l = _proxy_logits(x_ptr, w_ptr, rx, rw_ptr, offs_n, offs_c, k, N, C, D,
-                                  stride_xn, stride_xd, stride_wp, stride_wd,
-                                  K, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
-            dl = _grad_logits(l, d_s, s_cls, m, den, inv_gamma, K)
+            l, dl = _slot_logits_grad(x_ptr, w_ptr, rx, rw_ptr, offs_n, offs_c, k, s_cls, m, den, d_s, N, C, D,
+                                      stride_xn, stride_xd, stride_wp, stride_wd, inv_gamma,
+                                      K, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
             p = offs_c.to(tl.int64) * K + k
             q = slot.to(tl.int64) * K + k
             if NORM_W:

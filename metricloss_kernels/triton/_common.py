@@ -103,11 +103,12 @@ def _inv_norm_kernel(
 
 def inv_norms(t: torch.Tensor, acc: torch.dtype):
     """(1 / max(||t_r||, eps), its backward coefficient) per row of t [R, D], accumulated in `acc` without
-    materialising a converted or normalised copy of t."""
+    materialising a converted or normalised copy of t. Rows are independent and masked, so the row block only sets
+    the number of programs: up to 1024 rows each under the interpreter (whose cost is per program), 32 on a GPU."""
     r, d = t.shape
     inv = torch.empty(r, dtype=acc, device=t.device)
     coef = torch.empty_like(inv)
-    block_r = 16 if INTERPRET else 32
+    block_r = min(1024, max(16, triton.next_power_of_2(r))) if INTERPRET else 32
     block_d = min(256 if not INTERPRET else 64, max(16, triton.next_power_of_2(d)))
     _inv_norm_kernel[(triton.cdiv(r, block_r),)](t, inv, coef, r, d, t.stride(0), t.stride(1), NORM_EPS,
                                                  ACC=_TL_DTYPES[acc], BLOCK_R=block_r, BLOCK_D=block_d)

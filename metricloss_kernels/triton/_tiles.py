@@ -114,10 +114,26 @@ def _grad_z(z, terms, lse, g):
 
 
 @triton.jit
-def _grad_logits(l, d_s, s_cls, m, den, inv_gamma, K: tl.constexpr):
-    """dL/dl_k from dL/dS: dS/dl_k = p_k * (1 + (l_k - S) / gamma) with p_k = softmax_k(l / gamma)."""
+def _slot_logits_grad(
+    x_ptr, w_ptr, rx, rw_ptr, offs_n, offs_c,
+    k,  # proxy slot
+    s_cls, m, den,  # the tile's (S, m, den) from _class_similarity
+    d_s,  # dL/dS on the tile
+    N, C, D,
+    stride_xn, stride_xd, stride_wp, stride_wd,
+    inv_gamma,  # 1 / gamma
+    K: tl.constexpr, NORM_W: tl.constexpr, ACC: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """(l_k, dL/dl_k) of proxy slot k on the tile, from dL/dS: dS/dl_k = p_k * (1 + (l_k - S) / gamma) with
+    p_k = softmax_k(l / gamma). For K > 1 the slot's logits are recomputed (a second pass over the slots: the
+    softmax weights need the final (m, den) of the first); for K == 1, l = S and dl = dL/dS."""
+    l = s_cls
     dl = d_s
     if K > 1:
+        l = _proxy_logits(x_ptr, w_ptr, rx, rw_ptr, offs_n, offs_c, k, N, C, D,
+                          stride_xn, stride_xd, stride_wp, stride_wd,
+                          K, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
         p = tl.exp(l * inv_gamma - m) / den
         dl = d_s * p * (1.0 + (l - s_cls) * inv_gamma)
-    return dl
+    return l, dl

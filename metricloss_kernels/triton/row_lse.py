@@ -1,81 +1,36 @@
 """reduce="row": out_i = LSE_{c != labels_i} z[i, c] over classes, per row of x (the row-wise loss family).
 
-Forward: one program per (row tile, split of the class tiles) streams its classes with a running (max, sum) per
-row; the splits' partial LSEs ([num_splits, N]) are merged by one logsumexp (FlashDecoding style), so a batch of a
-few row tiles still fills the GPU. Backward: _dx_kernel (row tiles own dX, deterministic) and _dw_kernel (class
-tiles own dW and dbias, looping over the rows, deterministic); no atomics anywhere, at the price of recomputing
-the logits once per gradient. The row reduce has few row tiles and many class tiles, so the alternative (dX by
-atomics from the class-tile programs) would add O(C/BLOCK_C * N * D) atomic traffic for that one saved pass.
+Forward (_forward.py, ROW_REDUCE): one program per (row tile, split of the class tiles) streams its classes with a
+running (max, sum) per row; the splits' partial LSEs ([num_splits, N]) are merged by one logsumexp (FlashDecoding
+style), so a batch of a few row tiles still fills the GPU. Backward: _dx_kernel (row tiles own dX, deterministic)
+and _dw_kernel (class tiles own dW and dbias, looping over the rows, deterministic); no atomics anywhere, at the
+price of recomputing the logits once per gradient. The row reduce has few row tiles and many class tiles, so the
+alternative (dX by atomics from the class-tile programs) would add O(C/BLOCK_C * N * D) atomic traffic for that
+one saved pass.
 """
 import torch
 import triton
 import triton.language as tl
 
-from . import _common
-from ._backward import backward
-from ._tiles import _class_similarity, _load_inv, _logits_z, _lse_terms
+from ._forward import _lse_fwd_program, function_backward, function_forward
 
 
 @triton.jit
 def _row_lse_fwd_kernel(
-    x_ptr,  # [N, D] embeddings
-    w_ptr,  # [C*K, D] proxies, class-major
-    bias_ptr,  # [C] class bias (read only if HAS_BIAS)
-    labels_ptr,  # [N] int64: the row's own class is left out of its LSE
-    rx_ptr,  # [N] inverse norms of x (read only if NORM_X)
-    rw_ptr,  # [C*K] inverse norms of w (read only if NORM_W)
+    x_ptr, w_ptr, bias_ptr, labels_ptr, rx_ptr, rw_ptr,  # inputs, as _lse_fwd_program
     lse_ptr,  # [num_splits, N] out: each row's LSE over the split's classes (-inf if empty)
     N, C, D,
     tiles_per_split,  # class tiles per program
     stride_xn, stride_xd, stride_wp, stride_wd,
     scale, shift, inv_gamma,  # z = scale * S + shift (+ bias); 1 / gamma
-    K: tl.constexpr,  # proxies per class
-    HAS_BIAS: tl.constexpr, NORM_X: tl.constexpr, NORM_W: tl.constexpr,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_X: tl.constexpr, NORM_W: tl.constexpr,  # as _lse_fwd_program
     ACC: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr,  # accumulation / dot operand dtypes
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    labels = tl.load(labels_ptr + offs_n, mask=n_ok, other=-1)
-    rx = _load_inv(rx_ptr, offs_n, N, NORM_X, ACC)
-    run_max = tl.full((BLOCK_N,), float("-inf"), ACC)
-    run_sum = tl.zeros((BLOCK_N,), dtype=ACC)
-    t0 = pid_s * tiles_per_split
-    for t in range(t0, tl.minimum(t0 + tiles_per_split, tl.cdiv(C, BLOCK_C))):
-        offs_c = t * BLOCK_C + tl.arange(0, BLOCK_C)
-        s_cls, _, _ = _class_similarity(x_ptr, w_ptr, rx, rw_ptr, offs_n, offs_c, N, C, D,
-                                        stride_xn, stride_xd, stride_wp, stride_wd, inv_gamma,
-                                        K, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
-        z = _logits_z(s_cls, offs_c, bias_ptr, C, scale, shift, HAS_BIAS)
-        z = tl.where(_lse_terms(offs_n, offs_c, labels, N, C), z, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(z, axis=1))
-        # While a row has seen no term its max is -inf: shift by 0 instead, so that exp() never sees -inf - -inf.
-        shift_by = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - shift_by) + tl.sum(tl.exp(z - shift_by[:, None]), axis=1)
-        run_max = new_max
-    # run_sum == 0 only where run_max == -inf (no term): the sum is then -inf, without evaluating log(0).
-    lse = run_max + tl.log(tl.where(run_sum > 0, run_sum, 1.0))
-    tl.store(lse_ptr + pid_s * N + offs_n, lse, mask=n_ok)
-
-
-def row_lse_forward(p: "_common.Problem", splits=None) -> torch.Tensor:
-    """LSE per row, [N] in the accumulation dtype."""
-    cfg = p.cfg
-    row_tiles, class_tiles = triton.cdiv(p.n, cfg.block_n), triton.cdiv(p.c, cfg.block_c)
-    splits = _common.num_splits(row_tiles, class_tiles, p.x.device, splits)
-    partial = torch.empty((splits, p.n), dtype=p.acc, device=p.x.device)
-    _row_lse_fwd_kernel[(row_tiles, splits)](
-        p.x, p.w, p.bias_arg, p.labels, p.rx_arg, p.rw_arg, partial,
-        p.n, p.c, p.d, triton.cdiv(class_tiles, splits),
-        p.x.stride(0), p.x.stride(1), p.w.stride(0), p.w.stride(1),
-        p.scale, p.shift, p.inv_gamma,
-        K=p.k, HAS_BIAS=p.bias is not None, NORM_X=p.normalize_x, NORM_W=p.normalize_w,
-        ACC=p.acc_tl, OP=p.op_tl, PRECISION=p.precision,
-        BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return partial[0] if splits == 1 else torch.logsumexp(partial, dim=0)
+    """The row reduce's forward: _lse_fwd_program with ROW_REDUCE, one program per (row tile, split)."""
+    _lse_fwd_program(x_ptr, w_ptr, bias_ptr, labels_ptr, rx_ptr, rw_ptr, lse_ptr, N, C, D, tiles_per_split,
+                     stride_xn, stride_xd, stride_wp, stride_wd, scale, shift, inv_gamma,
+                     K, True, HAS_BIAS, NORM_X, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
 
 
 class RowLSE(torch.autograd.Function):
@@ -83,17 +38,8 @@ class RowLSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, bias, labels, options):
-        p = _common.Problem(x, w, labels, bias, options)
-        lse = row_lse_forward(p, options.num_splits)
-        ctx.save_for_backward(*p.tensors(), lse)
-        ctx.options = options
-        return lse
+        return function_forward(ctx, _row_lse_fwd_kernel, True, x, w, bias, labels, options)
 
     @staticmethod
     def backward(ctx, grad):
-        *tensors, lse = ctx.saved_tensors
-        p = _common.Problem.restore(tensors, ctx.options)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx, dw, db = backward(p, lse, grad, row_reduce=True, need_x=need_x, need_w=need_w, need_b=need_b,
-                              atomic_dx=False, splits=ctx.options.num_splits)
-        return dx, dw, db, None, None
+        return function_backward(ctx, grad, atomic_dx=False)

@@ -1,0 +1,115 @@
+"""Forward of class_lse, shared by both reductions (the ROW_REDUCE constexpr), and the autograd plumbing of their
+Functions (row_lse.py, col_lse.py).
+
+_lse_fwd_program is one program of the forward: it owns a tile of the output axis (rows if ROW_REDUCE, else
+classes) and streams its split of the tiles of the other axis with a running (max, sum) per output entry;
+lse_forward merges the splits' partial LSEs ([num_splits, N] or [num_splits, C]) by one logsumexp (FlashDecoding
+style), so that a few output tiles still fill the GPU. The launched kernels are row_lse.py's and col_lse.py's entry
+points, one per reduction, each calling _lse_fwd_program with its ROW_REDUCE.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._backward import backward
+from ._tiles import _class_similarity, _load_inv, _logits_z, _lse_terms
+
+
+@triton.jit
+def _lse_fwd_program(
+    x_ptr,  # [N, D] embeddings
+    w_ptr,  # [C*K, D] proxies, class-major
+    bias_ptr,  # [C] class bias (read only if HAS_BIAS)
+    labels_ptr,  # [N] int64: row i is left out of class labels_i's LSE terms
+    rx_ptr,  # [N] inverse norms of x (read only if NORM_X)
+    rw_ptr,  # [C*K] inverse norms of w (read only if NORM_W)
+    lse_ptr,  # [num_splits, N] if ROW_REDUCE else [num_splits, C], out: LSE over the split's terms (-inf if empty)
+    N, C, D,
+    tiles_per_split,  # streamed tiles (class tiles if ROW_REDUCE, else row tiles) per program
+    stride_xn, stride_xd, stride_wp, stride_wd,
+    scale, shift, inv_gamma,  # z = scale * S + shift (+ bias); 1 / gamma
+    K: tl.constexpr,  # proxies per class
+    ROW_REDUCE: tl.constexpr,  # LSE over classes per row (else over rows per class)
+    HAS_BIAS: tl.constexpr, NORM_X: tl.constexpr, NORM_W: tl.constexpr,
+    ACC: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr,  # accumulation / dot operand dtypes
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program (i, s): output tile i, split s of the streamed axis."""
+    pid_s = tl.program_id(1)
+    if ROW_REDUCE:  # own rows (loaded once), stream class tiles
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        labels = tl.load(labels_ptr + offs_n, mask=offs_n < N, other=-1)
+        rx = _load_inv(rx_ptr, offs_n, N, NORM_X, ACC)
+        offs_out = offs_n
+        n_out = N
+        streamed_tiles = tl.cdiv(C, BLOCK_C)
+    else:  # own classes, stream row tiles
+        offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        offs_out = offs_c
+        n_out = C
+        streamed_tiles = tl.cdiv(N, BLOCK_N)
+    AXIS: tl.constexpr = 1 if ROW_REDUCE else 0  # the reduced axis of a [BLOCK_N, BLOCK_C] tile
+    BLOCK_OUT: tl.constexpr = BLOCK_N if ROW_REDUCE else BLOCK_C
+    run_max = tl.full((BLOCK_OUT,), float("-inf"), ACC)
+    run_sum = tl.zeros((BLOCK_OUT,), dtype=ACC)
+    t0 = pid_s * tiles_per_split
+    for t in range(t0, tl.minimum(t0 + tiles_per_split, streamed_tiles)):
+        if ROW_REDUCE:
+            offs_c = t * BLOCK_C + tl.arange(0, BLOCK_C)
+        else:
+            offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            labels = tl.load(labels_ptr + offs_n, mask=offs_n < N, other=-1)
+            rx = _load_inv(rx_ptr, offs_n, N, NORM_X, ACC)
+        s_cls, _, _ = _class_similarity(x_ptr, w_ptr, rx, rw_ptr, offs_n, offs_c, N, C, D,
+                                        stride_xn, stride_xd, stride_wp, stride_wd, inv_gamma,
+                                        K, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
+        z = _logits_z(s_cls, offs_c, bias_ptr, C, scale, shift, HAS_BIAS)
+        z = tl.where(_lse_terms(offs_n, offs_c, labels, N, C), z, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(z, axis=AXIS))
+        # While an entry has seen no term its max is -inf: shift by 0 instead, so exp() never sees -inf - -inf.
+        shift_by = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - shift_by) + tl.sum(tl.exp(z - tl.expand_dims(shift_by, AXIS)), axis=AXIS)
+        run_max = new_max
+    # run_sum == 0 only where run_max == -inf (no term): the sum is then -inf, without evaluating log(0).
+    lse = run_max + tl.log(tl.where(run_sum > 0, run_sum, 1.0))
+    tl.store(lse_ptr + pid_s * n_out + offs_out, lse, mask=offs_out < n_out)
+
+
+def lse_forward(kernel, p: "_common.Problem", row_reduce: bool, splits=None) -> torch.Tensor:
+    """LSE per row ([N], row_reduce) or per class ([C]) in the accumulation dtype, by `kernel` (the reduction's
+    entry point into _lse_fwd_program)."""
+    cfg = p.cfg
+    row_tiles, class_tiles = triton.cdiv(p.n, cfg.block_n), triton.cdiv(p.c, cfg.block_c)
+    out_tiles, streamed_tiles, n_out = (row_tiles, class_tiles, p.n) if row_reduce else (class_tiles, row_tiles, p.c)
+    splits = _common.num_splits(out_tiles, streamed_tiles, p.x.device, splits)
+    partial = torch.empty((splits, n_out), dtype=p.acc, device=p.x.device)
+    kernel[(out_tiles, splits)](
+        p.x, p.w, p.bias_arg, p.labels, p.rx_arg, p.rw_arg, partial,
+        p.n, p.c, p.d, triton.cdiv(streamed_tiles, splits),
+        p.x.stride(0), p.x.stride(1), p.w.stride(0), p.w.stride(1),
+        p.scale, p.shift, p.inv_gamma,
+        K=p.k, HAS_BIAS=p.bias is not None, NORM_X=p.normalize_x, NORM_W=p.normalize_w,
+        ACC=p.acc_tl, OP=p.op_tl, PRECISION=p.precision,
+        BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return partial[0] if splits == 1 else torch.logsumexp(partial, dim=0)
+
+
+def function_forward(ctx, kernel, row_reduce, x, w, bias, labels, options):
+    """autograd.Function.forward of one reduction: the LSEs, with what the backward needs saved on ctx."""
+    p = _common.Problem(x, w, labels, bias, options)
+    lse = lse_forward(kernel, p, row_reduce, options.num_splits)
+    ctx.save_for_backward(*p.tensors(), lse)
+    ctx.options, ctx.row_reduce = options, row_reduce
+    return lse
+
+
+def function_backward(ctx, grad, atomic_dx):
+    """autograd.Function.backward of one reduction: (dX, dW, dbias, None, None); atomic_dx as _backward.backward."""
+    *tensors, lse = ctx.saved_tensors
+    p = _common.Problem.restore(tensors, ctx.options)
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dx, dw, db = backward(p, lse, grad, row_reduce=ctx.row_reduce, need_x=need_x, need_w=need_w, need_b=need_b,
+                          atomic_dx=atomic_dx, splits=ctx.options.num_splits)
+    return dx, dw, db, None, None
