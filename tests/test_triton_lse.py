@@ -374,7 +374,7 @@ def compile_for_hopper():
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
 
-    from metricloss_kernels.triton import _backward, _common, col_lse, row_lse
+    from metricloss_kernels.triton import _backward, _common, lse
 
     assert not _common.INTERPRET
     ptr_dtype = {"labels_ptr": "*i64", "x_ptr": None, "w_ptr": None, "bias_ptr": None, "dw_ptr": None,
@@ -384,7 +384,7 @@ def compile_for_hopper():
         cfg = _common.tile_config(torch.empty(64, 512, dtype=dtype))
         meta = dict(K=k, HAS_BIAS=True, NORM_X=True, NORM_W=True, ACC=tl.float32, OP=tl_dtype,
                     PRECISION="tf32", BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d)
-        kernels = [(row_lse._row_lse_fwd_kernel, meta), (col_lse._col_lse_fwd_kernel, meta),
+        kernels = [(lse._lse_fwd_kernel, dict(meta, ROW_REDUCE=True)), (lse._lse_fwd_kernel, dict(meta, ROW_REDUCE=False)),
                    (_backward._dx_kernel, dict(meta, ROW_REDUCE=True)),
                    (_backward._dw_kernel, dict(meta, ROW_REDUCE=False, DX_ATOMIC=True, ACC_IS_OUT=op == "fp32"))]
         for fn, const in kernels:

@@ -1,15 +1,14 @@
 """Fused Triton kernels for the streaming primitive `class_lse` of the proxy losses.
 
 Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set before
-triton is imported). Files: _tiles.py (the tile of class similarities, shared device code), row_lse.py and
-col_lse.py (each reduction's forward kernel and autograd Function), _forward.py (the forward program and launcher
-of both), _backward.py (the backward kernels of both).
+triton is imported). Files: lse.py (the forward kernel of both reductions, its launcher and the autograd
+Function), _backward.py (the backward kernels), _tiles.py (the tile of class similarities, shared device code),
+_common.py (tile configuration, dtypes, inverse norms).
 """
 import torch
 
 from ._common import INTERPRET, Options
-from .col_lse import ColLSE
-from .row_lse import RowLSE
+from .lse import ClassLSE
 
 __all__ = ["class_lse", "is_available", "unavailable_reason"]
 
@@ -55,5 +54,4 @@ def class_lse(x, w, labels, *, centers_per_class=1, gamma=0.1, scale=1.0, shift=
         raise RuntimeError(reason)
     options = Options(int(centers_per_class), float(gamma), float(scale), float(shift), bool(normalize_x),
                       bool(normalize_w), block_n, block_c, block_d, num_splits)
-    fn = {"row": RowLSE, "col": ColLSE}[reduce]
-    return fn.apply(x, w, bias, labels.contiguous(), options)
+    return ClassLSE.apply(x, w, bias, labels.contiguous(), reduce == "row", options)

@@ -1,11 +1,21 @@
-"""Forward of class_lse, shared by both reductions (the ROW_REDUCE constexpr), and the autograd plumbing of their
-Functions (row_lse.py, col_lse.py).
+"""class_lse's forward kernel, its launcher and the autograd Function of both reductions.
 
-_lse_fwd_program is one program of the forward: it owns a tile of the output axis (rows if ROW_REDUCE, else
-classes) and streams its split of the tiles of the other axis with a running (max, sum) per output entry;
-lse_forward merges the splits' partial LSEs ([num_splits, N] or [num_splits, C]) by one logsumexp (FlashDecoding
-style), so that a few output tiles still fill the GPU. The launched kernels are row_lse.py's and col_lse.py's entry
-points, one per reduction, each calling _lse_fwd_program with its ROW_REDUCE.
+reduce="row" (ROW_REDUCE): out_i = LSE_{c != labels_i} z[i, c] over classes, per row of x (the row-wise losses).
+One program per (row tile, split of the class tiles) streams its classes with a running (max, sum) per row.
+Backward (_backward.py): _dx_kernel (row tiles own dX) and _dw_kernel (class tiles own dW and dbias, looping over
+the rows); no atomics, at the price of recomputing the logits once per gradient. The row reduce has few row tiles
+and many class tiles, so dX by atomics from the class-tile programs would add O(C/BLOCK_C * N * D) atomic traffic
+for that one saved pass.
+
+reduce="col": out_c = LSE_{i : labels_i != c} z[i, c] over rows, per class (the class-wise losses). One program per
+(class tile, split of the row tiles) loops over its rows with a running (max, sum) per class. Backward: _dw_kernel
+per class tile, looping over the batch: dW and dbias are tile-local, and dX, which sums over every class tile, is
+accumulated by atomics from the same programs (one recomputation). Under torch.use_deterministic_algorithms(True)
+dX comes instead from _dx_kernel (row tiles own their dX and loop over the classes in a fixed order): no atomics,
+bit-reproducible, one more recomputation.
+
+The splits' partial LSEs ([num_splits, N] or [num_splits, C]) are merged by one logsumexp (FlashDecoding style), so
+that a few output tiles still fill the GPU.
 """
 import torch
 import triton
@@ -17,7 +27,7 @@ from ._tiles import _class_similarity, _load_inv, _logits_z, _lse_terms
 
 
 @triton.jit
-def _lse_fwd_program(
+def _lse_fwd_kernel(
     x_ptr,  # [N, D] embeddings
     w_ptr,  # [C*K, D] proxies, class-major
     bias_ptr,  # [C] class bias (read only if HAS_BIAS)
@@ -76,40 +86,43 @@ def _lse_fwd_program(
     tl.store(lse_ptr + pid_s * n_out + offs_out, lse, mask=offs_out < n_out)
 
 
-def lse_forward(kernel, p: "_common.Problem", row_reduce: bool, splits=None) -> torch.Tensor:
-    """LSE per row ([N], row_reduce) or per class ([C]) in the accumulation dtype, by `kernel` (the reduction's
-    entry point into _lse_fwd_program)."""
+def lse_forward(p: "_common.Problem", row_reduce: bool, splits=None) -> torch.Tensor:
+    """LSE per row ([N], row_reduce) or per class ([C]) in the accumulation dtype."""
     cfg = p.cfg
     row_tiles, class_tiles = triton.cdiv(p.n, cfg.block_n), triton.cdiv(p.c, cfg.block_c)
     out_tiles, streamed_tiles, n_out = (row_tiles, class_tiles, p.n) if row_reduce else (class_tiles, row_tiles, p.c)
     splits = _common.num_splits(out_tiles, streamed_tiles, p.x.device, splits)
     partial = torch.empty((splits, n_out), dtype=p.acc, device=p.x.device)
-    kernel[(out_tiles, splits)](
+    _lse_fwd_kernel[(out_tiles, splits)](
         p.x, p.w, p.bias_arg, p.labels, p.rx_arg, p.rw_arg, partial,
         p.n, p.c, p.d, triton.cdiv(streamed_tiles, splits),
         p.x.stride(0), p.x.stride(1), p.w.stride(0), p.w.stride(1),
         p.scale, p.shift, p.inv_gamma,
-        K=p.k, HAS_BIAS=p.bias is not None, NORM_X=p.normalize_x, NORM_W=p.normalize_w,
+        K=p.k, ROW_REDUCE=row_reduce, HAS_BIAS=p.bias is not None, NORM_X=p.normalize_x, NORM_W=p.normalize_w,
         ACC=p.acc_tl, OP=p.op_tl, PRECISION=p.precision,
         BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return partial[0] if splits == 1 else torch.logsumexp(partial, dim=0)
 
 
-def function_forward(ctx, kernel, row_reduce, x, w, bias, labels, options):
-    """autograd.Function.forward of one reduction: the LSEs, with what the backward needs saved on ctx."""
-    p = _common.Problem(x, w, labels, bias, options)
-    lse = lse_forward(kernel, p, row_reduce, options.num_splits)
-    ctx.save_for_backward(*p.tensors(), lse)
-    ctx.options, ctx.row_reduce = options, row_reduce
-    return lse
+class ClassLSE(torch.autograd.Function):
+    """class_lse with a streaming backward; see metricloss_kernels.triton.class_lse."""
 
+    @staticmethod
+    def forward(ctx, x, w, bias, labels, row_reduce, options):
+        p = _common.Problem(x, w, labels, bias, options)
+        lse = lse_forward(p, row_reduce, options.num_splits)
+        ctx.save_for_backward(*p.tensors(), lse)
+        ctx.options, ctx.row_reduce = options, row_reduce
+        return lse
 
-def function_backward(ctx, grad, atomic_dx):
-    """autograd.Function.backward of one reduction: (dX, dW, dbias, None, None); atomic_dx as _backward.backward."""
-    *tensors, lse = ctx.saved_tensors
-    p = _common.Problem.restore(tensors, ctx.options)
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    dx, dw, db = backward(p, lse, grad, row_reduce=ctx.row_reduce, need_x=need_x, need_w=need_w, need_b=need_b,
-                          atomic_dx=atomic_dx, splits=ctx.options.num_splits)
-    return dx, dw, db, None, None
+    @staticmethod
+    def backward(ctx, grad):
+        *tensors, lse = ctx.saved_tensors
+        p = _common.Problem.restore(tensors, ctx.options)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        # Column reduce: dX by atomics unless deterministic algorithms are required (see the module docstring).
+        atomic_dx = not ctx.row_reduce and not torch.are_deterministic_algorithms_enabled()
+        dx, dw, db = backward(p, lse, grad, row_reduce=ctx.row_reduce, need_x=need_x, need_w=need_w,
+                              need_b=need_b, atomic_dx=atomic_dx, splits=ctx.options.num_splits)
+        return dx, dw, db, None, None, None
