@@ -3,21 +3,13 @@ import math
 
 import pytest
 import torch
+from utils import make_batch  # noqa: E402  (tests/ is on sys.path)
 
 from metricloss_kernels.normalize import unit_bounce, unit_range
 from metricloss_kernels.reference import exponential as ex
 
 F64 = torch.float64
 REL = 1e-6
-
-
-def make_batch(n=37, d=40, c=9, seed=0, dtype=F64):
-    """Random embeddings [n, d] and labels [n] in [0, c); the last sample gets a class of its own."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g, dtype=dtype)
-    y = torch.randint(0, c, (n,), generator=g)
-    y[-1] = c
-    return x, y
 
 
 def dist_loop(x, i, j, distance):
