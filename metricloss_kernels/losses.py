@@ -258,6 +258,8 @@ class CenterLoss(nn.Module):
     def forward(self, embeddings, labels):
         loss = F.center_loss(embeddings, labels, self.centers, self.margin, self.backend)
         if self.training:
+            if not bool(torch.isfinite(embeddings).all()):  # one such update would poison the centres for good
+                raise ValueError("embeddings must be finite to update the centres (found NaN or inf)")
             update_centers(self.centers, embeddings.detach(), labels, self.alpha)
         return loss
 

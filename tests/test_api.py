@@ -361,3 +361,13 @@ def test_polytope_loss_uses_cached_weights():
 def test_module_constructors_validate(make, arg):
     with pytest.raises(ValueError, match=arg):
         make()
+
+
+def test_center_loss_refuses_to_update_centres_from_nan():
+    loss = mlk.CenterLoss(3, 4)
+    before = loss.centers.clone()
+    x = torch.randn(6, 4)
+    x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        loss(x, torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert torch.equal(loss.centers, before)
