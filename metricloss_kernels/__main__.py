@@ -25,7 +25,7 @@ def evaluate_files(argv):
     parser.add_argument("embeddings", help="[Q, D] float tensor")
     parser.add_argument("labels", help="[Q] integer tensor")
     parser.add_argument("--reference", nargs=2, metavar=("EMBEDDINGS", "LABELS"),
-                        help="search this set instead of the queries themselves (leave-one-out)")
+                        help="search this set (default: the queries themselves, each query's own row excluded)")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--metric", default="cosine", choices=("cosine", "dot", "euclidean"))
     args = parser.parse_args(argv)

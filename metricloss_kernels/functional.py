@@ -35,14 +35,18 @@ _RULES = {  # argument rules shared by the functions below and the modules' cons
     "polytope": lambda v, n: V.choice(v, n, KINDS),
     "backend": lambda v, n: V.choice(v, n, BACKENDS),
 }
+_PAIR_BACKEND = lambda v, n: V.choice(v, n, PAIR_BACKENDS)  # noqa: E731
 _LOSS_RULES = {  # per loss, where an argument's rule differs from the shared one
     "mpa_loss": {"variant": lambda v, n: V.choice(v, n, MPA_VARIANTS)},
     "proxy_repel_loss": {"variant": lambda v, n: V.choice(v, n, REPEL_VARIANTS)},
     "arcface_loss": {"margin": _degrees},
     "regular_polytope_loss": {"margin": lambda v, n: v == "max" or _degrees(v, n)},
-    "center_loss": {"margin": _NONNEG},
-    "multi_similarity_loss": {"beta": _POS},
-    "margin_loss": {"beta": lambda v, n: torch.is_tensor(v) or V.number(v, n)},
+    "center_loss": {"margin": _NONNEG, "backend": _PAIR_BACKEND},
+    "multi_similarity_loss": {"beta": _POS, "backend": _PAIR_BACKEND},
+    "margin_loss": {"beta": lambda v, n: torch.is_tensor(v) or V.number(v, n), "backend": _PAIR_BACKEND},
+    **{name: {"backend": _PAIR_BACKEND} for name in ("contrastive_loss", "triplet_margin_loss",
+                                                    "lifted_structure_loss", "npairs_loss",
+                                                    "exponential_triplet_loss")},
 }
 
 

@@ -209,9 +209,12 @@ def evaluate(embeddings: torch.Tensor, labels: torch.Tensor, reference: torch.Te
                          f"reference={'None' if reference is None else 'a tensor'} and reference_labels="
                          f"{'None' if reference_labels is None else 'a tensor'}")
     leave_one_out = reference is None or reference is embeddings
-    if leave_one_out:
+    if reference is embeddings:
+        _embedding_args(reference, reference_labels)
+        if not torch.equal(reference_labels, labels):
+            raise ValueError("reference_labels must equal labels when reference is embeddings itself")
         reference = None
-    else:
+    elif not leave_one_out:
         _embedding_args(reference, reference_labels)
         if reference.shape[1] != embeddings.shape[1]:
             raise ValueError(f"reference must have shape [R, {embeddings.shape[1]}] (the embeddings' D), "

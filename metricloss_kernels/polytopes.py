@@ -76,11 +76,12 @@ def polytope_margin(kind: str, d: int) -> float:
     return math.acos((d - 2) / d)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=4)
 def polytope_weights(kind: str, num_classes: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """regular_polytope(kind, num_classes) on `device` in `dtype`, built once per (kind, C, device, dtype): the
     simplex costs O(C^2) to build and the losses call this every step. Read-only: never modify it in place."""
-    return regular_polytope(kind, num_classes).to(device, dtype)
+    with torch.inference_mode(False), torch.no_grad():  # a normal tensor even if first built in inference mode
+        return regular_polytope(kind, num_classes).to(device, dtype)
 
 
 def margin_radians(kind: str, num_classes: int, margin) -> float:

@@ -371,3 +371,54 @@ def test_center_loss_refuses_to_update_centres_from_nan():
     with pytest.raises(ValueError, match="finite"):
         loss(x, torch.tensor([0, 0, 1, 1, 2, 2]))
     assert torch.equal(loss.centers, before)
+
+
+def test_polytope_cache_survives_inference_mode():
+    from metricloss_kernels import polytopes
+    polytopes.polytope_weights.cache_clear()
+    loss = mlk.RegularPolytopeLoss(10)
+    x, y = torch.randn(16, loss.embedding_size), torch.arange(16) % 10
+    with torch.inference_mode():
+        loss(x, y)
+    for backend in ("reference", "chunked"):
+        loss.backend = backend
+        xg = x.clone().requires_grad_()
+        loss(xg, y).backward()
+        assert torch.isfinite(xg.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_exponential_triplet_accepts_half_precision_ball(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 16, generator=g)
+    x = torch.cat([x, -x])  # antipodal pairs: distances at D_max exactly, up to rounding
+    y = torch.cat([torch.arange(8) % 4, 4 + torch.arange(8) % 4])
+    out = F.exponential_triplet_loss(mlk.unit_range(x.to(dtype)), y, 10, distance="euclidean")
+    assert out.dtype == dtype and torch.isfinite(out)
+
+
+def test_evaluate_query_set_as_reference_needs_its_labels():
+    x, y = torch.randn(30, 4), torch.arange(30) % 3
+    with pytest.raises(ValueError, match="reference_labels"):
+        mlk.evaluate(x, y, x, torch.zeros(30, dtype=torch.long))
+
+
+@pytest.mark.parametrize("make, arg", [
+    (lambda: mlk.ContrastiveLoss(backend="triton"), "backend"),
+    (lambda: mlk.CenterLoss(3, 4, backend="chunked"), "backend"),
+    (lambda: mlk.MarginLoss(backend="chunked"), "backend"),
+    (lambda: mlk.ProxyNCALoss(1, 4), "num_classes"),
+    (lambda: mlk.MPALoss(1, 4, centers_per_class=2), "num_classes"),
+])
+def test_constructors_reject_what_forward_would(make, arg):
+    with pytest.raises(ValueError, match=arg):
+        make()
+
+
+def test_class_lse_rejects_unknown_reduce():
+    from metricloss_kernels import chunked
+    from metricloss_kernels import triton as kernels
+    x, y, w = data(n=5, c=3, d=4)
+    for fn in (chunked.class_lse, kernels.class_lse):
+        with pytest.raises(ValueError, match="reduce"):
+            fn(x.float(), w.float(), y, reduce="rows")

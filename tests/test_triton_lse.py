@@ -386,7 +386,9 @@ def compile_for_hopper():
                     PRECISION="tf32", BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d)
         kernels = [(lse._lse_fwd_kernel, dict(meta, ROW_REDUCE=True)), (lse._lse_fwd_kernel, dict(meta, ROW_REDUCE=False)),
                    (_backward._dx_kernel, dict(meta, ROW_REDUCE=True)),
-                   (_backward._dw_kernel, dict(meta, ROW_REDUCE=False, DX_ATOMIC=True, ACC_IS_OUT=op == "fp32"))]
+                   (_backward._dx_kernel, dict(meta, ROW_REDUCE=False)),
+                   (_backward._dw_kernel, dict(meta, ROW_REDUCE=False, DX_ATOMIC=True, ACC_IS_OUT=op == "fp32")),
+                   (_backward._dw_kernel, dict(meta, ROW_REDUCE=True, DX_ATOMIC=False, ACC_IS_OUT=op == "fp32"))]
         for fn, const in kernels:
             const = dict(const, **{a: 1 for a in fn.arg_names if a.startswith("stride_") and a.endswith("d")})
             sig = {a: "constexpr" if a in const else

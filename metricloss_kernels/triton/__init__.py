@@ -52,6 +52,8 @@ def class_lse(x, w, labels, *, centers_per_class=1, gamma=0.1, scale=1.0, shift=
     reason = unavailable_reason(x.device)
     if reason:
         raise RuntimeError(reason)
+    if reduce not in ("row", "col"):
+        raise ValueError(f"reduce must be 'row' or 'col', got {reduce!r}")
     options = Options(int(centers_per_class), float(gamma), float(scale), float(shift), bool(normalize_x),
                       bool(normalize_w), block_n, block_c, block_d, num_splits)
     return ClassLSE.apply(x, w, bias, labels.contiguous(), reduce == "row", options)
