@@ -50,6 +50,14 @@ _LOSS_RULES = {  # per loss, where an argument's rule differs from the shared on
 }
 
 
+def require_two_classes(num_classes: int, name: str, what: str) -> None:
+    """Losses whose log-sum-exp over the other classes (ProxyNCA excluding the positive, MPA's C-) is empty with
+    one class: ValueError naming `name` (the proxies, or a module's num_classes)."""
+    if num_classes < 2:
+        raise ValueError(f"{name} must cover at least 2 classes for {what} (the log-sum-exp over the other "
+                         f"classes would be empty), got {num_classes}")
+
+
 def check_arguments(loss: str, **arguments) -> None:
     """Validates the hyper-parameters of `loss` (a function name of this module; "" for the shared rules only):
     ValueError naming the argument. Tensors and arguments without a rule are checked where they are used."""
@@ -92,9 +100,8 @@ def proxy_nca_loss(embeddings, labels, proxies, scale=2.0, exclude_positive=True
     """ProxyNCA (K = 1): mean_i [-s S_iy + LSE_{c != y_i} s S_ic] (plain softmax CE if not exclude_positive)."""
     labels, c = _proxy_inputs(embeddings, labels, proxies)
     check_arguments("proxy_nca_loss", scale=scale)
-    if exclude_positive and c < 2:
-        raise ValueError("proxies must hold at least 2 classes for proxy_nca_loss with exclude_positive=True "
-                         "(the log-sum-exp over the other classes would be empty)")
+    if exclude_positive:
+        require_two_classes(c, "proxies", "proxy_nca_loss with exclude_positive=True")
     return _proxy_loss("proxy_nca_loss", backend, embeddings, embeddings.shape[0] * c,
                        embeddings, labels, proxies, scale=scale, exclude_positive=bool(exclude_positive))
 
@@ -122,9 +129,8 @@ def mpa_loss(embeddings, labels, proxies, centers_per_class=10, alpha=32.0, marg
     """Multi-Proxy Anchor family: variant "mpa" (class-wise), "dw" (data-wise), "ap" (all pairs)."""
     labels, c = _proxy_inputs(embeddings, labels, proxies, centers_per_class)
     check_arguments("mpa_loss", alpha=alpha, margin=margin, gamma=gamma, tau=tau, variant=variant)
-    if variant == "mpa" and c < 2:
-        raise ValueError("proxies must hold at least 2 classes for mpa_loss with variant='mpa' "
-                         "(C- would be empty)")
+    if variant == "mpa":
+        require_two_classes(c, "proxies", "mpa_loss with variant='mpa'")
     return _proxy_loss("mpa_loss", backend, embeddings, embeddings.shape[0] * proxies.shape[0],
                        embeddings, labels, proxies, centers_per_class=centers_per_class, alpha=alpha,
                        margin=margin, gamma=gamma, tau=tau, variant=variant)
@@ -167,9 +173,7 @@ def regular_polytope_loss(embeddings, labels, num_classes, polytope="simplex", s
     V.embeddings(embeddings)
     check_arguments("regular_polytope_loss", num_classes=num_classes, polytope=polytope, scale=scale,
                     margin=margin)
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2 for a polytope classifier, got {num_classes}")
-    d = polytope_dim(polytope, num_classes)
+    d = polytope_dim(polytope, num_classes)  # raises for num_classes < 2
     if embeddings.shape[1] != d:
         raise ValueError(f"embeddings must have width {d} for a {polytope} of {num_classes} classes, "
                          f"got {embeddings.shape[1]}")

@@ -43,8 +43,8 @@ class ProxyNCALoss(_ProxyLoss):
     def __init__(self, num_classes, embedding_size, scale=2.0, exclude_positive=True, backend="auto"):
         super().__init__(num_classes, embedding_size, backend=backend)
         F.check_arguments("proxy_nca_loss", scale=scale)
-        if exclude_positive and num_classes < 2:
-            raise ValueError("num_classes must be >= 2 for ProxyNCALoss with exclude_positive=True")
+        if exclude_positive:
+            F.require_two_classes(num_classes, "num_classes", "ProxyNCALoss with exclude_positive=True")
         self.scale, self.exclude_positive = scale, exclude_positive
         _init_kaiming_normal_fan_out(self.proxies)
 
@@ -83,8 +83,8 @@ class MPALoss(_ProxyLoss):
                  tau=0.2, variant="mpa", backend="auto"):
         super().__init__(num_classes, embedding_size, centers_per_class, backend)
         F.check_arguments("mpa_loss", alpha=alpha, margin=margin, gamma=gamma, tau=tau, variant=variant)
-        if variant == "mpa" and num_classes < 2:
-            raise ValueError("num_classes must be >= 2 for MPALoss with variant='mpa' (C- would be empty)")
+        if variant == "mpa":
+            F.require_two_classes(num_classes, "num_classes", "MPALoss with variant='mpa'")
         self.alpha, self.margin, self.gamma, self.tau, self.variant = alpha, margin, gamma, tau, variant
         _init_authors_uniform(self.proxies)
 
