@@ -113,7 +113,7 @@ def knn_torch(queries: torch.Tensor, reference: torch.Tensor, k: int, metric: st
 
     Scores a block of queries against the whole reference with one matmul (``block_elements`` bounds the block),
     selects with ``topk`` and then repairs ``topk``'s arbitrary tie order: every value above the k-th is kept,
-    plus the lowest-index entries equal to it, sorted by (value, index).
+    plus the lowest-index entries equal to it, sorted by (value, index). Euclidean: see ``_euclidean_torch``.
     """
     out_dtype = queries.dtype
     compute = torch.float64 if out_dtype == torch.float64 else torch.float32
