@@ -5,11 +5,17 @@ random unit vectors, inner-product similarity (our op with metric="dot"; IndexFl
 Each round runs every method once per k in an interleaved order, so that the ratios compare runs taken under the
 same load (the machine may be shared); the JSON keeps every round and the per-round ratios' medians.
 
+--metric euclidean compares with faiss IndexFlatL2 and chunked torch.cdist + topk instead, and also runs our op
+with metric="dot" on the same data in every round: "time_ratio_vs_our_dot" is then the cost of the exact
+euclidean search (centring, error-bounded candidate window, direct fp64 re-rank) over the plain GEMM + selection,
+a ratio taken under the same load.
+
 Memory: growth of the process's resident set over its level before the call, sampled every 2 ms by a thread
 (reads /proc/self/statm), so it counts the search's temporary buffers, not the inputs.  The faiss index's own
 copy of the references is built before the measurement and reported separately.
 
     python benchmarks/bench_knn.py                       # full size, writes benchmarks/results/knn_cpu.json
+    python benchmarks/bench_knn.py --metric euclidean    # writes benchmarks/results/knn_cpu_euclidean.json
     python benchmarks/bench_knn.py --queries 2000 --references 20000 --output /tmp/knn.json   # quick
     python benchmarks/bench_knn.py --tune --queries 4000  # sweep the op's block sizes (k = 16)
 """
@@ -62,13 +68,17 @@ class PeakRSS:
         self.growth = self.peak - self.base
 
 
-def torch_chunked(queries, reference, k, block_elements=1 << 26):
-    """The baseline: torch.mm over query blocks of at most 2^26 scores (256 MiB fp32) + torch.topk."""
+def torch_chunked(queries, reference, k, metric, block_elements=1 << 26):
+    """The baseline: torch.mm (torch.cdist for euclidean) over query blocks of at most 2^26 scores (256 MiB fp32)
+    + torch.topk."""
     block = max(1, block_elements // reference.shape[0])
     values = torch.empty(queries.shape[0], k)
     indices = torch.empty(queries.shape[0], k, dtype=torch.long)
     for q0 in range(0, queries.shape[0], block):
-        v, i = torch.mm(queries[q0:q0 + block], reference.T).topk(k, dim=1)
+        if metric == "euclidean":
+            v, i = torch.cdist(queries[q0:q0 + block], reference).topk(k, dim=1, largest=False)
+        else:
+            v, i = torch.mm(queries[q0:q0 + block], reference.T).topk(k, dim=1)
         values[q0:q0 + block], indices[q0:q0 + block] = v, i
     return values, indices
 
@@ -122,8 +132,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="rounds (each runs every method once per k)")
     parser.add_argument("--metric", default="dot", choices=retrieval.METRICS, help="metric of our op")
     parser.add_argument("--tune", action="store_true", help="sweep the op's block sizes instead")
-    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "knn_cpu.json"))
+    parser.add_argument("--output", help="result file (default: benchmarks/results/knn_cpu.json, "
+                        "knn_cpu_euclidean.json with --metric euclidean)")
     args = parser.parse_args()
+    if args.output is None:
+        name = "knn_cpu_euclidean.json" if args.metric == "euclidean" else "knn_cpu.json"
+        args.output = os.path.join(os.path.dirname(__file__), "results", name)
 
     import faiss
 
@@ -136,7 +150,10 @@ def main():
         return tune(args, queries, reference)
 
     load_before = os.getloadavg()
-    index = faiss.IndexFlatIP(args.dim)
+    euclidean = args.metric == "euclidean"
+    faiss_name = "faiss.IndexFlatL2" if euclidean else "faiss.IndexFlatIP"
+    torch_name = "torch.cdist+topk (chunked)" if euclidean else "torch.mm+topk (chunked)"
+    index = faiss.IndexFlatL2(args.dim) if euclidean else faiss.IndexFlatIP(args.dim)
     before = rss_bytes()
     index.add(reference.numpy())
     index_bytes = rss_bytes() - before
@@ -144,9 +161,11 @@ def main():
 
     methods = {
         "metricloss_kernels.knn": lambda k: retrieval.knn(queries, reference, k=k, metric=args.metric),
-        "faiss.IndexFlatIP": lambda k: tuple(map(torch.from_numpy, index.search(queries_np, k))),
-        "torch.mm+topk (chunked)": lambda k: torch_chunked(queries, reference, k),
+        faiss_name: lambda k: tuple(map(torch.from_numpy, index.search(queries_np, k))),
+        torch_name: lambda k: torch_chunked(queries, reference, k, args.metric),
     }
+    if args.metric != "dot":  # the same op without the metric's own work, side by side
+        methods["metricloss_kernels.knn (dot)"] = lambda k: retrieval.knn(queries, reference, k=k, metric="dot")
     rounds = []
     for r in range(args.repeats):
         for k in args.ks:
@@ -162,7 +181,7 @@ def main():
                 print(f"round {r} k={k:4d} {name:26s} {seconds:7.3f} s  peak RSS growth "
                       f"{growth / 2**20:8.1f} MiB", flush=True)
             ours = outputs["metricloss_kernels.knn"][1]
-            row["index_agreement_with_faiss"] = float((ours == outputs["faiss.IndexFlatIP"][1]).float().mean())
+            row["index_agreement_with_faiss"] = float((ours == outputs[faiss_name][1]).float().mean())
             rounds.append(row)
 
     summary = {}
@@ -172,16 +191,22 @@ def main():
                         "max_rss_growth_mib": max(row[name]["rss_growth_bytes"] for row in rows) / 2**20}
                  for name in methods}
         entry["time_ratio_vs_faiss"] = statistics.median(
-            row["metricloss_kernels.knn"]["seconds"] / row["faiss.IndexFlatIP"]["seconds"] for row in rows)
+            row["metricloss_kernels.knn"]["seconds"] / row[faiss_name]["seconds"] for row in rows)
         entry["speedup_vs_torch_chunked"] = statistics.median(
-            row["torch.mm+topk (chunked)"]["seconds"] / row["metricloss_kernels.knn"]["seconds"] for row in rows)
+            row[torch_name]["seconds"] / row["metricloss_kernels.knn"]["seconds"] for row in rows)
+        if "metricloss_kernels.knn (dot)" in methods:
+            entry["time_ratio_vs_our_dot"] = statistics.median(
+                row["metricloss_kernels.knn"]["seconds"] / row["metricloss_kernels.knn (dot)"]["seconds"]
+                for row in rows)
         flops = 2 * args.queries * args.references * args.dim
         entry["ours_gflops"] = flops / entry["metricloss_kernels.knn"]["median_seconds"] / 1e9
         entry["index_agreement_with_faiss"] = min(row["index_agreement_with_faiss"] for row in rows)
         summary[f"k={k}"] = entry
         print(f"k={k}: ours/faiss time {entry['time_ratio_vs_faiss']:.3f}, torch/ours "
               f"{entry['speedup_vs_torch_chunked']:.2f}x, ours {entry['ours_gflops']:.0f} GFLOP/s, "
-              f"ours peak RSS growth {entry['metricloss_kernels.knn']['max_rss_growth_mib']:.1f} MiB")
+              f"ours peak RSS growth {entry['metricloss_kernels.knn']['max_rss_growth_mib']:.1f} MiB"
+              + (f", ours {args.metric}/dot time {entry['time_ratio_vs_our_dot']:.3f}"
+                 if "time_ratio_vs_our_dot" in entry else ""))
 
     result = {
         "benchmark": "knn_cpu",

@@ -48,9 +48,10 @@ def _ranking_args(relevance, num_relevant, k=None):
             raise ValueError(f"k must be <= the number of ranked neighbours L = {relevance.shape[1]}, got {k}")
 
 
-def _dtype(relevance):
-    """Result dtype of the ranking metrics: float64 on CPU, float32 on accelerators (some lack float64)."""
-    return torch.float64 if relevance.device.type == "cpu" else torch.float32
+def _dtype(tensor):
+    """Float dtype of the metrics' arithmetic on tensor's device: float64 on CPU, float32 on accelerators (some
+    lack float64)."""
+    return torch.float64 if tensor.device.type == "cpu" else torch.float32
 
 
 def _precision_at_each_rank(rel: torch.Tensor) -> torch.Tensor:
@@ -137,9 +138,10 @@ def nmi(embeddings: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> float:
 def _centroid_distances(embeddings, labels, block_elements=1 << 24):
     """Yields (rows, distances [rows, C]) from every sample to every class centroid in bounded blocks, plus the
     class index of every sample. Exact per-pair differences (no ||a||^2 - 2ab + ||b||^2 cancellation), so a
-    sample's distance to its own centroid is the same number in every pass."""
+    sample's distance to its own centroid is the same number in every pass; float64 where ``_dtype`` allows, as
+    float32 class sums of data far from the origin lose the spread."""
     classes, inverse = torch.unique(labels, return_inverse=True)
-    x = embeddings.detach().to(torch.float64 if embeddings.dtype == torch.float64 else torch.float32)
+    x = embeddings.detach().to(torch.float64 if embeddings.dtype == torch.float64 else _dtype(embeddings))
     sums = torch.zeros(len(classes), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
     counts = torch.bincount(inverse, minlength=len(classes)).to(x.dtype)
     centroids = sums / counts[:, None]

@@ -1,9 +1,11 @@
 """Exact k-nearest-neighbour search: the C++ op ``torch.ops.metricloss_kernels.knn`` (csrc/) when the extension
 ``metricloss_kernels._C`` is built, otherwise a chunked torch path with the same results and tie rule.
 
-Both compute the selection in fp32 for fp16/bf16 inputs (fp64 stays fp64) and never hold more than a block of the
-Q x R score matrix. The results are not differentiable (the search runs without autograd).
+Both compute the selection in fp32 for fp16/bf16 inputs (fp64 stays fp64), re-rank euclidean candidates by their
+direct fp64 distance, and never hold more than a block of the Q x R score matrix. The results are not
+differentiable (the search runs without autograd).
 """
+import math
 import warnings
 
 import torch
@@ -54,6 +56,12 @@ def knn(queries: torch.Tensor, reference: torch.Tensor | None = None, k: int = 1
 
     Returns:
         (scores [Q, k] in the input dtype, indices [Q, k] int64): best first, ties broken towards the lower index.
+
+    Exactness: "cosine" and "dot" rank by GEMM scores (fp32, or fp64 for fp64 inputs). "euclidean" returns the k
+    nearest by the distance ||q - r|| computed directly from the inputs in fp64, wherever the data lie (an exact
+    copy is at distance 0), and that distance rounded to the input dtype: a centred GEMM only proposes
+    candidates, and every row within the GEMM's rounding-error bound of the k-th best is measured directly. Rows
+    crowding that bound (tight clusters far apart relative to their spread) cost time, never accuracy.
     """
     check.tensor(queries, "queries")
     if not queries.is_floating_point():
@@ -105,26 +113,23 @@ def knn_torch(queries: torch.Tensor, reference: torch.Tensor, k: int, metric: st
 
     Scores a block of queries against the whole reference with one matmul (``block_elements`` bounds the block),
     selects with ``topk`` and then repairs ``topk``'s arbitrary tie order: every value above the k-th is kept,
-    plus the lowest-index entries equal to it, sorted by (value, index).
+    plus the lowest-index entries equal to it, sorted by (value, index). Euclidean: see ``_euclidean_torch``.
     """
     out_dtype = queries.dtype
     compute = torch.float64 if out_dtype == torch.float64 else torch.float32
     q, r = queries.to(compute), reference.to(compute)
+    if metric == "euclidean":
+        values, indices = _euclidean_torch(q, r, k, exclude_self, block_elements)
+        return values.to(out_dtype), indices
     if metric == "cosine":
         q = torch.nn.functional.normalize(q, dim=1, eps=1e-12)
         r = torch.nn.functional.normalize(r, dim=1, eps=1e-12)
-    elif metric == "euclidean":  # select on 2 q.r - ||r||^2 = ||q||^2 - d^2, as the C++ op does
-        offsets = r.square().sum(1)
-        query_sq = q.square().sum(1)
-        q = q * 2
     num_q, num_r = q.shape[0], r.shape[0]
     block = max(1, min(num_q, block_elements // max(num_r, 1)))
     values = torch.empty(num_q, k, dtype=compute, device=q.device)
     indices = torch.empty(num_q, k, dtype=torch.long, device=q.device)
     for q0 in range(0, num_q, block):
         s = q[q0:q0 + block] @ r.T
-        if metric == "euclidean":
-            s -= offsets
         if exclude_self:
             rows = torch.arange(s.shape[0], device=s.device)
             s[rows, rows + q0] = -torch.inf
@@ -141,10 +146,86 @@ def knn_torch(queries: torch.Tensor, reference: torch.Tensor, k: int, metric: st
         v, order = v.sort(dim=1, descending=True, stable=True)
         values[q0:q0 + block] = v
         indices[q0:q0 + block] = picked.gather(1, order)
-    if metric == "euclidean":
-        values = (query_sq[:, None] - values).clamp_min(0).sqrt()
-        # order by (distance, index): the clamp can tie neighbours that the selection value told apart
-        indices, order = indices.sort(dim=1)
-        values, order = values.gather(1, order).sort(dim=1, stable=True)
-        indices = indices.gather(1, order)
     return values.to(out_dtype), indices
+
+
+def _gemm_input_roundoff(x: torch.Tensor) -> float:
+    """Unit roundoff of a matmul's inputs: torch.set_float32_matmul_precision("medium" / "high") lets fp32
+    matmuls round them to bf16 (8 significant bits) / tf32 (11)."""
+    if x.dtype != torch.float32:
+        return 0.0
+    backend = torch.backends.cuda.matmul if x.device.type == "cuda" else torch.backends.mkldnn.matmul
+    return {"bf16": 2.0 ** -8, "tf32": 2.0 ** -11}.get(backend.fp32_precision, 0.0)
+
+
+def _euclidean_torch(q, r, k, exclude_self, block_elements):
+    """The euclidean search of :func:`knn_torch` (q, r in the compute dtype), as the C++ op does it
+    (csrc/cpu/knn_kernel.cpp, "Euclidean exactness"): centred GEMM values 2 a.b - ||b||^2 keep, per query, every
+    reference row within the GEMM's error bound (slack) of the k-th best value, and those rows are ranked by
+    their direct fp64 distance. Returns (distances, indices) [Q, k]."""
+    centre = r[::max(1, r.shape[0] // 1024)].mean(0, keepdim=True)  # any centre is exact: it only sets rho
+    a, b = q - centre, r - centre
+    offsets = b.square().sum(1)
+    u = torch.finfo(q.dtype).eps / 2
+    du = q.shape[1] * u
+    gamma = du / (1 - du) if du < 0.5 else math.inf
+    rho = a.double().square().sum(1).sqrt() + offsets.max().double().sqrt()
+    slack = (6 * (gamma + _gemm_input_roundoff(q) + 4 * u) * rho.square()).to(q.dtype)  # inf where it overflows
+    a = a * 2  # exact: the matmul yields 2 a.b
+    num_q, num_r = q.shape[0], r.shape[0]
+    block = max(1, min(num_q, block_elements // max(num_r, 1)))
+    values = torch.empty(num_q, k, dtype=q.dtype, device=q.device)
+    indices = torch.empty(num_q, k, dtype=torch.long, device=q.device)
+    for q0 in range(0, num_q, block):
+        s = a[q0:q0 + block] @ b.T
+        s -= offsets
+        rows = torch.arange(s.shape[0], device=s.device)
+        if exclude_self:
+            s[rows, rows + q0] = -torch.inf
+        kth = s.topk(k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values
+        window = ~(s < kth - slack[q0:q0 + block, None])  # a value the bound cannot place (nan) stays in
+        if exclude_self:
+            window[rows, rows + q0] = False
+        del s
+        d2, indices[q0:q0 + block] = _nearest_in_window(q[q0:q0 + block], r, window, k, block_elements)
+        values[q0:q0 + block] = d2.sqrt().to(q.dtype)  # the op takes this sqrt too (ATen's, not libm's)
+    return values, indices
+
+
+def _nearest_in_window(q, r, window, k, block_elements):
+    """The k nearest (squared fp64 distance [Q, k], index [Q, k]) of every query q[i] among the reference rows
+    where window[i] is True (at least k per query), ties to the lower index. The (query, row) pairs are taken
+    about block_elements / (2 D) at a time (whole queries; one query's pairs measured that many at a time)."""
+    counts = window.sum(dim=1)
+    ends = counts.cumsum(0)
+    budget = max(1, block_elements // (2 * q.shape[1]))
+    d2_out = torch.empty(q.shape[0], k, dtype=torch.float64, device=q.device)
+    indices = torch.empty(q.shape[0], k, dtype=torch.long, device=q.device)
+    i0 = 0
+    while i0 < q.shape[0]:
+        before = int(ends[i0 - 1]) if i0 else 0
+        limit = torch.tensor([before + budget], device=ends.device)
+        i1 = max(i0 + 1, int(torch.searchsorted(ends, limit, right=True)))
+        rows, cols = window[i0:i1].nonzero(as_tuple=True)
+        d2 = torch.cat([_squared_distances(q[i0 + rows[p:p + budget]], r[cols[p:p + budget]])
+                        for p in range(0, len(rows), budget)])
+        # pairs come ordered by (row, col): two stable sorts order them by (row, d2, col)
+        order = torch.sort(d2, stable=True).indices
+        order = order[torch.sort(rows[order], stable=True).indices]
+        rows = rows[order]
+        rank = torch.arange(len(order), device=rows.device) - (ends[i0 + rows] - counts[i0 + rows] - before)
+        keep = rank < k
+        d2_out[i0:i1] = d2[order][keep].view(-1, k)
+        indices[i0:i1] = cols[order][keep].view(-1, k)
+        i0 = i1
+    return d2_out, indices
+
+
+def _squared_distances(x, y):
+    """||x_p - y_p||^2 [P] in fp64 for rows x, y [P, D], summed in coordinate order (as the C++ op sums, so the
+    two paths give the same bits)."""
+    diff = (x.double() - y.double()).T
+    total = torch.zeros(diff.shape[1], dtype=torch.float64, device=diff.device)
+    for column in diff:
+        total += column * column
+    return total

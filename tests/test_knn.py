@@ -250,3 +250,124 @@ def test_cuda_matches_cpu(metric):
     assert values.is_cuda and indices.is_cuda
     torch.testing.assert_close(values.cpu(), expected_values, rtol=1e-4, atol=1e-4)
     assert (indices.cpu() == expected_indices).float().mean() > 0.99   # fp32 near-ties may swap
+
+
+# --- euclidean exactness (the GEMM form ||q||^2 - 2 q.r + ||r||^2 cancels for data away from the origin) ------------
+
+def _offset_inputs(q, r, d, offset, spread, dtype, seed=0):
+    """Rows offset + spread * N(0, 1), rounded to dtype: far from the origin relative to their spread."""
+    g = torch.Generator().manual_seed(seed)
+    x = (offset + spread * torch.randn(q + r, d, generator=g, dtype=torch.float64)).to(dtype)
+    return x[:q], x[q:]
+
+
+def _check_euclidean_exact(path, queries, reference, k, exclude_self):
+    """Indices equal to the float64 brute force ||q - r|| on the same (rounded) inputs, ties to the lower index;
+    distances equal to it up to the output dtype's rounding."""
+    values, indices = path(queries, None if exclude_self else reference, k=k, metric="euclidean")
+    expected_values, expected_indices, _ = _oracle(queries, reference, k, "euclidean", exclude_self)
+    assert values.dtype == queries.dtype
+    torch.testing.assert_close(indices, expected_indices, rtol=0, atol=0)
+    torch.testing.assert_close(values.double(), expected_values, rtol=torch.finfo(queries.dtype).eps, atol=0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype,offset,spread", [
+    (torch.float32, 10.0, 1e-2), (torch.float32, 100.0, 1e-2), (torch.float32, 1e4, 1e-2),
+    (torch.float32, 100.0, 1e-4),
+    # fp16 rounds to 2^-7 at 10, 2^-4 at 100 and 8 at 1e4: spreads of some 10 of its steps
+    (torch.float16, 10.0, 1e-1), (torch.float16, 100.0, 1.0), (torch.float16, 1e4, 1e2)])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_euclidean_knn_exact_for_offset_data(path, dtype, offset, spread, exclude_self):
+    queries, reference = _offset_inputs(37, 300, 16, offset, spread, dtype)
+    if exclude_self:
+        queries = torch.cat([queries, reference])
+    _check_euclidean_exact(path, queries, reference if not exclude_self else queries, 7, exclude_self)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_euclidean_knn_exact_for_far_apart_clusters(path, exclude_self):
+    # two tight clusters 2e3 * sqrt(D) apart: centring cannot help, every row of a cluster lies within the
+    # GEMM's error of the k-th best, so the search measures them all directly
+    g = torch.Generator().manual_seed(1)
+    side = torch.randint(0, 2, (330,), generator=g).double() * 2 - 1
+    x = (1e3 * side[:, None] + 1e-2 * torch.randn(330, 32, generator=g, dtype=torch.float64)).float()
+    queries, reference = (x, x) if exclude_self else (x[:30], x[30:])
+    _check_euclidean_exact(path, queries, reference, 9, exclude_self)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_euclidean_knn_orders_near_ties_below_the_gemm_rounding(path):
+    # reference rows around a query at offset 100, at distances 1 + O(1e-5) (radii 1 + j 2^-20, then fp32
+    # rounding): far closer together than the fp32 GEMM values can tell apart, even centred
+    g = torch.Generator().manual_seed(2)
+    directions = torch.nn.functional.normalize(torch.randn(200, 24, generator=g, dtype=torch.float64), dim=1)
+    radii = 1 + torch.randperm(200, generator=g).double() * 2.0 ** -20
+    query = torch.full((1, 24), 100.0, dtype=torch.float64)
+    reference = (query + radii[:, None] * directions).float()
+    _check_euclidean_exact(path, query.float(), reference, 20, False)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_euclidean_distance_to_an_exact_copy_is_zero(path, exclude_self):
+    base, others = _offset_inputs(20, 50, 16, 100.0, 1e-2, torch.float32, seed=3)
+    if exclude_self:                                       # rows i and 70 + i are copies: only the row goes
+        queries = reference = torch.cat([base, others, base])
+        copy = torch.arange(20) + 70
+    else:                                                  # query i's copy is reference row 50 + i
+        queries, reference = base, torch.cat([others, base])
+        copy = torch.arange(20) + 50
+    values, indices = path(queries, None if exclude_self else reference, k=1, metric="euclidean")
+    assert torch.equal(indices[:20, 0], copy)
+    assert torch.equal(values[:20, 0], torch.zeros(20))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("k", [1, 20, 100])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_euclidean_ties_at_an_offset_go_to_the_lower_index(path, k, exclude_self):
+    # small integer coordinates + 1000: exact in fp32, with many exactly tied distances
+    g = torch.Generator().manual_seed(4)
+    queries = torch.randint(-1, 2, (130 if exclude_self else 45, 3), generator=g).float() + 1000
+    reference = queries if exclude_self else torch.randint(-1, 2, (130, 3), generator=g).float() + 1000
+    _check_euclidean_exact(path, queries, reference, k, exclude_self)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_euclidean_knn_exact_when_squared_norms_overflow(path):
+    # |x| ~ 1e20: fp32 squares overflow, the distances (~1e20) do not
+    g = torch.Generator().manual_seed(5)
+    queries, reference = ((1e20 * torch.randn(n, 8, generator=g)).float() for n in (17, 90))
+    _check_euclidean_exact(path, queries, reference, 6, False)
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_euclidean_op_and_torch_path_give_the_same_bits(dtype, offset, exclude_self):
+    # both rank by the same fp64 distances, summed in the same order: values and indices are identical
+    queries, reference = _offset_inputs(53, 260, 40, offset, 1.0, dtype, seed=6)
+    if exclude_self:
+        reference = queries
+    got = knn(queries, None if exclude_self else reference, k=11, metric="euclidean")
+    expected = _torch_path(queries, None if exclude_self else reference, k=11, metric="euclidean")
+    assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0])
+
+
+@pytest.fixture
+def bf16_matmuls():
+    """fp32 matmuls allowed to round their inputs to bf16 (torch.set_float32_matmul_precision("medium") on CPU)."""
+    previous = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    yield
+    torch.backends.mkldnn.matmul.fp32_precision = previous
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_euclidean_knn_exact_with_bf16_matmuls(path, bf16_matmuls):
+    # where the CPU has bf16 units the GEMM's error grows by 2^16: the candidate window must widen with it
+    queries, reference = _offset_inputs(40, 1500, 64, 0.0, 1.0, torch.float32, seed=7)
+    _check_euclidean_exact(path, queries, reference, 10, False)

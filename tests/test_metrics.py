@@ -288,3 +288,28 @@ def test_query_set_as_its_own_reference_is_leave_one_out():
     s2, i2 = mlk.knn(x, k=3)
     assert torch.equal(i1, i2) and torch.equal(s1, s2)
     assert not (i1 == torch.arange(40)[:, None]).any()
+
+
+def _offset_classes(n, offset, seed):
+    """fp32 embeddings [n, 16] of 6 classes whose centres (spread 0.01) and samples (spread 0.01) lie at offset."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 0.01 * torch.randn(6, 16, generator=g, dtype=torch.float64)
+    y = torch.arange(n) % 6
+    return (offset + centres[y] + 0.01 * torch.randn(n, 16, generator=g, dtype=torch.float64)).float(), y
+
+
+@pytest.mark.parametrize("offset", [100.0, 1e4])
+def test_centroid_metrics_exact_for_offset_data(offset):
+    # fp32 class sums of data at 1e4 lose the 0.01 spread: the float32 input must score as its float64 copy
+    x, y = _offset_classes(3000, offset, seed=6)
+    assert torch.equal(metrics.closest_center_accuracy(x, y), metrics.closest_center_accuracy(x.double(), y))
+    assert torch.equal(metrics.range_accuracy(x, y), metrics.range_accuracy(x.double(), y))
+
+
+@pytest.mark.parametrize("offset", [10.0, 1e4])
+def test_evaluate_euclidean_exact_for_offset_data(offset):
+    # euclidean neighbours and centroid distances of fp32 inputs far from the origin are those of their float64
+    # copy (the fp32 GEMM form ||q||^2 - 2 q.r + ||r||^2 cancels there)
+    x, y = _offset_classes(600, offset, seed=7)
+    assert metrics.evaluate(x, y, ks=(1, 4), metric="euclidean") == \
+        metrics.evaluate(x.double(), y, ks=(1, 4), metric="euclidean")
