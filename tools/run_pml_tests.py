@@ -78,7 +78,12 @@ def fetch_tests(source, rev, version, dest):
     """Extracts PML's tests/ at `rev` (default: tag v<version>, else HEAD) into dest; returns the revision used."""
     if source is None:
         source = os.path.join(dest, "clone")
-        _git("clone", "--quiet", "--depth", "1", "--branch", rev or f"v{version}", URL, source)
+        try:
+            _git("clone", "--quiet", "--depth", "1", "--branch", rev or f"v{version}", URL, source)
+        except subprocess.CalledProcessError:  # no such tag: the default branch
+            if rev:
+                raise
+            _git("clone", "--quiet", "--depth", "1", URL, source)
         rev = "HEAD"
     if rev is None:
         tags = _git("-C", source, "tag", "--list", f"v{version}").split()
