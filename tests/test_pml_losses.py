@@ -1,0 +1,240 @@
+"""metricloss_kernels.pml losses against pytorch-metric-learning's own classes: same state_dict and inputs, value and
+gradients (embeddings and weights), accelerated and fallback configurations, and the memory bound."""
+import functools
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+from pytorch_metric_learning import distances, miners, reducers, regularizers  # noqa: E402
+
+from metricloss_kernels import functional as F  # noqa: E402
+from metricloss_kernels import pml  # noqa: E402
+from test_chunked import _assert_close, _largest_allocation  # noqa: E402  (tests/ is on sys.path)
+from utils import make_batch  # noqa: E402
+
+N, D, C, K = 37, 40, 53, 3
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+# id -> (class name, constructor arguments (a function: fresh distance / reducer objects), accelerated)
+CASES = {
+    "proxy_anchor": ("ProxyAnchorLoss", lambda: {}, True),
+    "proxy_anchor_alpha16_margin0.2": ("ProxyAnchorLoss", lambda: dict(alpha=16, margin=0.2), True),
+    "proxy_anchor_weight_reg": ("ProxyAnchorLoss", lambda: dict(weight_regularizer=regularizers.LpRegularizer()),
+                                True),
+    "proxy_anchor_mean_reducer": ("ProxyAnchorLoss", lambda: dict(reducer=reducers.MeanReducer()), False),
+    "proxy_nca": ("ProxyNCALoss", lambda: {}, True),
+    "proxy_nca_scale10": ("ProxyNCALoss", lambda: dict(softmax_scale=10), True),
+    "proxy_nca_cosine": ("ProxyNCALoss", lambda: dict(softmax_scale=5, distance=distances.CosineSimilarity()), True),
+    "proxy_nca_lp_power1": ("ProxyNCALoss", lambda: dict(distance=distances.LpDistance()), False),
+    "soft_triple": ("SoftTripleLoss", lambda: dict(centers_per_class=K), True),
+    "soft_triple_k1": ("SoftTripleLoss", lambda: dict(centers_per_class=1, la=10, gamma=0.2, margin=0.05), True),
+    "soft_triple_sparse_centers": ("SoftTripleLoss", lambda: dict(
+        centers_per_class=K, weight_regularizer=regularizers.SparseCentersRegularizer(C, K), weight_reg_weight=0.2),
+        True),
+    "soft_triple_avg_non_zero": ("SoftTripleLoss", lambda: dict(centers_per_class=K,
+                                                                reducer=reducers.AvgNonZeroReducer()), False),
+    "arcface": ("ArcFaceLoss", lambda: {}, True),
+    "arcface_margin30_scale10": ("ArcFaceLoss", lambda: dict(margin=30, scale=10), True),
+    "arcface_embedding_reg": ("ArcFaceLoss", lambda: dict(embedding_regularizer=regularizers.LpRegularizer()),
+                              True),
+    "arcface_threshold_reducer": ("ArcFaceLoss", lambda: dict(reducer=reducers.ThresholdReducer(low=0.5)), False),
+    "subcenter_arcface_1": ("SubCenterArcFaceLoss", lambda: dict(sub_centers=1), True),
+    "subcenter_arcface_3": ("SubCenterArcFaceLoss", lambda: dict(sub_centers=K), False),
+    "cosface": ("CosFaceLoss", lambda: {}, True),
+    "cosface_margin0.5_scale30": ("CosFaceLoss", lambda: dict(margin=0.5, scale=30), True),
+    "normalized_softmax": ("NormalizedSoftmaxLoss", lambda: {}, True),
+    "normalized_softmax_regular_face": ("NormalizedSoftmaxLoss", lambda: dict(
+        weight_regularizer=regularizers.RegularFaceRegularizer(), weight_reg_weight=0.1), True),
+    "normalized_softmax_unnormalized": ("NormalizedSoftmaxLoss", lambda: dict(
+        distance=distances.DotProductSimilarity(normalize_embeddings=False)), False),
+}
+
+
+def _build(case, dtype=torch.float64, seed=0, **extra):
+    """(PML's module, ours with PML's state_dict), both in dtype."""
+    name, kwargs, _ = CASES[case]
+    torch.manual_seed(seed)
+    theirs = getattr(pml_losses, name)(num_classes=C, embedding_size=D, **kwargs()).to(dtype)
+    ours = getattr(pml, name)(num_classes=C, embedding_size=D, **kwargs(), **extra).to(dtype)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def _loss_and_grads(module, x, labels, **kwargs):
+    x = x.detach().clone().requires_grad_()
+    loss = module(x, labels, **kwargs)
+    return loss, torch.autograd.grad(loss, [x, *module.parameters()])
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The names of the metricloss_kernels.functional losses called during the test."""
+    seen = []
+
+    def spy(name, fn, *args, **kwargs):
+        seen.append(name)
+        return fn(*args, **kwargs)
+
+    for name in ("proxy_anchor_loss", "proxy_nca_loss", "soft_triple_loss", "arcface_loss", "cosface_loss",
+                 "l2_softmax_loss"):
+        monkeypatch.setattr(F, name, functools.partial(spy, name, getattr(F, name)))
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case,backend", [(case, backend) for case, (_, _, accelerated) in CASES.items()
+                                          for backend in (("reference", "chunked") if accelerated else ("auto",))])
+def test_matches_pml(case, backend, dtype, calls):
+    """Value and every gradient equal PML's; the kernels run exactly in the accelerated configurations."""
+    theirs, ours = _build(case, dtype, backend=backend)
+    x, labels = make_batch(N, D, C - 1, seed=1, dtype=dtype)
+    expected, expected_grads = _loss_and_grads(theirs, x, labels)
+    actual, actual_grads = _loss_and_grads(ours, x, labels)
+    assert ours.accelerated == CASES[case][2], ours.fallback_reason
+    assert bool(calls) == CASES[case][2]
+    assert actual.dtype == expected.dtype
+    _assert_close(actual, expected, TOL[dtype], "loss")
+    for name, a, e in zip(["embeddings", *dict(theirs.named_parameters())], actual_grads, expected_grads):
+        _assert_close(a, e, TOL[dtype], f"grad {name}")
+
+
+@pytest.mark.parametrize("case", ["proxy_anchor", "soft_triple", "arcface"])
+def test_triton_backend_matches_pml(case, calls):
+    """backend="triton" reaches the fused kernels (under the Triton interpreter on CPU)."""
+    pytest.importorskip("triton")
+    theirs, ours = _build(case, torch.float32, backend="triton")
+    x, labels = make_batch(N, D, C - 1, seed=2, dtype=torch.float32)
+    (expected, expected_grads), (actual, actual_grads) = (_loss_and_grads(m, x, labels) for m in (theirs, ours))
+    assert calls
+    _assert_close(actual, expected, TOL[torch.float32], "loss")
+    for a, e in zip(actual_grads, expected_grads):
+        _assert_close(a, e, TOL[torch.float32], "grad")
+
+
+def test_parameters_initialisation_and_state_dict_are_pmls():
+    """Same parameter names, shapes and (with the same seed) initial values; a PML state_dict loads into ours."""
+    for case in ("proxy_anchor", "proxy_nca", "soft_triple", "arcface", "subcenter_arcface_3", "cosface",
+                 "normalized_softmax"):
+        name, kwargs, _ = CASES[case]
+        torch.manual_seed(3)
+        theirs = getattr(pml_losses, name)(num_classes=C, embedding_size=D, **kwargs())
+        torch.manual_seed(3)
+        ours = getattr(pml, name)(num_classes=C, embedding_size=D, **kwargs())
+        assert isinstance(ours, getattr(pml_losses, name))
+        a, b = theirs.state_dict(), ours.state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), case
+
+
+def test_weights_take_the_input_dtype_like_pml():
+    """PML casts its weights to the embeddings' dtype in place; so does the accelerated path."""
+    theirs, ours = _build("arcface", torch.float32)
+    x, labels = make_batch(N, D, C - 1, seed=4)
+    _assert_close(ours(x, labels), theirs(x, labels), TOL[torch.float64], "loss")
+    assert ours.W.dtype == theirs.W.dtype == torch.float64
+
+
+@pytest.mark.parametrize("case", ["proxy_anchor", "soft_triple", "arcface", "normalized_softmax"])
+def test_half_precision_agrees_with_pml_to_its_rounding(case):
+    """fp16 is computed in fp32 and returned in fp16: PML's fp16 result to fp16 accuracy."""
+    theirs, ours = _build(case, torch.float16)
+    x, labels = make_batch(N, D, C - 1, seed=5, dtype=torch.float16)
+    actual, expected = ours(x, labels), theirs(x, labels)
+    assert actual.dtype == torch.float16 and ours.accelerated
+    _assert_close(actual, expected, 2e-2, "loss")
+
+
+@pytest.mark.parametrize("case", ["proxy_anchor", "arcface", "soft_triple"])
+def test_miner_indices_fall_back_to_pml(case, calls):
+    """A miner's indices_tuple weights samples: PML's code runs, with PML's result."""
+    theirs, ours = _build(case)
+    x, labels = make_batch(N, D, C - 1, seed=6)
+    pairs = miners.MultiSimilarityMiner(epsilon=0.5)(x, labels)
+    (expected, expected_grads), (actual, actual_grads) = (
+        _loss_and_grads(m, x, labels, indices_tuple=pairs) for m in (theirs, ours))
+    assert not calls
+    _assert_close(actual, expected, 1e-12, "loss")
+    for a, e in zip(actual_grads, expected_grads):
+        _assert_close(a, e, 1e-12, "grad")
+
+
+def test_pml_errors_are_kept(calls):
+    """ref_emb, missing labels and labels out of range give PML's errors."""
+    theirs, ours = _build("proxy_anchor")
+    x, labels = make_batch(N, D, C - 1, seed=7)
+    for kwargs in ({"ref_emb": x}, {"labels": None}):
+        for module in (theirs, ours):
+            with pytest.raises(ValueError):
+                module(x, **{"labels": labels, **kwargs})
+    bad = labels.clone()
+    bad[0] = C
+    errors = []
+    for module in (theirs, ours):
+        with pytest.raises(Exception) as info:
+            module(x, bad)
+        errors.append(type(info.value))
+    assert errors[0] is errors[1]
+    assert not calls
+
+
+def test_proxy_nca_underflow_falls_back():
+    """Where PML's softmax can underflow to 0 (and PML drops the sample), PML's code runs."""
+    theirs, ours = _build("proxy_nca_scale10", torch.float32)
+    theirs.softmax_scale = ours.softmax_scale = 30.0  # 2 s = 120 > -ln(tiny fp32) = 87.3
+    x, labels = make_batch(N, D, C - 1, seed=8, dtype=torch.float32)
+    assert ours.accelerated  # the configuration is; this dtype is not
+    _assert_close(ours(x, labels), theirs(x, labels), 1e-6, "loss")
+    assert ours._call_reason(x, labels, None, x, labels) is not None
+
+
+def test_fallback_reason_names_the_cause():
+    _, ours = _build("proxy_anchor_mean_reducer")
+    assert "MeanReducer" in ours.fallback_reason
+    _, ours = _build("subcenter_arcface_3")
+    assert "sub_centers" in ours.fallback_reason
+    _, ours = _build("proxy_anchor")
+    ours.alpha = -1.0
+    assert "alpha" in ours.fallback_reason
+    with pytest.raises(ValueError, match="backend"):
+        pml.ArcFaceLoss(num_classes=C, embedding_size=D, backend="gpu")
+
+
+@pytest.mark.parametrize("case,n,c,k", [("proxy_anchor", 128, 140_000, 1), ("soft_triple", 128, 33_000, 4)])
+def test_no_n_by_c_allocation(case, n, c, k):
+    """At a class count where the N x C*K logits (68-72 MB, so that backend "auto" streams) dwarf everything else
+    (D = 8), the accelerated loss never allocates N*C*K*4/2 bytes at once, while PML's class does (so the check can
+    fail)."""
+    name, kwargs, _ = CASES[case]
+    extra = {"centers_per_class": k} if k > 1 else {}
+    torch.manual_seed(9)
+    theirs = getattr(pml_losses, name)(num_classes=c, embedding_size=8, **extra)
+    ours = getattr(pml, name)(num_classes=c, embedding_size=8, **extra)
+    x = torch.randn(n, 8, requires_grad=True)
+    labels = torch.randint(0, c, (n,))
+    limit = n * c * k * 4 // 2
+
+    def run(module):
+        return lambda: torch.autograd.grad(module(x, labels), [x, *module.parameters()])
+
+    assert _largest_allocation(run(theirs)) >= limit
+    assert _largest_allocation(run(ours)) < limit
+
+
+def test_pml_is_imported_lazily_and_missing_pml_says_how_to_install():
+    code = """
+import sys
+import metricloss_kernels
+assert "pytorch_metric_learning" not in sys.modules
+sys.modules["pytorch_metric_learning"] = None  # as if it were not installed
+try:
+    import metricloss_kernels.pml
+except ImportError as error:
+    assert "pip install pytorch-metric-learning" in str(error), error
+else:
+    raise AssertionError("no ImportError")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
