@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import _validation as check
+from ._numerics import compute_dtype
 from .retrieval import knn
 
 # evaluate() computes the ranking metrics over blocks of queries of at most this many ranked neighbours in all.
@@ -139,7 +140,7 @@ def _centroid_distances(embeddings, labels, block_elements=1 << 24):
     class index of every sample. Exact per-pair differences (no ||a||^2 - 2ab + ||b||^2 cancellation), so a
     sample's distance to its own centroid is the same number in every pass."""
     classes, inverse = torch.unique(labels, return_inverse=True)
-    x = embeddings.detach().to(torch.float64 if embeddings.dtype == torch.float64 else torch.float32)
+    x = embeddings.detach().to(compute_dtype(embeddings.dtype))
     sums = torch.zeros(len(classes), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
     counts = torch.bincount(inverse, minlength=len(classes)).to(x.dtype)
     centroids = sums / counts[:, None]

@@ -9,6 +9,7 @@ import warnings
 import torch
 
 from . import _validation as check
+from ._numerics import compute_dtype, normalize
 
 METRICS = ("cosine", "dot", "euclidean")
 
@@ -108,11 +109,10 @@ def knn_torch(queries: torch.Tensor, reference: torch.Tensor, k: int, metric: st
     plus the lowest-index entries equal to it, sorted by (value, index).
     """
     out_dtype = queries.dtype
-    compute = torch.float64 if out_dtype == torch.float64 else torch.float32
+    compute = compute_dtype(out_dtype)
     q, r = queries.to(compute), reference.to(compute)
     if metric == "cosine":
-        q = torch.nn.functional.normalize(q, dim=1, eps=1e-12)
-        r = torch.nn.functional.normalize(r, dim=1, eps=1e-12)
+        q, r = normalize(q, dim=1), normalize(r, dim=1)
     elif metric == "euclidean":  # select on 2 q.r - ||r||^2 = ||q||^2 - d^2, as the C++ op does
         offsets = r.square().sum(1)
         query_sq = q.square().sum(1)
