@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(BIN)/python:
 	$(PY) -m venv $(if $(shell $(PY) -c "import torch" 2>/dev/null && echo y),--system-site-packages,) $(VENV)
 
-$(STAMP): $(BIN)/python setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu)
+$(STAMP): $(BIN)/python setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==2.13.0
 	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/pip install triton
 	$(BIN)/pip install setuptools wheel

@@ -33,7 +33,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from metricloss_kernels import chunked, fused, reference  # noqa: E402
+from metricloss_kernels import fused, reference  # noqa: E402
+from metricloss_kernels.lse import class_lse  # noqa: E402
 
 # name -> (loss function name, pytorch-metric-learning class, kwargs shared by ours and PML's, K)
 LOSSES = {
@@ -91,13 +92,8 @@ def build(case, impl, device, seed=0):
         params = [x, w]
         if impl == "reference":
             loss_fn = getattr(reference, fn_name)
-        else:
-            if impl == "triton":
-                from metricloss_kernels import triton as kernels
-                lse = kernels.class_lse
-            else:
-                lse = chunked.class_lse
-            loss_fn = functools.partial(getattr(fused, fn_name), lse=lse)
+        else:  # "chunked" or "triton": the class_lse implementation
+            loss_fn = functools.partial(getattr(fused, fn_name), lse=functools.partial(class_lse, impl=impl))
         fn = functools.partial(loss_fn, x, labels, w, **extra, **kwargs)
 
     def run():

@@ -22,7 +22,7 @@ def _triton_import_error() -> str | None:
     return None
 
 
-def _triton_reason(device: torch.device) -> str | None:
+def triton_reason(device: torch.device) -> str | None:
     """None when the Triton backend can run on tensors of `device`, else why not."""
     err = _triton_import_error()
     if err:
@@ -34,7 +34,7 @@ def _triton_reason(device: torch.device) -> str | None:
 def backends() -> dict:
     """What each backend can run on this machine: {name: (available, reason)} for the default device."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    reason = _triton_reason(device)
+    reason = triton_reason(device)
     return {
         "reference": (True, "pure torch, always available"),
         "chunked": (True, "pure torch streaming over class blocks, always available"),
@@ -56,7 +56,7 @@ def resolve(backend: str | None, device: torch.device, logits: int, supported=BA
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
     if backend == "auto":
-        if "triton" in supported and device.type == "cuda" and _triton_reason(device) is None:
+        if "triton" in supported and device.type == "cuda" and triton_reason(device) is None:
             return "triton"
         if "chunked" in supported and logits * 4 > AUTO_CHUNK_BYTES:
             return "chunked"
@@ -65,7 +65,7 @@ def resolve(backend: str | None, device: torch.device, logits: int, supported=BA
         raise ValueError(f"backend {backend!r} is not implemented for this loss; "
                          f"available: {', '.join(map(repr, supported))}")
     if backend == "triton":
-        reason = _triton_reason(device)
+        reason = triton_reason(device)
         if reason:
             raise RuntimeError(f"backend='triton' cannot run: {reason}")
     return backend

@@ -1,4 +1,10 @@
-"""Argument checks for the public entry points: each failure is a ValueError or TypeError naming the argument."""
+"""Argument checks for the public entry points: each failure is a ValueError or TypeError naming the argument.
+
+Checks of tensor *values* (label ranges, finiteness) go through `require`: on eager CPU tensors it reads the values
+on the host (no device to wait for) and raises a ValueError with the offending values; on any other device, and
+under torch.compile, it is `torch._assert_async`, a check that runs where the data lives: no synchronisation and no
+graph break, at the price of a RuntimeError with a fixed message (on CUDA a device-side assert, reported
+asynchronously and fatal to the CUDA context, as cross_entropy's out-of-range target is)."""
 import math
 
 import torch
@@ -22,8 +28,19 @@ def embeddings(x, name: str = "embeddings") -> torch.Tensor:
     return x
 
 
+def require(ok: torch.Tensor, message: str, detail=None) -> None:
+    """Checks that every element of the bool tensor `ok` is True (see the module docstring for how). Eager CPU:
+    ValueError(message + detail()), `detail` an optional callable describing the offending values."""
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok.all()):
+            raise ValueError(message + (detail() if detail is not None else ""))
+    else:
+        torch._assert_async(ok.all(), message)
+
+
 def labels(y, n: int, device: torch.device, num_classes: int | None = None, name: str = "labels") -> torch.Tensor:
-    """An integer [N] tensor on `device`, values in [0, num_classes) when given; returned as int64."""
+    """An integer [N] tensor on `device`, values in [0, num_classes) (>= 0 without num_classes); returned as int64.
+    The value range is checked by `require`."""
     tensor(y, name)
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got dtype {y.dtype}")
@@ -31,10 +48,12 @@ def labels(y, n: int, device: torch.device, num_classes: int | None = None, name
         raise ValueError(f"{name} must have shape [{n}] (one label per embedding), got {tuple(y.shape)}")
     if y.device != device:
         raise ValueError(f"{name} must be on the embeddings' device {device}, got {y.device}")
-    if n and int(y.min()) < 0:
-        raise ValueError(f"{name} must be >= 0, got {int(y.min())}")
-    if num_classes is not None and n and int(y.max()) >= num_classes:
-        raise ValueError(f"{name} must be < num_classes = {num_classes}, got {int(y.max())}")
+    if n:
+        if num_classes is None:
+            ok, expected = y >= 0, f"{name} must be >= 0"
+        else:
+            ok, expected = (y >= 0) & (y < num_classes), f"{name} must be in [0, num_classes = {num_classes})"
+        require(ok, expected, lambda: ", got values from {} to {}".format(*map(int, torch.aminmax(y))))
     return y.long()
 
 
@@ -61,7 +80,9 @@ def positive_int(value, name: str) -> int:
 
 
 def number(value, name: str, *, positive: bool = False, nonnegative: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # Comparisons rather than math.isfinite: under torch.compile a float hyper-parameter may arrive as a symbolic
+    # float (dynamo makes floats dynamic once a second value is seen), which comparisons handle and isfinite not.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")

@@ -4,12 +4,21 @@ Shapes: embeddings [N, D] float; labels [N] integer; proxies [C*K, D] class-majo
 class c); weight [C, D]. Every loss returns a scalar tensor in the embeddings' dtype. The mathematics of each
 function is FORMULAS.md; the docstrings of `metricloss_kernels.reference` state it per loss.
 """
+import functools
+
 import torch
 
 from . import _validation as V
-from . import chunked, fused, reference
+from . import fused, reference
 from ._backend import BACKENDS, resolve
+from .lse import class_lse
 from .polytopes import KINDS, polytope_dim
+
+__all__ = [
+    "arcface_loss", "center_loss", "contrastive_loss", "cosface_loss", "exponential_triplet_loss", "l2_softmax_loss",
+    "lifted_structure_loss", "margin_loss", "mpa_loss", "multi_similarity_loss", "npairs_loss", "proxy_anchor_loss",
+    "proxy_nca_loss", "proxy_repel_loss", "regular_polytope_loss", "soft_triple_loss", "triplet_margin_loss",
+]
 
 PAIR_BACKENDS = ("auto", "reference")
 MPA_VARIANTS = ("mpa", "dw", "ap")
@@ -68,18 +77,13 @@ def check_arguments(loss: str, **arguments) -> None:
             rule(value, name)
 
 
-def _lse_impl(name: str):
-    if name == "chunked":
-        return chunked.class_lse
-    from . import triton as kernels
-    return kernels.class_lse
-
-
-def _proxy_loss(name: str, backend, embeddings, logits: int, *args, **kwargs):
+def _proxy_loss(reference_fn, fused_fn, backend, logits: int, embeddings, *args, **kwargs):
+    """reference_fn(embeddings, *args, **kwargs), or fused_fn on the class_lse implementation of the chosen backend,
+    for a loss whose reference would materialise `logits` values."""
     chosen = resolve(backend, embeddings.device, logits)
     if chosen == "reference":
-        return getattr(reference, name)(*args, **kwargs)
-    return getattr(fused, name)(*args, **kwargs, lse=_lse_impl(chosen))
+        return reference_fn(embeddings, *args, **kwargs)
+    return fused_fn(embeddings, *args, **kwargs, lse=functools.partial(class_lse, impl=chosen))
 
 
 def _proxy_inputs(embeddings, labels, proxies, centers_per_class=1, name="proxies"):
@@ -102,7 +106,7 @@ def proxy_nca_loss(embeddings, labels, proxies, scale=2.0, exclude_positive=True
     check_arguments("proxy_nca_loss", scale=scale)
     if exclude_positive:
         require_two_classes(c, "proxies", "proxy_nca_loss with exclude_positive=True")
-    return _proxy_loss("proxy_nca_loss", backend, embeddings, embeddings.shape[0] * c,
+    return _proxy_loss(reference.proxy_nca_loss, fused.proxy_nca_loss, backend, embeddings.shape[0] * c,
                        embeddings, labels, proxies, scale=scale, exclude_positive=bool(exclude_positive))
 
 
@@ -110,7 +114,7 @@ def proxy_anchor_loss(embeddings, labels, proxies, margin=0.1, alpha=32.0, backe
     """ProxyAnchor (K = 1), negative term averaged over all C classes."""
     labels, c = _proxy_inputs(embeddings, labels, proxies)
     check_arguments("proxy_anchor_loss", margin=margin, alpha=alpha)
-    return _proxy_loss("proxy_anchor_loss", backend, embeddings, embeddings.shape[0] * c,
+    return _proxy_loss(reference.proxy_anchor_loss, fused.proxy_anchor_loss, backend, embeddings.shape[0] * c,
                        embeddings, labels, proxies, margin=margin, alpha=alpha)
 
 
@@ -119,7 +123,8 @@ def soft_triple_loss(embeddings, labels, proxies, centers_per_class=10, la=20.0,
     """SoftTriple: mean_i CE(la (S_i - margin onehot(y_i)), y_i) + tau R(W); proxies [C*K, D]."""
     labels, c = _proxy_inputs(embeddings, labels, proxies, centers_per_class)
     check_arguments("soft_triple_loss", la=la, gamma=gamma, margin=margin, tau=tau)
-    return _proxy_loss("soft_triple_loss", backend, embeddings, embeddings.shape[0] * proxies.shape[0],
+    return _proxy_loss(reference.soft_triple_loss, fused.soft_triple_loss, backend,
+                       embeddings.shape[0] * proxies.shape[0],
                        embeddings, labels, proxies, centers_per_class=centers_per_class, la=la, gamma=gamma,
                        margin=margin, tau=tau)
 
@@ -131,7 +136,7 @@ def mpa_loss(embeddings, labels, proxies, centers_per_class=10, alpha=32.0, marg
     check_arguments("mpa_loss", alpha=alpha, margin=margin, gamma=gamma, tau=tau, variant=variant)
     if variant == "mpa":
         require_two_classes(c, "proxies", "mpa_loss with variant='mpa'")
-    return _proxy_loss("mpa_loss", backend, embeddings, embeddings.shape[0] * proxies.shape[0],
+    return _proxy_loss(reference.mpa_loss, fused.mpa_loss, backend, embeddings.shape[0] * proxies.shape[0],
                        embeddings, labels, proxies, centers_per_class=centers_per_class, alpha=alpha,
                        margin=margin, gamma=gamma, tau=tau, variant=variant)
 
@@ -140,7 +145,7 @@ def arcface_loss(embeddings, labels, weight, margin=28.6, scale=64.0, backend="a
     """ArcFace: additive angular margin (degrees) on the target logit; weight [C, D]."""
     labels, c = _proxy_inputs(embeddings, labels, weight, name="weight")
     check_arguments("arcface_loss", margin=margin, scale=scale)
-    return _proxy_loss("arcface_loss", backend, embeddings, embeddings.shape[0] * c,
+    return _proxy_loss(reference.arcface_loss, fused.arcface_loss, backend, embeddings.shape[0] * c,
                        embeddings, labels, weight, margin=margin, scale=scale)
 
 
@@ -148,7 +153,7 @@ def cosface_loss(embeddings, labels, weight, margin=0.35, scale=64.0, backend="a
     """CosFace: additive cosine margin on the target logit; weight [C, D]."""
     labels, c = _proxy_inputs(embeddings, labels, weight, name="weight")
     check_arguments("cosface_loss", margin=margin, scale=scale)
-    return _proxy_loss("cosface_loss", backend, embeddings, embeddings.shape[0] * c,
+    return _proxy_loss(reference.cosface_loss, fused.cosface_loss, backend, embeddings.shape[0] * c,
                        embeddings, labels, weight, margin=margin, scale=scale)
 
 
@@ -161,7 +166,7 @@ def l2_softmax_loss(embeddings, labels, weight, bias=None, scale=16.0, normalize
         if bias.shape != (c,) or not bias.is_floating_point() or bias.device != embeddings.device:
             raise ValueError(f"bias must be a floating tensor of shape [{c}] on {embeddings.device}, "
                              f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}")
-    return _proxy_loss("l2_softmax_loss", backend, embeddings, embeddings.shape[0] * c,
+    return _proxy_loss(reference.l2_softmax_loss, fused.l2_softmax_loss, backend, embeddings.shape[0] * c,
                        embeddings, labels, weight, bias=bias, scale=scale,
                        normalize_weights=bool(normalize_weights))
 
@@ -178,7 +183,8 @@ def regular_polytope_loss(embeddings, labels, num_classes, polytope="simplex", s
         raise ValueError(f"embeddings must have width {d} for a {polytope} of {num_classes} classes, "
                          f"got {embeddings.shape[1]}")
     labels = V.labels(labels, embeddings.shape[0], embeddings.device, num_classes)
-    return _proxy_loss("regular_polytope_loss", backend, embeddings, embeddings.shape[0] * num_classes,
+    return _proxy_loss(reference.regular_polytope_loss, fused.regular_polytope_loss, backend,
+                       embeddings.shape[0] * num_classes,
                        embeddings, labels, num_classes, polytope=polytope, scale=scale, margin=margin)
 
 
@@ -186,7 +192,8 @@ def proxy_repel_loss(embeddings, labels, proxies, alpha=32.0, margin=0.1, varian
     """Proxy-repel (thesis eqs. 6.1 / 6.2): variant "proxies" or "batch"; proxies [C, D]."""
     labels, c = _proxy_inputs(embeddings, labels, proxies)
     check_arguments("proxy_repel_loss", alpha=alpha, margin=margin, variant=variant)
-    return _proxy_loss("proxy_repel_loss", backend, embeddings, max(embeddings.shape[0], c) * c,
+    return _proxy_loss(reference.proxy_repel_loss, fused.proxy_repel_loss, backend,
+                       max(embeddings.shape[0], c) * c,
                        embeddings, labels, proxies, alpha=alpha, margin=margin, variant=variant)
 
 
@@ -233,8 +240,6 @@ def margin_loss(embeddings, labels, margin=0.2, beta=1.2, generator=None, backen
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     labels = _pair_inputs(embeddings, labels, backend, num_classes)
-    if torch.is_tensor(beta) and beta.dim() == 0:
-        beta = beta.expand(int(labels.max()) + 1)  # the reference indexes beta by class
     return reference.margin_loss(embeddings, labels, margin=margin, beta=beta, generator=generator)
 
 

@@ -1,25 +1,27 @@
-"""Every proxy loss of FORMULAS.md written on top of one streaming primitive, `lse = class_lse` (chunked.class_lse or
-triton.class_lse; see chunked.py for its contract), so that no N x C (or N x C*K) tensor is ever held.
+"""Every proxy loss written on top of one streaming primitive, the registered op `class_lse` (metricloss_kernels.lse;
+its implementations: chunked.py, triton/), so that no N x C (or N x C*K) tensor is ever held.
 
 Each loss is O(N) / O(C) torch work around one or two `lse` calls:
 - the target-class similarities S_{i,y_i} are gathered in torch: O(N*K*D);
 - row-wise losses (ProxyNCA, SoftTriple, MPA-DW/AP, ArcFace, CosFace, L2-softmax, polytopes) combine the row LSE over
   the other classes with the target logit t_i: CE_i = logaddexp(lse_i, t_i) - t_i;
 - class-wise losses (ProxyAnchor, MPA, proxy-repel) take their negative term from the column LSE and their positive
-  term from a segment log-sum-exp over the samples of each class (torch scatter, O(N));
+  term from a segment log-sum-exp over the samples of each class (scatters into [C] buffers, O(N + C));
 - R(W) is streamed over blocks of classes too (bmm of [B, K, D] blocks), forward and backward.
-Signatures are those of `metricloss_kernels.reference` plus the keyword `lse`; inputs are assumed valid (the
-functional layer validates). fp16/bf16 inputs are computed in fp32 (W is never copied whole for that: `lse` converts
-it tile by tile) and the loss comes back in the embeddings' dtype.
+Signatures are those of `metricloss_kernels.reference` plus the keyword `lse`: a callable with the signature of
+`lse.class_lse` (the functional layer passes it with the backend's `impl`); inputs are assumed valid (the functional
+layer validates). No tensor data is read on the host: every shape follows from the inputs' shapes. fp16/bf16 inputs
+are computed in fp32 (W is never copied whole for that: the op converts it tile by tile), autocast is off inside,
+and the loss comes back in `_numerics.result_dtype` of the embeddings.
 """
 import math
 
 import torch
-import torch.nn.functional as F
 
 from metricloss_kernels import polytopes
-from metricloss_kernels._dtypes import compute_dtype
 from metricloss_kernels._math import arcface_target, softplus
+from metricloss_kernels._numerics import compute_dtype, inv_norm, normalize, normalize_backward_, upcast
+from metricloss_kernels.lse import class_lse
 
 # Classes per block of the regulariser: [B, K, D] blocks of about this many bytes.
 _REGULARIZER_BLOCK_BYTES = 4 * 2**20
@@ -27,15 +29,16 @@ _REGULARIZER_BLOCK_BYTES = 4 * 2**20
 
 def _unit_rows(embeddings: torch.Tensor) -> torch.Tensor:
     """x^ [N, D] in compute dtype."""
-    return F.normalize(embeddings.to(compute_dtype(embeddings.dtype)), dim=1)
+    return normalize(embeddings.to(compute_dtype(embeddings.dtype)), dim=1)
 
 
 def _target_cosines(x_hat: torch.Tensor, proxies: torch.Tensor, labels: torch.Tensor, k: int,
-                    normalize: bool = True) -> torch.Tensor:
-    """l_{i, y_i, k} = x^_i . w^_{y_i, k} -> [N, K], gathering only the N*K target proxies."""
+                    normalize_w: bool = True) -> torch.Tensor:
+    """l_{i, y_i, k} = x^_i . w^_{y_i, k} -> [N, K] (w^ = w if not normalize_w), gathering only the N*K target
+    proxies."""
     w = proxies.unflatten(0, (-1, k))[labels].to(x_hat.dtype)  # [N, K, D]
-    if normalize:
-        w = F.normalize(w, dim=-1)
+    if normalize_w:
+        w = normalize(w, dim=-1)
     return (w @ x_hat.unsqueeze(-1)).squeeze(-1)
 
 
@@ -50,12 +53,21 @@ def _row_ce(lse: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (torch.logaddexp(lse, target) - target).mean()
 
 
-def _class_softplus_lse(t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """softplus(LSE_{i: y_i = c} t_i) for each class c present in the batch -> [|C+|] (a segment LSE, O(N))."""
-    _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-    m = t.new_full(counts.shape, float("-inf")).scatter_reduce(0, inverse, t.detach(), "amax")
-    s = t.new_zeros(counts.shape).index_add(0, inverse, torch.exp(t - m[inverse]))
-    return softplus(m + s.log())
+def _class_softplus_lse(t: torch.Tensor, labels: torch.Tensor, num_classes: int):
+    """softplus(LSE_{i: y_i = c} t_i) for every class c, 0 for the classes absent from the batch, and the number of
+    samples of each class: ([C], [C]). A segment LSE through scatters into [C] buffers, O(N + C)."""
+    counts = t.new_zeros(num_classes).index_add_(0, labels, torch.ones_like(t))
+    present = counts > 0
+    m = t.new_full((num_classes,), float("-inf")).scatter_reduce_(0, labels, t.detach(), "amax")
+    m = m.masked_fill_(~present, 0)  # any finite shift for the absent classes
+    s = t.new_zeros(num_classes).index_add_(0, labels, torch.exp(t - m[labels]))
+    lse = m + torch.log(torch.where(present, s, 1.0))  # absent: log(1), never log(0) (whose gradient is NaN)
+    return torch.where(present, softplus(lse), 0.0), counts
+
+
+def _present_mean(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mean of the per-class `values` over the classes present in the batch (C+)."""
+    return values.sum() / (counts > 0).sum()
 
 
 class _ProxyRegularizer(torch.autograd.Function):
@@ -66,13 +78,12 @@ class _ProxyRegularizer(torch.autograd.Function):
 
     @staticmethod
     def _blocks(w, k):
-        cd = compute_dtype(w.dtype)
         w3 = w.unflatten(0, (-1, k))
         step = max(1, _REGULARIZER_BLOCK_BYTES // (k * w.shape[1] * 4))
         t, s = torch.triu_indices(k, k, offset=1, device=w.device)
         for c0 in range(0, w3.shape[0], step):
             wb = w3[c0:c0 + step]
-            inv = torch.linalg.vector_norm(wb, dim=-1, dtype=cd).clamp_min_(1e-12).reciprocal_()  # [B, K]
+            inv = inv_norm(wb, compute_dtype(w.dtype))  # [B, K]
             w_hat = torch.mul(wb, inv.unsqueeze(-1))
             dist = torch.sqrt(2.0 + 1e-5 - 2.0 * torch.bmm(w_hat, w_hat.transpose(1, 2))[:, t, s])  # [B, pairs]
             yield c0, w_hat, inv, dist, (t, s)
@@ -94,9 +105,7 @@ class _ProxyRegularizer(torch.autograd.Function):
             coef = torch.zeros(w_hat.shape[0], k, k, dtype=w_hat.dtype, device=w.device)
             coef[:, t, s] = -scale / dist
             grad_hat = torch.bmm(coef + coef.transpose(1, 2), w_hat)
-            # through w^ = w / max(||w||, eps): inv (g - w^ (w^ . g)), the projection dropped where clamped
-            dot = (w_hat * grad_hat).sum(-1, keepdim=True).masked_fill_((inv >= 1e12).unsqueeze(-1), 0)
-            dw[c0:c0 + w_hat.shape[0]] = grad_hat.addcmul_(w_hat, dot, value=-1).mul_(inv.unsqueeze(-1))
+            dw[c0:c0 + w_hat.shape[0]] = normalize_backward_(grad_hat, w_hat, inv)
         return dw.flatten(0, 1), None
 
 
@@ -117,46 +126,48 @@ def _arcface_ce(embeddings, labels, weight, margin_rad, scale, *, lse, normalize
     return _row_ce(row, scale * phi)
 
 
-def proxy_nca_loss(embeddings, labels, proxies, scale=2.0, exclude_positive=True, *, lse):
+@upcast(inputs=False)
+def proxy_nca_loss(embeddings, labels, proxies, scale=2.0, exclude_positive=True, *, lse=class_lse):
     """ProxyNCA (K = 1): mean_i [-s S_{i,y_i} + LSE_{c != y_i} s S_{i,c}]; exclude_positive=False puts the positive
     in the LSE (softmax CE). embeddings [N, D], labels [N], proxies [C, D] -> scalar."""
     t = scale * _target_cosines(_unit_rows(embeddings), proxies, labels, 1).squeeze(1)
     row = lse(embeddings, proxies, labels, scale=scale, reduce="row")
-    loss = (row - t).mean() if exclude_positive else _row_ce(row, t)
-    return loss.to(embeddings.dtype)
+    return (row - t).mean() if exclude_positive else _row_ce(row, t)
 
 
-def proxy_anchor_loss(embeddings, labels, proxies, margin=0.1, alpha=32.0, *, lse):
+@upcast(inputs=False)
+def proxy_anchor_loss(embeddings, labels, proxies, margin=0.1, alpha=32.0, *, lse=class_lse):
     """ProxyAnchor (K = 1): (1/|C+|) sum_{c in C+} softplus(LSE_{y_i=c} -alpha(S_ic - delta))
     + (1/C) sum_c softplus(LSE_{y_i!=c} alpha(S_ic + delta)). proxies [C, D] -> scalar."""
     s = _target_cosines(_unit_rows(embeddings), proxies, labels, 1).squeeze(1)
-    pos = _class_softplus_lse(-alpha * (s - margin), labels).mean()
+    pos = _present_mean(*_class_softplus_lse(-alpha * (s - margin), labels, proxies.shape[0]))
     neg = softplus(lse(embeddings, proxies, labels, scale=alpha, shift=alpha * margin, reduce="col")).mean()
-    return (pos + neg).to(embeddings.dtype)
+    return pos + neg
 
 
+@upcast(inputs=False)
 def soft_triple_loss(embeddings, labels, proxies, centers_per_class=10, la=20.0, gamma=0.1, margin=0.01, tau=0.2,
-                     *, lse):
+                     *, lse=class_lse):
     """SoftTriple: mean_i CE(la (S_i - delta onehot(y_i)), y_i) + tau R(W). proxies [C*K, D] -> scalar."""
     k = centers_per_class
     t = la * (_target_similarity(_unit_rows(embeddings), proxies, labels, k, gamma) - margin)
     row = lse(embeddings, proxies, labels, centers_per_class=k, gamma=gamma, scale=la, reduce="row")
-    return _with_regularizer(_row_ce(row, t), proxies, k, tau).to(embeddings.dtype)
+    return _with_regularizer(_row_ce(row, t), proxies, k, tau)
 
 
+@upcast(inputs=False)
 def mpa_loss(embeddings, labels, proxies, centers_per_class=10, alpha=32.0, margin=0.1, gamma=0.1, tau=0.2,
-             variant="mpa", *, lse):
+             variant="mpa", *, lse=class_lse):
     """Multi-Proxy Anchor family on S (temperature gamma) + tau R(W): "mpa" class-wise (negatives averaged over the
     classes that have a negative in the batch), "dw" data-wise, "ap" data-wise all pairs. -> scalar."""
     k = centers_per_class
     s = _target_similarity(_unit_rows(embeddings), proxies, labels, k, gamma)
     kw = dict(centers_per_class=k, gamma=gamma, scale=alpha, shift=alpha * margin)
     if variant == "mpa":
-        pos = _class_softplus_lse(-alpha * (s - margin), labels)
+        pos, counts = _class_softplus_lse(-alpha * (s - margin), labels, proxies.shape[0] // k)
         neg = softplus(lse(embeddings, proxies, labels, reduce="col", **kw))
-        # C- is every class once the batch holds two labels, else all but the batch's one (whose LSE is empty).
-        num_neg = neg.shape[0] - (1 if pos.shape[0] == 1 else 0)
-        loss = pos.mean() + neg.sum() / num_neg
+        # C- = the classes with a negative in the batch, those with fewer than N samples (an empty LSE adds 0).
+        loss = _present_mean(pos, counts) + neg.sum() / (counts < labels.shape[0]).sum()
     elif variant == "dw":
         row = lse(embeddings, proxies, labels, reduce="row", **kw)
         loss = (softplus(-alpha * (s - margin)) + softplus(row)).mean()
@@ -165,53 +176,59 @@ def mpa_loss(embeddings, labels, proxies, centers_per_class=10, alpha=32.0, marg
         loss = softplus(torch.logaddexp(row, alpha * (margin - s))).mean()
     else:
         raise ValueError(f"variant must be 'mpa', 'dw' or 'ap', got {variant!r}")
-    return _with_regularizer(loss, proxies, k, tau).to(embeddings.dtype)
+    return _with_regularizer(loss, proxies, k, tau)
 
 
-def arcface_loss(embeddings, labels, weight, margin=28.6, scale=64.0, *, lse):
+@upcast(inputs=False)
+def arcface_loss(embeddings, labels, weight, margin=28.6, scale=64.0, *, lse=class_lse):
     """ArcFace, angular margin in DEGREES (28.6 deg ~ 0.4992 rad). weight [C, D] -> scalar."""
-    return _arcface_ce(embeddings, labels, weight, math.radians(margin), scale, lse=lse).to(embeddings.dtype)
+    return _arcface_ce(embeddings, labels, weight, math.radians(margin), scale, lse=lse)
 
 
-def cosface_loss(embeddings, labels, weight, margin=0.35, scale=64.0, *, lse):
+@upcast(inputs=False)
+def cosface_loss(embeddings, labels, weight, margin=0.35, scale=64.0, *, lse=class_lse):
     """CosFace: mean_i CE(s (cos_i - m onehot(y_i)), y_i). weight [C, D] -> scalar."""
     t = scale * (_target_cosines(_unit_rows(embeddings), weight, labels, 1).squeeze(1) - margin)
-    return _row_ce(lse(embeddings, weight, labels, scale=scale, reduce="row"), t).to(embeddings.dtype)
+    return _row_ce(lse(embeddings, weight, labels, scale=scale, reduce="row"), t)
 
 
-def l2_softmax_loss(embeddings, labels, weight, bias=None, scale=16.0, normalize_weights=False, *, lse):
+@upcast(inputs=False)
+def l2_softmax_loss(embeddings, labels, weight, bias=None, scale=16.0, normalize_weights=False, *, lse=class_lse):
     """L2-constrained softmax: mean_i CE((s x^_i) W^T + b, y_i); W unnormalised unless normalize_weights
     (NormFace); a bias that is given is added in either case. weight [C, D], bias [C] or None -> scalar."""
     t = scale * _target_cosines(_unit_rows(embeddings), weight, labels, 1, normalize_weights).squeeze(1)
     if bias is not None:
         t = t + bias[labels].to(t.dtype)
     row = lse(embeddings, weight, labels, scale=scale, bias=bias, normalize_w=normalize_weights, reduce="row")
-    return _row_ce(row, t).to(embeddings.dtype)
+    return _row_ce(row, t)
 
 
-def regular_polytope_loss(embeddings, labels, num_classes, polytope="simplex", scale=30.0, margin="max", *, lse):
+@upcast(inputs=False)
+def regular_polytope_loss(embeddings, labels, num_classes, polytope="simplex", scale=30.0, margin="max", *,
+                          lse=class_lse):
     """Margin-RePoNet: ArcFace on x^ with the fixed unit-row weights regular_polytope(polytope, C); margin "max"
     (the polytope's neighbour angle) or a number in DEGREES. embeddings [N, d] -> scalar."""
     w = polytopes.polytope_weights(polytope, num_classes, embeddings.device, compute_dtype(embeddings.dtype))
     m = polytopes.margin_radians(polytope, num_classes, margin)
     # The rows are unit vectors by construction: used as they are, like the reference.
-    return _arcface_ce(embeddings, labels, w, m, scale, lse=lse, normalize_w=False).to(embeddings.dtype)
+    return _arcface_ce(embeddings, labels, w, m, scale, lse=lse, normalize_w=False)
 
 
-def proxy_repel_loss(embeddings, labels, proxies, alpha=32.0, margin=0.1, variant="proxies", *, lse):
+@upcast(inputs=False)
+def proxy_repel_loss(embeddings, labels, proxies, alpha=32.0, margin=0.1, variant="proxies", *, lse=class_lse):
     """Proxy-repel (K = 1): ProxyAnchor's positive term + (1/C) sum_w softplus(LSE_{w' != w} alpha(P_ww' + delta)),
     P = W^ W^T ("proxies") or W^ (X^T X^) W^T ("batch", a sum over the batch). proxies [C, D] -> scalar."""
     x_hat = _unit_rows(embeddings)
     s = _target_cosines(x_hat, proxies, labels, 1).squeeze(1)
-    pos = _class_softplus_lse(-alpha * (s - margin), labels).mean()
+    pos = _present_mean(*_class_softplus_lse(-alpha * (s - margin), labels, proxies.shape[0]))
     eye_labels = torch.arange(proxies.shape[0], device=proxies.device)
     kw = dict(scale=alpha, shift=alpha * margin, reduce="row")
     if variant == "proxies":
         row = lse(proxies, proxies, eye_labels, **kw)
     elif variant == "batch":
         # Row w of the "x" operand is w^ (X^T X^), so that its dot product with w'^ is P_ww'.
-        rows = F.normalize(proxies.to(x_hat.dtype), dim=1) @ (x_hat.T @ x_hat)
+        rows = normalize(proxies.to(x_hat.dtype), dim=1) @ (x_hat.T @ x_hat)
         row = lse(rows, proxies, eye_labels, normalize_x=False, **kw)
     else:
         raise ValueError(f"variant must be 'proxies' or 'batch', got {variant!r}")
-    return (pos + softplus(row).mean()).to(embeddings.dtype)
+    return pos + softplus(row).mean()

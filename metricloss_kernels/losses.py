@@ -12,7 +12,7 @@ from torch import nn
 from . import _validation as V
 from . import functional as F
 from .polytopes import regular_polytope
-from .reference import update_centers
+from .reference import updated_centers
 
 
 class _ProxyLoss(nn.Module):
@@ -262,9 +262,13 @@ class CenterLoss(nn.Module):
     def forward(self, embeddings, labels):
         loss = F.center_loss(embeddings, labels, self.centers, self.margin, self.backend)
         if self.training:
-            if not bool(torch.isfinite(embeddings).all()):  # one such update would poison the centres for good
-                raise ValueError("embeddings must be finite to update the centres (found NaN or inf)")
-            update_centers(self.centers, embeddings.detach(), labels, self.alpha)
+            # One non-finite batch would poison the centres for good: refused, and (should the check be an
+            # asynchronous one, see _validation.require) never written either.
+            finite = torch.isfinite(embeddings).all()
+            V.require(finite, "embeddings must be finite to update the centres (found NaN or inf)")
+            with torch.no_grad():
+                moved = updated_centers(self.centers, embeddings.detach(), labels, self.alpha)
+                self.centers.copy_(torch.where(finite, moved, self.centers))
         return loss
 
 

@@ -5,7 +5,7 @@ Both act on the last dimension: ``x`` [..., D] -> [..., D], in the dtype of ``x`
 import torch
 
 from . import _validation as V
-from ._dtypes import upcast
+from ._numerics import upcast
 
 
 def _check(x, scale):

@@ -11,6 +11,7 @@ import warnings
 import torch
 
 from . import _validation as check
+from ._numerics import compute_dtype, normalize
 
 METRICS = ("cosine", "dot", "euclidean")
 
@@ -116,14 +117,13 @@ def knn_torch(queries: torch.Tensor, reference: torch.Tensor, k: int, metric: st
     plus the lowest-index entries equal to it, sorted by (value, index). Euclidean: see ``_euclidean_torch``.
     """
     out_dtype = queries.dtype
-    compute = torch.float64 if out_dtype == torch.float64 else torch.float32
+    compute = compute_dtype(out_dtype)
     q, r = queries.to(compute), reference.to(compute)
     if metric == "euclidean":
         values, indices = _euclidean_torch(q, r, k, exclude_self, block_elements)
         return values.to(out_dtype), indices
     if metric == "cosine":
-        q = torch.nn.functional.normalize(q, dim=1, eps=1e-12)
-        r = torch.nn.functional.normalize(r, dim=1, eps=1e-12)
+        q, r = normalize(q, dim=1), normalize(r, dim=1)
     num_q, num_r = q.shape[0], r.shape[0]
     block = max(1, min(num_q, block_elements // max(num_r, 1)))
     values = torch.empty(num_q, k, dtype=compute, device=q.device)

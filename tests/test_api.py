@@ -77,6 +77,11 @@ def test_functional_defaults(name):
     assert "backend" in got
 
 
+def test_functional_all_lists_every_loss():
+    assert sorted(F.__all__) == sorted(FUNCTIONAL_DEFAULTS)
+    assert all(callable(getattr(F, name)) for name in F.__all__)
+
+
 @pytest.mark.parametrize("name", sorted(MODULE_DEFAULTS))
 def test_module_defaults(name):
     got = _defaults(getattr(mlk, name).__init__)
@@ -269,8 +274,8 @@ def test_explicit_backends_agree(backend):
 def test_env_variable_sets_default_backend(monkeypatch):
     from metricloss_kernels import chunked
     calls = []
-    original = chunked.class_lse
-    monkeypatch.setattr(chunked, "class_lse", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = chunked.forward
+    monkeypatch.setattr(chunked, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
     x, y, w = data(n=9, c=6, d=5)
     monkeypatch.setenv("METRICLOSS_BACKEND", "chunked")
     F.proxy_nca_loss(x, y, w)
@@ -415,10 +420,13 @@ def test_constructors_reject_what_forward_would(make, arg):
         make()
 
 
-def test_class_lse_rejects_unknown_reduce():
-    from metricloss_kernels import chunked
-    from metricloss_kernels import triton as kernels
+def test_class_lse_rejects_unknown_arguments():
+    from metricloss_kernels.lse import class_lse
     x, y, w = data(n=5, c=3, d=4)
-    for fn in (chunked.class_lse, kernels.class_lse):
+    for impl in ("chunked", "triton"):
         with pytest.raises(ValueError, match="reduce"):
-            fn(x.float(), w.float(), y, reduce="rows")
+            class_lse(x.float(), w.float(), y, reduce="rows", impl=impl)
+    with pytest.raises(ValueError, match="impl"):
+        class_lse(x, w, y, impl="cuda")
+    with pytest.raises(ValueError, match="block_classes"):
+        class_lse(x, w, y, block_classes=-1)

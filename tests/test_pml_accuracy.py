@@ -13,7 +13,7 @@ from pytorch_metric_learning.utils.inference import CustomKNN  # noqa: E402
 
 import metricloss_kernels as mlk  # noqa: E402
 from metricloss_kernels import pml  # noqa: E402
-from test_chunked import _largest_allocation  # noqa: E402  (tests/ is on sys.path)
+from utils import largest_allocation  # noqa: E402  (tests/ is on sys.path)
 
 CPU = torch.device("cpu")
 # PML computes the mean reciprocal rank in float32 (every other metric in float64, as here)
@@ -171,8 +171,8 @@ def test_memory_is_bounded_by_blocks(monkeypatch):
     monkeypatch.setattr(pml.AccuracyCalculator, "block_elements", 1 << 17)  # 8 blocks
     kwargs = {"device": CPU, "exclude": ("NMI", "AMI")}
     limit = 1000 * 999 * 8 // 2
-    assert _largest_allocation(lambda: pml_ac.AccuracyCalculator(**kwargs).get_accuracy(x, y)) >= limit
-    assert _largest_allocation(lambda: pml.AccuracyCalculator(**kwargs).get_accuracy(x, y)) < limit
+    assert largest_allocation(lambda: pml_ac.AccuracyCalculator(**kwargs).get_accuracy(x, y)) >= limit
+    assert largest_allocation(lambda: pml.AccuracyCalculator(**kwargs).get_accuracy(x, y)) < limit
 
 
 def test_works_without_faiss():

@@ -12,7 +12,7 @@ from pytorch_metric_learning import distances, miners, reducers, regularizers  #
 
 from metricloss_kernels import functional as F  # noqa: E402
 from metricloss_kernels import pml  # noqa: E402
-from test_chunked import _assert_close, _largest_allocation  # noqa: E402  (tests/ is on sys.path)
+from utils import assert_close, largest_allocation  # noqa: E402  (tests/ is on sys.path)
 from utils import make_batch  # noqa: E402
 
 N, D, C, K = 37, 40, 53, 3
@@ -96,9 +96,9 @@ def test_matches_pml(case, backend, dtype, calls):
     assert ours.accelerated == CASES[case][2], ours.fallback_reason
     assert bool(calls) == CASES[case][2]
     assert actual.dtype == expected.dtype
-    _assert_close(actual, expected, TOL[dtype], "loss")
+    assert_close(actual, expected, TOL[dtype], "loss")
     for name, a, e in zip(["embeddings", *dict(theirs.named_parameters())], actual_grads, expected_grads):
-        _assert_close(a, e, TOL[dtype], f"grad {name}")
+        assert_close(a, e, TOL[dtype], f"grad {name}")
 
 
 @pytest.mark.parametrize("case", ["proxy_anchor", "soft_triple", "arcface"])
@@ -109,9 +109,9 @@ def test_triton_backend_matches_pml(case, calls):
     x, labels = make_batch(N, D, C - 1, seed=2, dtype=torch.float32)
     (expected, expected_grads), (actual, actual_grads) = (_loss_and_grads(m, x, labels) for m in (theirs, ours))
     assert calls
-    _assert_close(actual, expected, TOL[torch.float32], "loss")
+    assert_close(actual, expected, TOL[torch.float32], "loss")
     for a, e in zip(actual_grads, expected_grads):
-        _assert_close(a, e, TOL[torch.float32], "grad")
+        assert_close(a, e, TOL[torch.float32], "grad")
 
 
 def test_parameters_initialisation_and_state_dict_are_pmls():
@@ -133,7 +133,7 @@ def test_weights_take_the_input_dtype_like_pml():
     """PML casts its weights to the embeddings' dtype in place; so does the accelerated path."""
     theirs, ours = _build("arcface", torch.float32)
     x, labels = make_batch(N, D, C - 1, seed=4)
-    _assert_close(ours(x, labels), theirs(x, labels), TOL[torch.float64], "loss")
+    assert_close(ours(x, labels), theirs(x, labels), TOL[torch.float64], "loss")
     assert ours.W.dtype == theirs.W.dtype == torch.float64
 
 
@@ -144,7 +144,7 @@ def test_half_precision_agrees_with_pml_to_its_rounding(case):
     x, labels = make_batch(N, D, C - 1, seed=5, dtype=torch.float16)
     actual, expected = ours(x, labels), theirs(x, labels)
     assert actual.dtype == torch.float16 and ours.accelerated
-    _assert_close(actual, expected, 2e-2, "loss")
+    assert_close(actual, expected, 2e-2, "loss")
 
 
 @pytest.mark.parametrize("case", ["proxy_anchor", "arcface", "soft_triple"])
@@ -156,9 +156,9 @@ def test_miner_indices_fall_back_to_pml(case, calls):
     (expected, expected_grads), (actual, actual_grads) = (
         _loss_and_grads(m, x, labels, indices_tuple=pairs) for m in (theirs, ours))
     assert not calls
-    _assert_close(actual, expected, 1e-12, "loss")
+    assert_close(actual, expected, 1e-12, "loss")
     for a, e in zip(actual_grads, expected_grads):
-        _assert_close(a, e, 1e-12, "grad")
+        assert_close(a, e, 1e-12, "grad")
 
 
 def test_pml_errors_are_kept(calls):
@@ -186,7 +186,7 @@ def test_proxy_nca_underflow_falls_back():
     theirs.softmax_scale = ours.softmax_scale = 30.0  # 2 s = 120 > -ln(tiny fp32) = 87.3
     x, labels = make_batch(N, D, C - 1, seed=8, dtype=torch.float32)
     assert ours.accelerated  # the configuration is; this dtype is not
-    _assert_close(ours(x, labels), theirs(x, labels), 1e-6, "loss")
+    assert_close(ours(x, labels), theirs(x, labels), 1e-6, "loss")
     assert ours._call_reason(x, labels, None, x, labels) is not None
 
 
@@ -219,8 +219,8 @@ def test_no_n_by_c_allocation(case, n, c, k):
     def run(module):
         return lambda: torch.autograd.grad(module(x, labels), [x, *module.parameters()])
 
-    assert _largest_allocation(run(theirs)) >= limit
-    assert _largest_allocation(run(ours)) < limit
+    assert largest_allocation(run(theirs)) >= limit
+    assert largest_allocation(run(ours)) < limit
 
 
 def test_pml_is_imported_lazily_and_missing_pml_says_how_to_install():

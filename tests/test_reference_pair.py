@@ -1,4 +1,5 @@
 """Pair-family references (metricloss_kernels/reference/pair.py) against explicit loops written from FORMULAS.md."""
+import itertools
 import math
 
 import pytest
@@ -152,19 +153,23 @@ def dw_probs_loop(x, y, a, cutoff=0.5, nz=1.4):
 
 
 def margin_loop(x, y, alpha, beta, seed):
-    """Margin loss with the negatives drawn from loop-computed probabilities, one torch.multinomial call over the
-    ordered positive pairs in row-major order (the same draw the reference makes)."""
+    """Margin loss with the negatives drawn from loop-computed probabilities by inverse CDF: ordered positive pair
+    (a, p) takes the first negative whose cumulative probability exceeds u[a, p] times the anchor's total, with
+    u = torch.rand(N, N) from a generator seeded with `seed` (the draw the reference makes)."""
     _, xs = sims(x)
     yl = y.tolist()
     b = (lambda a: float(beta[yl[a]])) if torch.is_tensor(beta) else (lambda a: beta)
-    pairs = [(a, p) for a in range(len(yl)) for p in pos_neg(yl, a)[0]]
-    probs = [dw_probs_loop(x, y, a) for a, _ in pairs]
-    rows = [i for i, pr in enumerate(probs) if sum(pr) > 0]
-    draws = torch.multinomial(torch.tensor([probs[i] for i in rows], dtype=F64), 1,
-                              generator=torch.Generator().manual_seed(seed)).squeeze(1).tolist()
+    u = torch.rand(len(yl), len(yl), generator=torch.Generator().manual_seed(seed), dtype=F64).tolist()
     dist = lambda i, j: float((xs[i] - xs[j]).norm())  # noqa: E731
-    losses = [relu(alpha + dist(a, p) - b(a)) for a, p in pairs]
-    losses += [relu(alpha - dist(pairs[i][0], n) + b(pairs[i][0])) for i, n in zip(rows, draws)]
+    losses = []
+    for a in range(len(yl)):
+        probs = dw_probs_loop(x, y, a)
+        for p in pos_neg(yl, a)[0]:
+            losses.append(relu(alpha + dist(a, p) - b(a)))
+            if sum(probs) > 0:
+                cdf = list(itertools.accumulate(probs))
+                n = next(i for i, c in enumerate(cdf) if c > u[a][p] * cdf[-1])
+                losses.append(relu(alpha - dist(a, n) + b(a)))
     return sum(losses) / len(losses)
 
 

@@ -6,7 +6,9 @@ Shapes: ``embeddings`` [N, D] float, ``labels`` [N] int64, ``centers`` [C, D].
 import torch
 import torch.nn.functional as F
 
-from .._dtypes import compute_dtype, upcast
+from .._numerics import compute_dtype, normalize, upcast
+from .._validation import require
+from .pair import _masked_mean, _zero
 
 _DISTANCES = ("cosine", "euclidean", "squared_euclidean")
 _EPS = 1e-20
@@ -20,7 +22,7 @@ def _distances(embeddings, distance, embedding_scale):
     cosine: 1 - x̂_i·x̂_j (D_max = 2); euclidean: ||x_i - x_j|| on the embeddings as given (D_max = 2 c_s);
     squared_euclidean: ||x_i - x_j||² (D_max = (2 c_s)²)."""
     if distance == "cosine":
-        x = F.normalize(embeddings, dim=1, eps=1e-12)
+        x = normalize(embeddings, dim=1)
         return 1.0 - x @ x.T, 2.0
     sq = (embeddings * embeddings).sum(dim=1)
     d2 = (sq[:, None] + sq[None, :] - 2.0 * (embeddings @ embeddings.T)).clamp_min(0.0)
@@ -48,7 +50,9 @@ def exponential_triplet_loss(embeddings, labels, num_classes, overlap=1.2, dista
 
     Args: embeddings [N, D]; labels [N] int64; num_classes: the number of training classes K_train;
     distance in {"cosine", "euclidean", "squared_euclidean"}. Returns a scalar.
-    Raises ValueError when ``overlap / num_classes >= 1`` (c_pos must be below 1).
+    Raises ValueError when ``overlap / num_classes >= 1`` (c_pos must be below 1), and when a Euclidean distance
+    leaves the ball (checked by ``_validation.require``: a ValueError on eager CPU tensors, an asynchronous
+    RuntimeError on other devices and under torch.compile).
     """
     if distance not in _DISTANCES:
         raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}")
@@ -60,24 +64,21 @@ def exponential_triplet_loss(embeddings, labels, num_classes, overlap=1.2, dista
     eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
     pos, neg = same & ~eye, ~same
     d, d_max = _distances(embeddings, distance, embedding_scale)
-    if distance != "cosine" and d.max() > d_max * (1 + _BALL_TOLERANCE):
-        raise ValueError(f"embeddings must lie in the ball of radius embedding_scale = {embedding_scale} for the "
-                         f"{distance} distance (largest distance {d.max().item():.4g} > D_max = {d_max:.4g}); map "
-                         f"them with unit_range / unit_bounce(x, scale=embedding_scale) or a scaled L2 normalisation")
+    if distance != "cosine":  # written as "not above" so that NaN distances pass (the NaN rule is not this check's)
+        largest = d.max()
+        require(~(largest > d_max * (1 + _BALL_TOLERANCE)),
+                f"embeddings must lie in the ball of radius embedding_scale = {embedding_scale} for the {distance} "
+                f"distance (D_max = {d_max:.4g}); map them with unit_range / unit_bounce(x, scale=embedding_scale) "
+                f"or a scaled L2 normalisation", lambda: f" (largest distance {largest.item():.4g})")
     d = d.clamp(max=d_max)  # what passed the check is out of the ball by rounding only: keep p, n <= 1
-    has_pos, has_neg = pos.any(dim=1), neg.any(dim=1)
-    if not has_pos.any() and not has_neg.any():
-        return embeddings.sum() * 0
-    loss = embeddings.sum() * 0
-    if has_pos.any():
-        d_ap = d[has_pos].masked_fill(~pos[has_pos], float("-inf")).amax(dim=1)
-        hinge = F.relu(d_ap / d_max - c_pos).mean()
-        loss = loss - pos_coef * torch.log(1.0 - hinge / (1.0 - c_pos) + _EPS)
-    if has_neg.any():
-        d_an = d[has_neg].masked_fill(~neg[has_neg], float("inf")).amin(dim=1)
-        hinge = F.relu(0.5 - d_an / d_max).mean()
-        loss = loss - neg_coef * torch.log(1.0 - hinge / 0.5 + _EPS)
-    return loss
+    # Anchors without a positive (negative) have d_ap = -inf (d_an = inf) and are left out of the mean; an empty
+    # mean is 0 and its term -log(1 + eps) = 0.
+    d_ap = d.masked_fill(~pos, float("-inf")).amax(dim=1)
+    d_an = d.masked_fill(~neg, float("inf")).amin(dim=1)
+    pos_hinge = _masked_mean(F.relu(d_ap / d_max - c_pos), pos.any(dim=1), embeddings)
+    neg_hinge = _masked_mean(F.relu(0.5 - d_an / d_max), neg.any(dim=1), embeddings)
+    return (_zero(embeddings) - pos_coef * torch.log(1.0 - pos_hinge / (1.0 - c_pos) + _EPS)
+            - neg_coef * torch.log(1.0 - neg_hinge / 0.5 + _EPS))
 
 
 @upcast
@@ -88,24 +89,32 @@ def center_loss(embeddings, labels, centers, margin=0.0):
 
     Args: embeddings [N, D]; labels [N] int64; centers [C, D]. Returns a scalar.
     """
-    diff = embeddings - centers.detach()[labels]
+    # F.embedding rather than centers[labels]: under torch.compile, PyTorch's partitioner may recompute an indexing
+    # read of the centres in the backward, i.e. after CenterLoss has updated them in the same graph (wrong
+    # gradients); embedding is not among the ops it recomputes, so the gathered rows are saved instead.
+    diff = embeddings - F.embedding(labels, centers.detach())
     return F.relu((diff * diff).sum(dim=1) - margin).mean()
 
 
 @torch.no_grad()
-def update_centers(centers, embeddings, labels, alpha=0.5):
-    """In-place centre update, no gradient: for every class y present in the batch,
-    ``c_y <- c_y - alpha * (c_y - mean_{i : y_i = y} x_i)``; the other centres are unchanged.
-    The class means are accumulated in fp32 (fp64 for fp64 tensors), the result is written in the centres' dtype.
+def updated_centers(centers, embeddings, labels, alpha=0.5):
+    """The centres after one update (a new tensor, no gradient): for every class y present in the batch,
+    ``c_y - alpha * (c_y - mean_{i : y_i = y} x_i)``; the other centres as they are. The class sums and counts
+    go through [C] buffers (fixed shapes, no host read), accumulated in fp32 (fp64 for fp64 tensors); the result
+    is in the centres' dtype.
 
-    Args: centers [C, D] (modified in place); embeddings [N, D]; labels [N] int64. Returns ``centers``.
+    Args: centers [C, D]; embeddings [N, D]; labels [N] int64. Returns [C, D].
     """
     acc = compute_dtype(centers.dtype, embeddings.dtype)
-    sums = torch.zeros(centers.shape, dtype=acc, device=centers.device)
-    sums.index_add_(0, labels, embeddings.to(acc))
-    counts = torch.bincount(labels, minlength=centers.shape[0])
-    present = (counts > 0).nonzero(as_tuple=True)[0]
-    means = sums[present] / counts[present].to(acc)[:, None]
-    c = centers[present].to(acc)
-    centers[present] = (c - alpha * (c - means)).to(centers.dtype)
-    return centers
+    sums = torch.zeros(centers.shape, dtype=acc, device=centers.device).index_add_(0, labels, embeddings.to(acc))
+    counts = torch.zeros(centers.shape[0], dtype=acc, device=centers.device).index_add_(
+        0, labels, torch.ones(labels.shape, dtype=acc, device=centers.device))
+    c = centers.to(acc)
+    moved = c - alpha * (c - sums / counts.clamp_min(1)[:, None])
+    return torch.where((counts > 0)[:, None], moved, c).to(centers.dtype)
+
+
+@torch.no_grad()
+def update_centers(centers, embeddings, labels, alpha=0.5):
+    """In-place centre update (`updated_centers` written into `centers`). Returns ``centers``."""
+    return centers.copy_(updated_centers(centers, embeddings, labels, alpha))

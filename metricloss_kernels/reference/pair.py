@@ -2,16 +2,18 @@
 
 All of them work on the batch x batch similarity matrix ``S_ij = x̂_i · x̂_j`` (N-pair: raw dot products), with
 boolean masks for positives ``P_i = {j != i : y_j = y_i}`` and negatives ``N_i = {j : y_j != y_i}``. N is a batch,
-so N x N intermediates are fine here. When no pair / triplet / anchor is valid, a loss returns
-``embeddings.sum() * 0``: a zero that still carries a graph, so ``backward()`` works.
+so N x N intermediates are fine here. Every shape is fixed by N: pairs, triplets and anchors are selected by masks
+(masked means with tensor counts, ``torch.where``, masked min/max), never by boolean indexing, so that nothing is
+read back to the host and the losses compile into one graph. When no pair / triplet / anchor is valid, a loss
+returns ``embeddings.sum() * 0``: a zero that still carries a graph, so ``backward()`` works.
 
 Shapes: ``embeddings`` [N, D] float, ``labels`` [N] int64; every loss returns a scalar in the embeddings' dtype
-(half precision is computed in fp32, see ``metricloss_kernels._dtypes.upcast``).
+(half precision is computed in fp32, see ``metricloss_kernels._numerics.upcast``).
 """
 import torch
 import torch.nn.functional as F
 
-from .._dtypes import upcast
+from .._numerics import normalize, upcast
 
 _DISTANCES = ("cosine", "euclidean", "squared_euclidean")
 _MINING = ("all", "semi-hard", "hard")
@@ -28,7 +30,7 @@ def _masks(labels):
 
 def _cosine(embeddings):
     """S = x̂ x̂ᵀ, [N, N]."""
-    x = F.normalize(embeddings, dim=1, eps=1e-12)
+    x = normalize(embeddings, dim=1)
     return x @ x.T
 
 
@@ -54,8 +56,17 @@ def _zero(embeddings, *extra):
 
 
 def _masked_lse(z, mask):
-    """Row-wise log-sum-exp of z over mask, [R]. Every row must have at least one True (else -inf and NaN grad)."""
-    return torch.logsumexp(z.masked_fill(~mask, float("-inf")), dim=1)
+    """Row-wise log-sum-exp of z over mask, [R]. A row without any True gives a finite placeholder with a finite
+    gradient (never -inf, whose gradient is NaN): the caller leaves such rows out (`_masked_mean`)."""
+    empty = ~mask.any(dim=1, keepdim=True)
+    return torch.logsumexp(z.masked_fill(~mask, float("-inf")).masked_fill(empty, 0), dim=1)
+
+
+def _masked_mean(values, mask, embeddings):
+    """Mean of `values` over the True entries of `mask` (same shape), or a 0 carrying a graph when there is none."""
+    count = mask.sum()
+    total = torch.where(mask, values, 0).sum()
+    return torch.where(count > 0, total / count.clamp_min(1), _zero(embeddings))
 
 
 @upcast
@@ -69,21 +80,15 @@ def contrastive_loss(embeddings, labels, pos_margin=1.0, neg_margin=0.5):
     Args: embeddings [N, D]; labels [N] int64. Returns a scalar.
     """
     pos, neg = _masks(labels)
-    if not pos.any() and not neg.any():
-        return _zero(embeddings)
     s = _cosine(embeddings)
-    loss = _zero(embeddings)
-    if pos.any():
-        loss = loss + F.relu(pos_margin - s[pos]).mean()
-    if neg.any():
-        loss = loss + F.relu(s[neg] - neg_margin).mean()
-    return loss
+    return _masked_mean(F.relu(pos_margin - s), pos, embeddings) + _masked_mean(F.relu(s - neg_margin), neg,
+                                                                                  embeddings)
 
 
 def _dissimilarity(embeddings, distance):
     """Returns (S, G): cosine similarities [N, N] and the matrix G [N, N] the triplet loss is linear in:
     G = -S for "cosine", ||x̂_i - x̂_j|| for "euclidean", ||x̂_i - x̂_j||² for "squared_euclidean"."""
-    x = F.normalize(embeddings, dim=1, eps=1e-12)
+    x = normalize(embeddings, dim=1)
     s = x @ x.T
     if distance == "cosine":
         return s, -s
@@ -119,32 +124,34 @@ def triplet_margin_loss(embeddings, labels, margin=0.1, distance="cosine", minin
 
     if mining == "all":
         n = len(labels)
-        block = max(1, _TRIPLET_BLOCK_ELEMS // max(1, n * n))
+        block = max(1, _TRIPLET_BLOCK_ELEMS // max(1, n * n))  # a plan from the shape only
         total, count = _zero(embeddings), 0
         for a0 in range(0, n, block):
             gb = g[a0:a0 + block]
             valid = pos[a0:a0 + block, :, None] & neg[a0:a0 + block, None, :]  # [B, P, N]
-            if valid.any():
-                total = total + F.relu(gb[:, :, None] - gb[:, None, :] + margin)[valid].sum()
-                count += int(valid.sum())
-        return total / count if count else _zero(embeddings)
+            total = total + torch.where(valid, F.relu(gb[:, :, None] - gb[:, None, :] + margin), 0).sum()
+            count = count + valid.sum()
+        return torch.where(count > 0, total / count.clamp_min(1), _zero(embeddings))
 
     if mining == "semi-hard":
-        a_idx, p_idx = pos.nonzero(as_tuple=True)
-        cand = neg[a_idx] & (sd[a_idx] < sd[a_idx, p_idx][:, None])  # [pairs, N]
-        keep = cand.any(dim=1)
-        if not keep.any():
-            return _zero(embeddings)
-        a_idx, p_idx, cand = a_idx[keep], p_idx[keep], cand[keep]
-        n_idx = sd[a_idx].masked_fill(~cand, float("-inf")).argmax(dim=1)
-    else:  # hard
-        keep = pos.any(dim=1) & neg.any(dim=1)
-        if not keep.any():
-            return _zero(embeddings)
-        a_idx = keep.nonzero(as_tuple=True)[0]
-        p_idx = sd[a_idx].masked_fill(~pos[a_idx], float("inf")).argmin(dim=1)
-        n_idx = sd[a_idx].masked_fill(~neg[a_idx], float("-inf")).argmax(dim=1)
-    return F.relu(g[a_idx, p_idx] - g[a_idx, n_idx] + margin).mean()
+        # For each (a, p): the first negative of a, in descending similarity, that is below S_ap. A stable sort
+        # puts equal similarities in index order, so ties go to the lower index (as an argmax would). NaN
+        # similarities are never candidates, and a NaN S_ap has no negative below it.
+        n = len(labels)
+        valid_s = ~torch.isnan(sd)
+        desc, order = sd.masked_fill(~(neg & valid_s), float("-inf")).sort(dim=1, descending=True, stable=True)
+        first = torch.searchsorted(-desc, -sd, right=True)  # [a, p]: how many negatives of a have S >= S_ap
+        at = first.clamp(max=n - 1)
+        found = (first < n) & (desc.gather(1, at) > float("-inf"))
+        keep = pos & valid_s & found
+        n_idx = order.gather(1, at)
+        return _masked_mean(F.relu(g - g.gather(1, n_idx) + margin), keep, embeddings)
+
+    # hard: per anchor, its least similar positive and most similar negative
+    keep = pos.any(dim=1) & neg.any(dim=1)
+    p_idx = sd.masked_fill(~pos, float("inf")).argmin(dim=1, keepdim=True)
+    n_idx = sd.masked_fill(~neg, float("-inf")).argmax(dim=1, keepdim=True)
+    return _masked_mean(F.relu(g.gather(1, p_idx) - g.gather(1, n_idx) + margin).squeeze(1), keep, embeddings)
 
 
 @upcast
@@ -159,10 +166,8 @@ def lifted_structure_loss(embeddings, labels, margin=0.5):
     """
     pos, neg = _masks(labels)
     keep = pos.any(dim=1) & neg.any(dim=1)
-    if not keep.any():
-        return _zero(embeddings)
-    s, pos, neg = _cosine(embeddings)[keep], pos[keep], neg[keep]
-    return F.relu(_masked_lse(margin - s, pos) + _masked_lse(s, neg)).mean()
+    s = _cosine(embeddings)
+    return _masked_mean(F.relu(_masked_lse(margin - s, pos) + _masked_lse(s, neg)), keep, embeddings)
 
 
 @upcast
@@ -179,10 +184,8 @@ def npairs_loss(embeddings, labels, l2_reg=0.02):
     pos, neg = _masks(labels)
     reg = l2_reg * (embeddings * embeddings).sum(dim=1).mean()
     keep = pos.any(dim=1) & neg.any(dim=1)
-    if not keep.any():
-        return reg
-    s, pos, neg = (embeddings @ embeddings.T)[keep], pos[keep], neg[keep]
-    return F.softplus(_masked_lse(s, neg) + _masked_lse(-s, pos)).mean() + reg
+    s = embeddings @ embeddings.T
+    return _masked_mean(F.softplus(_masked_lse(s, neg) + _masked_lse(-s, pos)), keep, embeddings) + reg
 
 
 def _distance_weighted_probs(dist, neg, dim, cutoff, nonzero_loss_cutoff):
@@ -206,36 +209,46 @@ def margin_loss(embeddings, labels, margin=0.2, beta=1.2, generator=None):
     """Margin loss (Wu et al.) with distance-weighted negative sampling.
 
     ``D_ij = ||x̂_i - x̂_j||``, ``ℓ_ij = [α + t_ij (D_ij - β)]₊``, t = +1 for positives, -1 for negatives,
-    α = ``margin``. ``beta``: float, or Tensor [C] of per-class values (learnable if it requires grad); a pair
-    (a, b) uses β of the anchor's class y_a.
+    α = ``margin``. ``beta``: float, 0-d Tensor (one learnable β) or Tensor [C] of per-class values (learnable if
+    it requires grad); a pair (a, b) uses β of the anchor's class y_a.
     Pairs: every ordered positive pair (a, p), p in P_a, and for each of them one negative n of anchor a drawn by
-    distance-weighted sampling (cutoff 0.5, nonzero_loss_cutoff 1.4, weights computed without gradient, drawn with
-    ``torch.multinomial(..., generator=generator)``). The loss is the plain mean of ℓ over all positive and
-    sampled negative pairs **(resolved: not over the non-zero ones)**. Resolved edge cases: an anchor whose
-    negatives all lie at distance >= 1.4 samples uniformly among its negatives (the authors' code falls back to
-    uniform sampling); a positive pair whose anchor has no negative keeps its positive term and has no negative
-    term. No positive pair: a 0 that carries a graph.
+    distance-weighted sampling (cutoff 0.5, nonzero_loss_cutoff 1.4, weights computed without gradient). The draw
+    **(resolved)** is by inverse CDF: one uniform number per ordered pair, ``u = torch.rand(N, N,
+    generator=generator)``, and pair (a, p) takes the first n whose cumulative probability exceeds
+    ``u[a, p]`` times anchor a's total. The loss is the plain mean of ℓ over all positive and sampled negative
+    pairs **(resolved: not over the non-zero ones)**. Resolved edge cases: an anchor whose negatives all lie at
+    distance >= 1.4 samples uniformly among its negatives (the authors' code falls back to uniform sampling); a
+    positive pair whose anchor has no negative keeps its positive term and has no negative term. No positive pair:
+    a 0 that carries a graph.
 
     Args: embeddings [N, D]; labels [N] int64; generator: torch.Generator on the embeddings' device, or None.
     Returns a scalar.
     """
     pos, neg = _masks(labels)
-    if not pos.any():
-        return _zero(embeddings, beta)
-    x = F.normalize(embeddings, dim=1, eps=1e-12)
+    n = len(labels)
+    x = normalize(embeddings, dim=1)
     dist = _safe_sqrt(_sq_dist(x))
-    a_idx, p_idx = pos.nonzero(as_tuple=True)
     with torch.no_grad():
-        probs = _distance_weighted_probs(dist.detach(), neg, embeddings.shape[1], 0.5, 1.4)[a_idx]
-        has_neg = probs.sum(dim=1) > 0
-    b = beta[labels] if torch.is_tensor(beta) else torch.full_like(dist[:, 0], beta)  # β per anchor, [N]
-    pos_loss = F.relu(margin + dist[a_idx, p_idx] - b[a_idx])
-    if not has_neg.any():
-        return pos_loss.mean()
-    an_idx = a_idx[has_neg]
-    n_idx = torch.multinomial(probs[has_neg], 1, generator=generator).squeeze(1)
-    neg_loss = F.relu(margin - dist[an_idx, n_idx] + b[an_idx])
-    return (pos_loss.sum() + neg_loss.sum()) / (len(pos_loss) + len(neg_loss))
+        probs = _distance_weighted_probs(dist.detach(), neg, embeddings.shape[1], 0.5, 1.4)  # [N, N] per anchor
+        cdf = probs.cumsum(dim=1)
+        total = cdf[:, -1:]
+        # (rand_like without a generator: the generator overload of rand needs concrete sizes, which a compiled
+        # graph with a dynamic batch size does not have)
+        u = torch.rand_like(cdf) if generator is None else torch.rand(cdf.shape, generator=generator,
+                                                                       dtype=cdf.dtype, device=cdf.device)
+        # Strictly below the total, so that the first n with cdf > u * total has a non-zero probability.
+        target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+        n_idx = torch.searchsorted(cdf, target, right=True).clamp_(max=n - 1)  # [a, p]
+    if torch.is_tensor(beta):
+        b = beta[labels] if beta.dim() else beta.expand(n)  # β per anchor, [N]
+    else:
+        b = torch.full_like(dist[:, 0], beta)
+    pos_loss = F.relu(margin + dist - b[:, None])  # [a, p]
+    neg_loss = F.relu(margin - dist.gather(1, n_idx) + b[:, None])  # [a, p]: the negative drawn for (a, p)
+    sampled = pos & neg.any(dim=1, keepdim=True)
+    total_loss = torch.where(pos, pos_loss, 0).sum() + torch.where(sampled, neg_loss, 0).sum()
+    count = pos.sum() + sampled.sum()
+    return torch.where(count > 0, total_loss / count.clamp_min(1), _zero(embeddings, beta))
 
 
 @upcast
@@ -260,9 +273,7 @@ def multi_similarity_loss(embeddings, labels, alpha=2.0, beta=50.0, base=0.5, ep
     neg_keep = neg & (sd + epsilon > min_pos)
     pos_keep = pos & (sd - epsilon < max_neg)
     keep = pos_keep.any(dim=1) & neg_keep.any(dim=1)
-    if not keep.any():
-        return _zero(embeddings)
-    s, pos_keep, neg_keep = s[keep], pos_keep[keep], neg_keep[keep]
     pos_term = F.softplus(_masked_lse(-alpha * (s - base), pos_keep)) / alpha
     neg_term = F.softplus(_masked_lse(beta * (s - base), neg_keep)) / beta
-    return (pos_term + neg_term).sum() / len(labels)
+    total = torch.where(keep, pos_term + neg_term, 0).sum() / len(labels)
+    return torch.where(keep.any(), total, _zero(embeddings))

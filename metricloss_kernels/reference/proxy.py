@@ -3,7 +3,8 @@
 Every function materialises the full N x C (or N x C*K) similarity matrix: readable and exact, not memory-bounded.
 Conventions: embeddings x [N, D] float, labels [N] int64 in [0, C), proxies [C*K, D] class-major (row c*K + k is
 proxy k of class c). Inputs are assumed valid (the functional layer validates). fp16/bf16 inputs are computed in
-fp32 and the result comes back in the input dtype (`upcast`).
+fp32 and the result comes back in the input dtype (`upcast`). Averages over a data-dependent set of classes (C+,
+C-) are sums over [C] divided by tensor counts: no host read, one graph under torch.compile.
 """
 import math
 
@@ -11,13 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from metricloss_kernels import polytopes
-from metricloss_kernels._dtypes import upcast
+from metricloss_kernels._numerics import normalize, upcast
 from metricloss_kernels._math import arcface_target, softplus
 
 
 def _cosines(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [N, D], w [P, D] -> [N, P] cosines x^ . w^ with x^ = x / max(||x||, 1e-12)."""
-    return F.normalize(x, dim=1) @ F.normalize(w, dim=1).T
+    return normalize(x, dim=1) @ normalize(w, dim=1).T
 
 
 def _softplus_lse(z: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
@@ -38,8 +39,14 @@ def _target(s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _positive_mask(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """[N, C] bool, True where c == labels_i."""
-    return F.one_hot(labels, num_classes).bool()
+    """[N, C] bool, True where c == labels_i (a comparison: unlike one_hot, no range check that reads the labels)."""
+    return labels[:, None] == torch.arange(num_classes, device=labels.device)
+
+
+def _subset_mean(values: torch.Tensor, subset: torch.Tensor) -> torch.Tensor:
+    """Mean of the per-class `values` [C] over the classes of the non-empty bool `subset` [C] (values outside the
+    subset are 0: the softplus of an empty LSE)."""
+    return values.sum() / subset.sum()
 
 
 @upcast
@@ -69,7 +76,7 @@ def proxy_regularizer(proxies: torch.Tensor, centers_per_class: int) -> torch.Te
         scalar; 0 when K = 1.
     """
     k = centers_per_class
-    w = F.normalize(proxies, dim=1).unflatten(0, (-1, k))  # [C, K, D]
+    w = normalize(proxies, dim=1).unflatten(0, (-1, k))  # [C, K, D]
     gram = w @ w.transpose(1, 2)  # [C, K, K]
     t, s = torch.triu_indices(k, k, offset=1, device=proxies.device)
     dist = torch.sqrt(2.0 + 1e-5 - 2.0 * gram[:, t, s])  # [C, K(K-1)/2]
@@ -133,7 +140,7 @@ def proxy_anchor_loss(embeddings: torch.Tensor, labels: torch.Tensor, proxies: t
         scalar.
     """
     pos, neg, present, _ = _anchor_terms(_cosines(embeddings, proxies), labels, alpha, margin)
-    return pos[present].mean() + neg.mean()
+    return _subset_mean(pos, present) + neg.mean()
 
 
 @upcast
@@ -175,7 +182,7 @@ def mpa_loss(embeddings: torch.Tensor, labels: torch.Tensor, proxies: torch.Tens
     s = class_similarity(embeddings, proxies, centers_per_class, gamma)
     if variant == "mpa":
         pos, neg, present, has_neg = _anchor_terms(s, labels, alpha, margin)
-        loss = pos[present].mean() + neg[has_neg].mean()
+        loss = _subset_mean(pos, present) + _subset_mean(neg, has_neg)
     elif variant == "dw":
         pos_mask = _positive_mask(labels, s.shape[1])
         pos = softplus(-alpha * (_target(s, labels) - margin))
@@ -245,8 +252,8 @@ def l2_softmax_loss(embeddings: torch.Tensor, labels: torch.Tensor, weight: torc
     Returns:
         scalar.
     """
-    w = F.normalize(weight, dim=1) if normalize_weights else weight
-    logits = (scale * F.normalize(embeddings, dim=1)) @ w.T
+    w = normalize(weight, dim=1) if normalize_weights else weight
+    logits = (scale * normalize(embeddings, dim=1)) @ w.T
     if bias is not None:
         logits = logits + bias
     return F.cross_entropy(logits, labels)
@@ -267,7 +274,7 @@ def regular_polytope_loss(embeddings: torch.Tensor, labels: torch.Tensor, num_cl
     """
     w = polytopes.polytope_weights(polytope, num_classes, embeddings.device, embeddings.dtype)
     m = polytopes.margin_radians(polytope, num_classes, margin)
-    return _additive_angular_margin_ce(F.normalize(embeddings, dim=1) @ w.T, labels, m, scale)
+    return _additive_angular_margin_ce(normalize(embeddings, dim=1) @ w.T, labels, m, scale)
 
 
 @upcast
@@ -299,4 +306,4 @@ def proxy_repel_loss(embeddings: torch.Tensor, labels: torch.Tensor, proxies: to
         raise ValueError(f"variant must be 'proxies' or 'batch', got {variant!r}")
     others = ~torch.eye(p.shape[0], dtype=torch.bool, device=p.device)
     neg = _softplus_lse(alpha * (p + margin), others, dim=1)
-    return pos[pos_mask.any(dim=0)].mean() + neg.mean()
+    return _subset_mean(pos, pos_mask.any(dim=0)) + neg.mean()

@@ -214,16 +214,18 @@ def _dw_kernel(
         tl.store(dbias_ptr + offs_c, dbias, mask=c_ok)
 
 
-def backward(p, lse, grad, *, row_reduce, need_x, need_w, need_b, atomic_dx, splits=None):
-    """(dX, dW, dbias) of class_lse for the prepared problem `p` (metricloss_kernels.triton._common.Problem), its
-    forward result `lse` and upstream gradient `grad`; each is None when not needed.
+def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b):
+    """(dX, dW, dbias) of class_lse (argument order of metricloss_kernels.lse) for the upstream gradient `grad` and
+    the forward result `out`; each is None when not needed.
 
-    atomic_dx: let the class-tile programs also produce dX, by atomics, when they run anyway (one logits
-    recomputation instead of two); otherwise dX comes from _dx_kernel (deterministic)."""
-    cfg, dev = p.cfg, p.x.device
+    Column reduce: dX comes by atomics from the class-tile programs when they run anyway (one logits recomputation
+    instead of two), unless torch.are_deterministic_algorithms_enabled(); then from _dx_kernel (deterministic)."""
+    p = _common.Problem(x, w, labels, bias, spec)
+    row_reduce, splits, cfg, dev = spec.row, p.splits, p.cfg, x.device
+    atomic_dx = not row_reduce and not torch.are_deterministic_algorithms_enabled()
     n, c, k, d = p.n, p.c, p.k, p.d
     g = grad.to(p.acc).contiguous()
-    lse = lse.contiguous()
+    lse = out.contiguous()
     row_tiles, class_tiles = triton.cdiv(n, cfg.block_n), triton.cdiv(c, cfg.block_c)
     itemsize = torch.empty((), dtype=p.acc).element_size()
     meta = dict(K=k, ROW_REDUCE=row_reduce, HAS_BIAS=p.bias is not None, NORM_X=p.normalize_x,

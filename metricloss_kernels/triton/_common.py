@@ -5,10 +5,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .._numerics import NORM_EPS, compute_dtype
+
 # Kernels are decorated at import time, so this is the mode they run in (CPU tensors need the interpreter).
 INTERPRET = bool(triton.knobs.runtime.interpret)
-
-NORM_EPS = 1e-12  # as F.normalize: x / max(||x||, eps)
 
 # Upper bound on the fp32 scratch that split reductions / half-precision dW accumulation may allocate.
 SCRATCH_BYTES = 64 * 2**20
@@ -68,7 +68,7 @@ def dtypes(x: torch.Tensor, w: torch.Tensor):
     Accumulation is fp32 (fp64 for fp64 inputs). Operands keep the input dtype when x and w share it (tensor cores
     for fp16/bf16), else both are upcast. fp32 dots follow torch's matmul precision setting, so that a Triton/torch
     comparison in one process compares like with like: "highest" -> exact fp32 ("ieee"), otherwise TF32."""
-    acc = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
+    acc = compute_dtype(x.dtype, w.dtype)
     op = x.dtype if x.dtype == w.dtype else acc
     precision = "ieee" if op != torch.float32 or torch.get_float32_matmul_precision() == "highest" else "tf32"
     return acc, _TL_DTYPES[acc], _TL_DTYPES[op], precision
@@ -115,47 +115,22 @@ def inv_norms(t: torch.Tensor, acc: torch.dtype):
     return inv, coef
 
 
-@dataclass(frozen=True)
-class Options:
-    """The non-tensor arguments of one class_lse call (see class_lse)."""
-    centers_per_class: int = 1
-    gamma: float = 0.1
-    scale: float = 1.0
-    shift: float = 0.0
-    normalize_x: bool = True
-    normalize_w: bool = True
-    block_n: int | None = None
-    block_c: int | None = None
-    block_d: int | None = None
-    num_splits: int | None = None
-
-
 class Problem:
-    """One class_lse call prepared for the kernels: inputs, inverse norms (O(N + C*K)), dtypes, tiles."""
+    """One class_lse call prepared for the kernels: inputs, the spec (metricloss_kernels.lse.LSESpec), inverse norms
+    (O(N + C*K), recomputed by the backward rather than saved), dtypes, tiles."""
 
-    def __init__(self, x, w, labels, bias, options: Options, norms=None):
-        self.x, self.w, self.labels, self.bias, self.options = x, w, labels, bias, options
+    def __init__(self, x, w, labels, bias, spec):
+        self.x, self.w, self.labels, self.bias, self.spec = x, w, labels.contiguous(), bias, spec
         self.n, self.d = x.shape
-        self.k = options.centers_per_class
+        self.k = spec.centers_per_class
         self.c = w.shape[0] // self.k
         self.acc, self.acc_tl, self.op_tl, self.precision = dtypes(x, w)
-        self.normalize_x, self.normalize_w = bool(options.normalize_x), bool(options.normalize_w)
-        self.scale, self.shift, self.inv_gamma = float(options.scale), float(options.shift), 1.0 / options.gamma
-        self.cfg = tile_config(x, options.block_n, options.block_c, options.block_d)
-        if norms is None:
-            rx, cx = inv_norms(x, self.acc) if self.normalize_x else (None, None)
-            rw, cw = inv_norms(w, self.acc) if self.normalize_w else (None, None)
-            norms = (rx, cx, rw, cw)
-        self.rx, self.cx, self.rw, self.cw = norms
+        self.normalize_x, self.normalize_w = spec.normalize_x, spec.normalize_w
+        self.scale, self.shift, self.inv_gamma = spec.scale, spec.shift, 1.0 / spec.gamma
+        self.cfg = tile_config(x, spec.block_rows or None, spec.block_classes or None, spec.block_d or None)
+        self.splits = spec.num_splits or None
+        self.rx, self.cx = inv_norms(x, self.acc) if self.normalize_x else (None, None)
+        self.rw, self.cw = inv_norms(w, self.acc) if self.normalize_w else (None, None)
         # Kernels ignore the pointers of disabled features; x stands in for them.
         self.bias_arg, self.rx_arg, self.cx_arg, self.rw_arg, self.cw_arg = (
-            x if t is None else t for t in (bias, *norms))
-
-    def tensors(self):
-        """What the backward needs: inputs and inverse norms (for ctx.save_for_backward)."""
-        return self.x, self.w, self.labels, self.bias, self.rx, self.cx, self.rw, self.cw
-
-    @classmethod
-    def restore(cls, tensors, options: Options) -> "Problem":
-        x, w, labels, bias, *norms = tensors
-        return cls(x, w, labels, bias, options, tuple(norms))
+            x if t is None else t for t in (bias, self.rx, self.cx, self.rw, self.cw))

@@ -1,4 +1,4 @@
-"""class_lse's forward kernel, its launcher and the autograd Function of both reductions.
+"""class_lse's forward kernel and its launcher, for both reductions (the op itself: metricloss_kernels.lse).
 
 reduce="row" (ROW_REDUCE): out_i = LSE_{c != labels_i} z[i, c] over classes, per row of x (the row-wise losses).
 One program per (row tile, split of the class tiles) streams its classes with a running (max, sum) per row.
@@ -22,7 +22,6 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._backward import backward
 from ._tiles import _class_similarity, _load_inv, _logits_z, _lse_terms
 
 
@@ -86,12 +85,12 @@ def _lse_fwd_kernel(
     tl.store(lse_ptr + pid_s * n_out + offs_out, lse, mask=offs_out < n_out)
 
 
-def lse_forward(p: "_common.Problem", row_reduce: bool, splits=None) -> torch.Tensor:
+def lse_forward(p: "_common.Problem", row_reduce: bool) -> torch.Tensor:
     """LSE per row ([N], row_reduce) or per class ([C]) in the accumulation dtype."""
     cfg = p.cfg
     row_tiles, class_tiles = triton.cdiv(p.n, cfg.block_n), triton.cdiv(p.c, cfg.block_c)
     out_tiles, streamed_tiles, n_out = (row_tiles, class_tiles, p.n) if row_reduce else (class_tiles, row_tiles, p.c)
-    splits = _common.num_splits(out_tiles, streamed_tiles, p.x.device, splits)
+    splits = _common.num_splits(out_tiles, streamed_tiles, p.x.device, p.splits)
     partial = torch.empty((splits, n_out), dtype=p.acc, device=p.x.device)
     _lse_fwd_kernel[(out_tiles, splits)](
         p.x, p.w, p.bias_arg, p.labels, p.rx_arg, p.rw_arg, partial,
@@ -105,24 +104,6 @@ def lse_forward(p: "_common.Problem", row_reduce: bool, splits=None) -> torch.Te
     return partial[0] if splits == 1 else torch.logsumexp(partial, dim=0)
 
 
-class ClassLSE(torch.autograd.Function):
-    """class_lse with a streaming backward; see metricloss_kernels.triton.class_lse."""
-
-    @staticmethod
-    def forward(ctx, x, w, bias, labels, row_reduce, options):
-        p = _common.Problem(x, w, labels, bias, options)
-        lse = lse_forward(p, row_reduce, options.num_splits)
-        ctx.save_for_backward(*p.tensors(), lse)
-        ctx.options, ctx.row_reduce = options, row_reduce
-        return lse
-
-    @staticmethod
-    def backward(ctx, grad):
-        *tensors, lse = ctx.saved_tensors
-        p = _common.Problem.restore(tensors, ctx.options)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        # Column reduce: dX by atomics unless deterministic algorithms are required (see the module docstring).
-        atomic_dx = not ctx.row_reduce and not torch.are_deterministic_algorithms_enabled()
-        dx, dw, db = backward(p, lse, grad, row_reduce=ctx.row_reduce, need_x=need_x, need_w=need_w,
-                              need_b=need_b, atomic_dx=atomic_dx, splits=ctx.options.num_splits)
-        return dx, dw, db, None, None, None
+def forward(x, w, labels, bias, spec):
+    """The op's forward on the kernels (argument order of metricloss_kernels.lse): [N] or [C], accumulation dtype."""
+    return lse_forward(_common.Problem(x, w, labels, bias, spec), spec.row)
