@@ -206,9 +206,9 @@ for case, case_rows in by_case.items():
     entry = {"case": case, "error": errors or None, "median_ms": ms,
              "triton_tflops": next((r["tflops"] for r in case_rows if r["impl"] == "triton" and "tflops" in r), None)}
     if "triton" in ms and "torch.mm" in ms:
-        entry["triton_over_mm_floor"] = ms["triton"] / ms["torch.mm"]  # DESIGN target: <= 1.5
+        entry["triton_over_mm_floor"] = ms["triton"] / ms["torch.mm"]  # target (docs/benchmarks.md#targets): <= 1.5
     if "triton" in ms and "reference" in ms:
-        entry["reference_over_triton"] = ms["reference"] / ms["triton"]  # DESIGN target: >= 3
+        entry["reference_over_triton"] = ms["reference"] / ms["triton"]  # target (docs/benchmarks.md#targets): >= 3
     table.append(entry)
 summary["proxy_losses"] = table
 for path in glob.glob(os.path.join(out, "bench", "mem_*", "results.json")):

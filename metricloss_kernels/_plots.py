@@ -46,13 +46,20 @@ def lines(path, series, xlabel, ylabel, title, logx=None, logy=False, band=False
             ax.errorbar(x, mean, yerr=std, capsize=3, **style)
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.set_title(title, fontsize=10)
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 300, not 3x10^2
     if logx:
         ax.set_xscale("log", base=logx)
+        ax.set_xticks(sorted({v for x, _, _ in series.values() for v in x}))  # ticks at the measured sizes
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(NullFormatter())
     elif all(float(v).is_integer() for _, (x, _, _) in series.items() for v in x):
-        from matplotlib.ticker import MaxNLocator
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if logy:
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2 if len(series) > 6 else 1)
     return _save(fig, path)

@@ -72,8 +72,9 @@ _CPU_CLASSES = {(False, 1): (1_000, 10_000, 100_000), (False, 10): (200, 2_000, 
 
 
 def proxy_grid(device: str, quick: bool, losses=None) -> list:
-    """CPU: N=256, D=128, C*K from 1e3 to 2e5 (the DESIGN cases at the top); quick: N=128, D=64, C*K up to 3e4.
-    CUDA: N=1024, D=512, C*K from 1e4 to 1e6, fp32 and bf16 (quick: up to 1e5, fp32)."""
+    """CPU: N=256, D=128, C*K from 1e3 to 2e5 (at the top: the CPU targets of docs/benchmarks.md#targets);
+    quick: N=128, D=64, C*K up to 3e4. CUDA: N=1024, D=512, C*K from 1e4 to 1e6, fp32 and bf16 (quick: up to 1e5,
+    fp32)."""
     if device == "cuda":
         losses = losses or ("proxy_anchor", "soft_triple")
         dtypes = ("float32",) if quick else ("float32", "bfloat16")
@@ -88,8 +89,8 @@ def proxy_grid(device: str, quick: bool, losses=None) -> list:
 
 
 def knn_grid(quick: bool, queries=None, references=None, dim=None, ks=None) -> list:
-    """Q=20,000 x R in {1e4, 3e4, 1e5} x D=128, k=16 (the DESIGN problem at R=1e5); quick: Q=1,000, R up to 3e4,
-    D=64."""
+    """Q=20,000 x R in {1e4, 3e4, 1e5} x D=128, k=16 (the kNN target of docs/benchmarks.md#targets at R=1e5);
+    quick: Q=1,000, R up to 3e4, D=64."""
     queries = queries or (1_000 if quick else 20_000)
     references = references or ((10_000, 30_000) if quick else (10_000, 30_000, 100_000))
     dim = dim or (64 if quick else 128)

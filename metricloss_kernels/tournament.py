@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from . import datasets, zoo
-from .training import machine_summary, std, train_run
+from .training import initial_network, machine_summary, std, test_metrics, train_run
 
 REPORTED = (("recall@1", "R@1"), ("map@r", "MAP@R"), ("ndcg@10", "nDCG@10"))
 
@@ -203,6 +203,8 @@ def run_tournament(config: Config, progress_bar=True) -> dict:
                     runs.append({"dim": dim, "seed": seed, "loss": loss,
                                  **{k: v for k, v in run._asdict().items() if k != "test_embeddings"}})
         results["embeddings"][name] = task.y_test
+        untrained = [{"dim": dim, "seed": seed, **test_metrics(initial_network(task, dim, seed), task)}
+                     for dim in config.dims for seed in config.seeds]
         rankings, metrics = experiment_tables(runs)
         all_rankings += rankings
         all_metrics += metrics
@@ -210,7 +212,7 @@ def run_tournament(config: Config, progress_bar=True) -> dict:
             "classes": {"train": task.num_train_classes, "validation": len(torch.unique(task.y_val)),
                         "test": len(torch.unique(task.y_test))},
             "samples": {"train": len(task.y_train), "validation": len(task.y_val), "test": len(task.y_test)},
-            "overrides": overrides, "summary": summarize(rankings, metrics), "runs": runs}
+            "overrides": overrides, "summary": summarize(rankings, metrics), "untrained": untrained, "runs": runs}
     bar.close()
     results["summary_all"] = summarize(all_rankings, all_metrics)
     results["seconds"] = time.perf_counter() - start

@@ -2,11 +2,12 @@
 import csv
 import math
 import os
+import statistics
 
 import torch
 
-from .tournament import summary_table
-from .training import RECALL_KS, mean_std
+from .tournament import REPORTED, summary_table
+from .training import RECALL_KS, mean_std, std
 
 
 def _padded(values, length):
@@ -35,6 +36,13 @@ def _rank_table(runs):
     return "\n".join(lines)
 
 
+def _untrained_text(untrained):
+    cells = [f"{short} {100 * statistics.fmean(u[key] for u in untrained):.2f} ± "
+             f"{100 * std([u[key] for u in untrained]):.2f}" for key, short in REPORTED]
+    return ("Untrained network (the initial network of every loss at each experiment; not ranked): "
+            + ", ".join(cells) + ".")
+
+
 def write_markdown(results, path, command):
     config = results["config"]
     out = ["# Tournament of loss functions", "",
@@ -49,8 +57,8 @@ def write_markdown(results, path, command):
         if data["overrides"]:
             out += ["Hyper-parameters chosen on the validation classes: " + ", ".join(
                 f"{loss} {k}={v:g}" for loss, kw in data["overrides"].items() for k, v in kw.items()) + ".", ""]
-        out += [summary_table(data["summary"]), "", "Rank (test R@1) per experiment:", "", _rank_table(data["runs"]),
-                ""]
+        out += [summary_table(data["summary"]), "", _untrained_text(data["untrained"]), "",
+                "Rank (test R@1) per experiment:", "", _rank_table(data["runs"]), ""]
         diverged = [f"{r['loss']} (d={r['dim']}, seed {r['seed']}, epoch {r['diverged_at']})" for r in data["runs"]
                     if r["diverged_at"] is not None]
         if diverged:
@@ -102,6 +110,8 @@ def write_plots(results, out, project=None):
         for loss in losses:
             rows = [[r["test"][f"recall@{k}"] * 100 for k in RECALL_KS] for r in runs if r["loss"] == loss]
             series[loss] = (list(RECALL_KS), *mean_std(rows))
+        series["untrained network"] = (list(RECALL_KS), *mean_std(
+            [[u[f"recall@{k}"] * 100 for k in RECALL_KS] for u in data["untrained"]]))
         paths.append(_plots.lines(os.path.join(out, f"recall_at_k_{name}.png"), series, "k", "test recall@k (%)",
                                   f"{name}: test recall@k, mean ± std over experiments", logx=2))
         epochs = list(range(config["epochs"] + 1))

@@ -64,14 +64,25 @@ class Run(NamedTuple):
     test_embeddings: torch.Tensor | None
 
 
+def initial_network(task, dim, seed) -> torch.nn.Module:
+    """task.net(dim) as train_run initialises it for `seed`: the same network for every loss."""
+    torch.manual_seed(seed)
+    return task.net(dim)
+
+
+def test_metrics(net, task, embeddings=None) -> dict:
+    """evaluate() of the network's test embeddings (or of the given ones) among the test classes."""
+    embeddings = embed(net, task.x_test) if embeddings is None else embeddings
+    return evaluate(embeddings, task.y_test, ks=(*RECALL_KS, 10))
+
+
 def train_run(task, loss_name, dim, seed, epochs, batch_size=128, per_class=4, lr=1e-3, overrides=None,
               keep_embeddings=False, on_epoch=None, select=True) -> Run:
     """Trains task.net(dim) with the loss `loss_name` for `epochs` epochs and selects the epoch of best validation
     R@1 (then MAP@R; the last epoch when not `select`). The seed fixes the network's initialisation, the batch order
     and the augmentation, so every loss sees the same ones."""
     start = time.perf_counter()
-    torch.manual_seed(seed)
-    net = task.net(dim)  # built first: the same initial network for every loss
+    net = initial_network(task, dim, seed)  # built before the loss: the same initial network for every loss
     loss_fn = zoo.make_loss(loss_name, task.num_train_classes, dim, **(overrides or {}))
     opt = zoo.optimizer(net, loss_fn, lr)
     g = torch.Generator().manual_seed(seed)
@@ -95,7 +106,7 @@ def train_run(task, loss_name, dim, seed, epochs, batch_size=128, per_class=4, l
             on_epoch(epoch, scores[-1][0])
     net.load_state_dict(best_state)
     test_embeddings = embed(net, task.x_test)
-    test = evaluate(test_embeddings, task.y_test, ks=(*RECALL_KS, 10))
+    test = test_metrics(net, task, test_embeddings)
     return Run([s[0] for s in scores], [s[1] for s in scores], best_epoch, test, time.perf_counter() - start,
                diverged_at, test_embeddings if keep_embeddings else None)
 

@@ -120,9 +120,11 @@ class _NaNAfterOneStep(torch.nn.Module):
 
 def test_a_diverging_loss_stops_its_run_and_keeps_the_best_epoch_before(monkeypatch):
     monkeypatch.setattr(zoo, "make_loss", lambda *a, **k: _NaNAfterOneStep())
-    run = training.train_run(tiny_task(), "anything", 8, seed=0, epochs=3, batch_size=16)
+    task = tiny_task()
+    run = training.train_run(task, "anything", 8, seed=0, epochs=3, batch_size=16)
     assert run.diverged_at == 1 and run.best_epoch == 0 and len(run.val_recall) == 1
-    assert math.isfinite(run.test["recall@1"])
+    # epoch 0 is the network every loss starts from: the tournament's "untrained" baseline
+    assert run.test == training.test_metrics(training.initial_network(task, 8, 0), task)
 
 
 # ----------------------------------------------------------------------------------------------------- command
@@ -163,6 +165,8 @@ def test_command_writes_consistent_tables(tiny_tasks, tmp_path, capsys):
     assert len(rows) == 2 * 2 * 3 and {r["dataset"] for r in rows} == {"tiny_a", "tiny_b"}
     summary = (out / "summary.md").read_text()
     assert "## tiny_a" in summary and "## All experiments" in summary and "total ranking" in summary
+    assert summary.count("Untrained network") == 2
+    assert [(u["dim"], u["seed"]) for u in results["datasets"]["tiny_a"]["untrained"]] == [(4, 0), (8, 0)]
 
 
 def test_plots_are_written(tiny_tasks, tmp_path):
