@@ -5,8 +5,8 @@ Used by `python -m metricloss_kernels bench` and the scripts in benchmarks/. Con
   compare runs taken under the same load (the machine may be shared); CUDA work is synchronised around each call.
 - memory: "torch_alloc" = the peak of live bytes allocated by torch during one call beyond those live before it
   (CUDA: the caching allocator's peak; CPU: the profiler's allocation events), gradients included;
-  "rss_growth" = the peak growth of the process's resident set during the call, sampled every 2 ms (for code that
-  allocates outside torch: the C++ kNN op, faiss).
+  "rss_growth" = the peak growth of the process's resident set during the first (cold) call, sampled every 2 ms
+  (for code that allocates outside torch: the C++ kNN op, faiss).
 """
 import datetime
 import gc
@@ -143,10 +143,11 @@ class PeakRSS:
         self.growth = max(self.peak, rss_bytes()) - self.base
 
 
-def peak_rss_growth(fn) -> int:
-    """Peak resident-set growth (bytes) during fn()."""
+def peak_rss_growth(fn):
+    """(peak resident-set growth in bytes during fn(), fn's result). Measure a cold call: memory that an earlier
+    call freed but the allocator kept resident would not show as growth."""
     gc.collect()
     with PeakRSS() as mem:
-        fn()
-    return mem.growth
+        out = fn()
+    return mem.growth, out
 
