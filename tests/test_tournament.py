@@ -184,3 +184,14 @@ def test_missing_matplotlib_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(SystemExit, match=r"pip install 'metricloss_kernels\[plot\]'"):
         _plots.require_matplotlib()
+
+
+def test_search_picks_values_of_its_space_on_the_validation_classes(tiny_tasks, tmp_path):
+    out = tmp_path / "s"
+    tournament.main(["--datasets", "tiny_a", "--losses", "proxy_anchor", "triplet", "--dims", "4", "--seeds", "0",
+                     "--epochs", "2", "--search", "--out", str(out), "--no-plots", "--no-progress"])
+    chosen = json.loads((out / "results.json").read_text())["datasets"]["tiny_a"]["overrides"]
+    for loss in ("proxy_anchor", "triplet"):
+        (arg, value), = chosen[loss].items()
+        assert value in tournament.SEARCH_SPACE[loss][arg]
+    assert "Hyper-parameters chosen on the validation classes" in (out / "summary.md").read_text()
