@@ -26,9 +26,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)
-	$(BIN)/pip install faiss-cpu pytorch-metric-learning
-	$(BIN)/python benchmarks/bench_proxy_losses.py
-	$(BIN)/python benchmarks/bench_knn.py
+	$(BIN)/pip install faiss-cpu pytorch-metric-learning matplotlib
+	$(BIN)/python -m metricloss_kernels bench --out benchmarks/results/cpu
 
 clean:
 	rm -rf build *.egg-info metricloss_kernels/*.so $(VENV)

@@ -8,16 +8,18 @@
 #   install     pip install --no-build-isolation --no-deps -e .  (the C++ op; on failure the tree is used via
 #               PYTHONPATH, knn then takes its torch fallback)                          -> logs/install.log
 #   pytest_gpu  the test files with CUDA tests, without TRITON_INTERPRET               -> pytest_gpu.xml, logs/
-#   bench_time  bench_proxy_losses.py --device cuda, one process per case of its GPU grid (N=1024, D=512,
-#               P=1e4..1e6, fp32 and bf16): times, TFLOP/s, the torch.mm floor; no memory subprocesses
-#                                                                                      -> bench/<case>.json
+#   bench_time  `python -m metricloss_kernels bench --device cuda --family proxy`, one process per case of its
+#               GPU grid (N=1024, D=512, P=1e4..1e6, fp32 and bf16): times, TFLOP/s, the torch.mm floor; no
+#               memory measurement                                                    -> bench/<case>/results.json
 #   pytest_rest the rest of `pytest tests` (CPU tests, on a machine where CUDA is visible) -> pytest_rest.xml
-#   bench_mem   peak CUDA memory of triton and reference at P=1e6 (if time is left)   -> bench/mem_<case>.json
-#   knn         bench_knn.py, a short CPU run on this host (its op has no CUDA kernel; only if faiss imports)
+#   bench_mem   peak CUDA memory of triton and reference at P=1e6 (if time is left)   -> bench/mem_<case>/
+#   knn         `bench --family knn`, a short CPU run on this host (its op has no CUDA kernel; only if faiss
+#               imports)                                                              -> bench/knn_cpu_gpuhost/
 #   summary     summary.json: every step's status and time, unexpected skips, Triton vs torch.mm per case,
-#               bench/proxy_losses_cuda.json (the timing cases merged, the format of benchmarks/results/)
+#               bench/proxy_cuda/results.json (the timing cases merged, the bench command's format) and its
+#               PNG plots when matplotlib imports
 # Environment: OUT, GPU_CHECK_BUDGET (seconds), GPU_CHECK_ROUNDS (timing rounds, default 5), GPU_CHECK_CASES
-# (space-separated case names of bench_proxy_losses.gpu_grid(), default all), PYTHON (default: python3 or python,
+# (space-separated case names of `bench --device cuda --list`, default all), PYTHON (default: python3 or python,
 # whichever imports torch).
 set -u
 cd "$(dirname "$0")/.."
@@ -101,29 +103,29 @@ RESERVE=300 step install 150 20 "$PY" -m pip install --no-build-isolation --no-d
     >> "$OUT/device.txt" 2>&1
 
 # ------------------------------------------------------------------------------------------- tests with CUDA
-GPU_TESTS="tests/test_triton_lse.py tests/test_knn.py tests/test_api.py"
+GPU_TESTS="tests/test_class_lse.py tests/test_compile.py tests/test_autocast.py tests/test_knn.py tests/test_api.py"
 # shellcheck disable=SC2086
 RESERVE=150 step pytest_gpu 210 30 "$PY" -m pytest $GPU_TESTS -rs --durations=15 -p no:cacheprovider \
     --junitxml="$OUT/pytest_gpu.xml"
 
 # ----------------------------------------------------------------------------------- proxy-loss benchmark, GPU
-# bench_proxy_losses.py records a case that fails as {"error": ...} and still exits 0: check the file.
+# The bench command records an implementation that fails as a row with "error" (and then exits 1): check the file.
+BENCH=("$PY" -m metricloss_kernels bench --device cuda --family proxy --no-plots --no-progress)
 bench_ok() {
-    "$PY" -c "import json, sys; rows = json.load(open(sys.argv[1]))['results']
+    "$PY" -c "import json, sys; rows = json.load(open(sys.argv[1]))['rows']
 sys.exit(0 if rows and not any('error' in r for r in rows) else 1)" "$1" 2>/dev/null
 }
-bench() {  # bench NAME CAP CASE [bench_proxy_losses.py options...]
+bench() {  # bench NAME CAP CASE [bench options...]
     local name=$1 cap=$2 case=$3
     shift 3
-    if RESERVE=90 step "$name" "$cap" 15 "$PY" benchmarks/bench_proxy_losses.py --device cuda --cases "$case" \
-            --rounds "$ROUNDS" --no-memory --output "$OUT/bench/$case.json" "$@"; then
-        bench_ok "$OUT/bench/$case.json" && return 0
+    if RESERVE=90 step "$name" "$cap" 15 "${BENCH[@]}" --cases "$case" --rounds "$ROUNDS" --no-memory \
+            --out "$OUT/bench/$case" "$@"; then
+        bench_ok "$OUT/bench/$case/results.json" && return 0
         printf '%s\terror_in_json\t0\t0\t0\n' "$name" >> "$STEPS"
     fi
     return 1
 }
-CASES=${GPU_CHECK_CASES:-$("$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_proxy_losses as b
-print(' '.join(c[0] for c in b.gpu_grid()))" 2>"$OUT/logs/bench_cases.log")}
+CASES=${GPU_CHECK_CASES:-$("${BENCH[@]}" --list 2>"$OUT/logs/bench_cases.log" | tr '\n' ' ')}
 [ -z "$CASES" ] && printf 'bench_cases\tfailed\t-\t0\t0\n' >> "$STEPS"
 # The timing grid gets at most 170 s, and leaves 90 s for the rest of the test suite.
 BENCH_END=$(( $(date +%s) + 170 ))
@@ -146,15 +148,15 @@ RESERVE=10 step pytest_rest 240 30 "$PY" -m pytest tests -rs --durations=10 -p n
     --junitxml="$OUT/pytest_rest.xml"
 
 # ------------------------------------------------------------------------- peak memory at P = 1e6 (optional)
-for case in proxy_anchor_P1000000_bfloat16 soft_triple_P1000000_bfloat16; do
-    RESERVE=40 step "mem_$case" 40 25 "$PY" benchmarks/bench_proxy_losses.py --device cuda --cases "$case" \
-        --rounds 1 --impls triton reference --output "$OUT/bench/mem_$case.json"
+for case in proxy_anchor_N1024_D512_C1000000_K1_bfloat16 soft_triple_N1024_D512_C100000_K10_bfloat16; do
+    RESERVE=40 step "mem_$case" 40 25 "${BENCH[@]}" --cases "$case" --rounds 1 --impls triton reference \
+        --out "$OUT/bench/mem_$case"
 done
 
 # ---------------------------------------------------------------------------------------- kNN (CPU of this host)
 if "$PY" -c "import faiss" 2>/dev/null; then
-    RESERVE=15 step knn 60 30 "$PY" benchmarks/bench_knn.py --queries 4000 --references 100000 --ks 1 16 \
-        --repeats 2 --output "$OUT/bench/knn_cpu_gpuhost.json"
+    RESERVE=15 step knn 60 30 "$PY" -m metricloss_kernels bench --family knn --queries 4000 --references 100000 \
+        --ks 1 16 --rounds 2 --no-plots --no-progress --out "$OUT/bench/knn_cpu_gpuhost"
 else
     printf 'knn\tskipped\t-\t0\t0\n' >> "$STEPS"
     echo "== knn: skipped (faiss does not import)"
@@ -168,7 +170,7 @@ import xml.etree.ElementTree as ET
 out = sys.argv[1]
 summary = {"steps": list(csv.DictReader(open(os.path.join(out, "steps.tsv")), delimiter="\t"))}
 # Skips on a GPU: only the offline sm_90a compile check (it runs where CUDA is absent) is expected.
-expected_skip = re.compile(r"test_kernels_compile_for_hopper")
+expected_skip = re.compile(r"test_triton_kernels_compile_for_hopper")
 for name in ("pytest_gpu", "pytest_rest"):
     path = os.path.join(out, name + ".xml")
     if not os.path.exists(path):
@@ -183,33 +185,36 @@ for name in ("pytest_gpu", "pytest_rest"):
                              for t in tests if outcome(t) == "skipped" and not expected_skip.search(t.get("name"))],
     }
 merged, rows = None, []
-for path in sorted(glob.glob(os.path.join(out, "bench", "*.json"))):
-    if os.path.basename(path).startswith(("mem_", "knn", "proxy_losses")):
+for path in sorted(glob.glob(os.path.join(out, "bench", "*", "results.json"))):
+    if os.path.basename(os.path.dirname(path)).startswith(("mem_", "knn", "proxy_cuda")):
         continue
     data = json.load(open(path))
-    merged = merged or {k: v for k, v in data.items() if k != "results"}
-    for row in data["results"]:
-        rows.append(row)
+    merged = merged or {k: v for k, v in data.items() if k != "rows"}
+    rows += data["rows"]
 if merged:
-    merged["results"] = rows
-    merged["command"] = "benchmarks/gpu_check.sh (one bench_proxy_losses.py process per case, --no-memory)"
-    json.dump(merged, open(os.path.join(out, "bench", "proxy_losses_cuda.json"), "w"), indent=1)
-table = []
+    merged["rows"] = rows
+    merged["machine"]["command"] = "benchmarks/gpu_check.sh (one bench process per case, --no-memory)"
+    os.makedirs(os.path.join(out, "bench", "proxy_cuda"), exist_ok=True)
+    json.dump(merged, open(os.path.join(out, "bench", "proxy_cuda", "results.json"), "w"), indent=1)
+by_case = {}
 for row in rows:
-    impls = row.get("impls", {})
-    ms = {k: v["time_ms_median"] for k, v in impls.items()}
-    entry = {"case": row["case"], "error": row.get("error"), "median_ms": ms,
-             "triton_tflops": impls.get("triton", {}).get("tflops")}
+    by_case.setdefault(row["case"], []).append(row)
+table = []
+for case, case_rows in by_case.items():
+    ms = {r["impl"]: r["time_ms_median"] for r in case_rows if "time_ms_median" in r}
+    errors = {r["impl"]: r["error"] for r in case_rows if "error" in r}
+    entry = {"case": case, "error": errors or None, "median_ms": ms,
+             "triton_tflops": next((r["tflops"] for r in case_rows if r["impl"] == "triton" and "tflops" in r), None)}
     if "triton" in ms and "torch.mm" in ms:
-        entry["triton_over_mm_floor"] = ms["triton"] / ms["torch.mm"]  # DESIGN target: <= 1.5
+        entry["triton_over_mm_floor"] = ms["triton"] / ms["torch.mm"]  # target (docs/benchmarks.md#targets): <= 1.5
     if "triton" in ms and "reference" in ms:
-        entry["reference_over_triton"] = ms["reference"] / ms["triton"]  # DESIGN target: >= 3
+        entry["reference_over_triton"] = ms["reference"] / ms["triton"]  # target (docs/benchmarks.md#targets): >= 3
     table.append(entry)
 summary["proxy_losses"] = table
-for path in glob.glob(os.path.join(out, "bench", "mem_*.json")):
-    for row in json.load(open(path))["results"]:
-        summary.setdefault("peak_memory_mb", {})[row["case"]] = {
-            k: v.get("peak_alloc_mb") for k, v in row.get("impls", {}).items()} or row.get("error")
+for path in glob.glob(os.path.join(out, "bench", "mem_*", "results.json")):
+    for row in json.load(open(path))["rows"]:
+        summary.setdefault("peak_memory_mb", {}).setdefault(row["case"], {})[row["impl"]] = row.get(
+            "peak_mb", row.get("error"))
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
 for entry in table:
     print(f"{entry['case']:34s} " + "  ".join(f"{k} {v:.2f} ms" for k, v in entry["median_ms"].items())
@@ -219,5 +224,9 @@ for name in ("pytest_gpu", "pytest_rest"):
     if name in summary:
         print(name, summary[name]["counts"], "unexpected skips:", len(summary[name]["unexpected_skips"]))
 EOF
+if [ -f "$OUT/bench/proxy_cuda/results.json" ]; then  # PNGs when matplotlib is installed on this host
+    "$PY" -m metricloss_kernels bench --plot-only "$OUT/bench/proxy_cuda/results.json" --out "$OUT/bench/proxy_cuda" \
+        > "$OUT/logs/plots.log" 2>&1 || echo "no plots (see logs/plots.log)"
+fi
 echo "total $(( $(date +%s) - START ))s; results in $OUT"
 column -t -s $'\t' "$STEPS" 2>/dev/null || cat "$STEPS"

@@ -1,4 +1,4 @@
-"""Command line: `python -m metricloss_kernels {demo, eval, backends}`."""
+"""Command line: `python -m metricloss_kernels {demo, eval, backends, tournament, bench}`."""
 import argparse
 import sys
 
@@ -45,13 +45,20 @@ def main(argv=None):
         return demo(rest)
     if command == "eval":
         return evaluate_files(rest)
+    if command == "tournament":
+        from .tournament import main as tournament
+        return tournament(rest)
+    if command == "bench":
+        from .bench import main as bench
+        return bench(rest)
     if command == "backends":
         from . import backends
         for name, (ok, why) in backends().items():
             print(f"{name:10} {'yes' if ok else 'no ':3}  {why}")
         return 0
     print("usage: python -m metricloss_kernels {demo [--loss NAME] [--epochs N], "
-          "eval EMBEDDINGS LABELS [--reference E L] [--ks K ...], backends}")
+          "eval EMBEDDINGS LABELS [--reference E L] [--ks K ...], backends, "
+          "tournament [--quick] [--out DIR], bench [--quick] [--out DIR]}  (COMMAND --help for the options)")
     return 0 if command in ("-h", "--help") else 2
 
 

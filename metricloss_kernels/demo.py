@@ -9,81 +9,15 @@ import argparse
 import time
 
 import torch
-from torch import nn
 
-from . import losses as L
+from . import zoo
+from .datasets import ORIENTATIONS, TRAIN_DIGITS, load_digits_split, random_shift
+from .datasets import digits_net as embedding_net
 from .metrics import evaluate
 
-TRAIN_DIGITS, ORIENTATIONS, EMBEDDING = 5, 8, 32
+EMBEDDING = 32
 TRAIN_CLASSES = TRAIN_DIGITS * ORIENTATIONS
-
-
-def _loss_factories():
-    c, d = TRAIN_CLASSES, EMBEDDING
-    return {
-        "proxy_anchor": lambda: L.ProxyAnchorLoss(c, d),
-        "proxy_nca": lambda: L.ProxyNCALoss(c, d, scale=8.0),
-        "soft_triple": lambda: L.SoftTripleLoss(c, d, centers_per_class=3),
-        "mpa": lambda: L.MPALoss(c, d, centers_per_class=3),
-        "mpa_dw": lambda: L.MPALoss(c, d, centers_per_class=3, variant="dw"),
-        "mpa_ap": lambda: L.MPALoss(c, d, centers_per_class=3, variant="ap"),
-        "arcface": lambda: L.ArcFaceLoss(c, d, scale=16.0),
-        "cosface": lambda: L.CosFaceLoss(c, d, scale=16.0),
-        "l2_softmax": lambda: L.L2SoftmaxLoss(c, d),
-        "polytope": lambda: L.RegularPolytopeLoss(c, "orthoplex"),
-        "proxy_repel": lambda: L.ProxyRepelLoss(c, d),
-        "contrastive": lambda: L.ContrastiveLoss(),
-        "triplet": lambda: L.TripletMarginLoss(mining="semi-hard"),
-        "lifted": lambda: L.LiftedStructureLoss(),
-        "npairs": lambda: L.NPairsLoss(),
-        "margin": lambda: L.MarginLoss(),
-        "multi_similarity": lambda: L.MultiSimilarityLoss(),
-        "exp_triplet": lambda: L.ExponentialTripletLoss(c),
-        "composite": lambda: L.WeightedSumLoss(
-            {"exp": L.ExponentialTripletLoss(c), "center": L.CenterLoss(c, d, margin=0.1),
-             "class": L.L2SoftmaxLoss(c, d)}, weights={"exp": 1.0, "center": 0.1, "class": 1.0}),
-    }
-
-
-LOSSES = tuple(_loss_factories())
-
-
-def random_shift(x, generator=None, max_shift=1):
-    """x [N, 64] flattened 8x8 images -> each translated by up to `max_shift` pixels in each direction."""
-    n = x.shape[0]
-    padded = nn.functional.pad(x.view(n, 1, 8, 8), (max_shift,) * 4)
-    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator)
-    rows = (dy[:, None] + torch.arange(8))[:, :, None].expand(n, 8, 8)
-    cols = (dx[:, None] + torch.arange(8))[:, None, :].expand(n, 8, 8)
-    return padded[torch.arange(n)[:, None, None], 0, rows, cols].reshape(n, 64)
-
-
-def orient(x, t):
-    """x [N, 64] flattened 8x8 images -> orientation t in 0..7 (rotation by 90t degrees, mirrored when t >= 4)."""
-    img = x.view(-1, 8, 8)
-    img = img.flip(-1) if t >= 4 else img
-    return torch.rot90(img, t % 4, (1, 2)).reshape(-1, 64)
-
-
-def load_digits_split():
-    """(x_train [M, 64], y_train [M] in [0, 40), x_test [T, 64], y_test [T] in [0, 5)); pixels scaled to [0, 1]."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    train = y < TRAIN_DIGITS
-    x_train = torch.cat([orient(x[train], t) for t in range(ORIENTATIONS)])
-    y_train = torch.cat([y[train] * ORIENTATIONS + t for t in range(ORIENTATIONS)])
-    x_test = random_shift(x[~train], torch.Generator().manual_seed(1234))
-    return x_train, y_train, x_test, y[~train] - TRAIN_DIGITS
-
-
-def embedding_net(dim: int) -> nn.Module:
-    """A small CNN: [N, 64] flattened 8x8 images -> [N, dim]."""
-    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                         nn.Linear(64 * 16, dim))
+LOSSES = zoo.LOSSES
 
 
 REPORT = (("recall@1", "R@1"), ("recall@2", "R@2"), ("recall@4", "R@4"), ("recall@8", "R@8"),
@@ -102,14 +36,10 @@ def run(loss_name="proxy_anchor", epochs=15, batch_size=128, lr=1e-3, seed=0, ou
     """Trains, then prints and returns {"before": metrics, "after": metrics} on the unseen digits."""
     torch.manual_seed(seed)
     x_tr, y_tr, x_te, y_te = load_digits_split()
-    loss_fn = _loss_factories()[loss_name]()
+    loss_fn = zoo.make_loss(loss_name, TRAIN_CLASSES, EMBEDDING)
     net = embedding_net(getattr(loss_fn, "embedding_size", EMBEDDING))
     before = _scores(net, x_te, y_te)
-    # proxies learn faster than the network, as in the ProxyAnchor authors' recipe
-    groups = [{"params": net.parameters(), "lr": lr}]
-    if any(p.requires_grad for p in loss_fn.parameters()):
-        groups.append({"params": [p for p in loss_fn.parameters() if p.requires_grad], "lr": lr * 10})
-    opt = torch.optim.Adam(groups)
+    opt = zoo.optimizer(net, loss_fn, lr)
 
     from tqdm import tqdm
 

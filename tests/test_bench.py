@@ -1,0 +1,110 @@
+"""The benchmark harness (metricloss_kernels/harness.py) and the bench command (metricloss_kernels/bench.py): what
+is measured and the results' schema, on tiny sizes. No timing is asserted."""
+import csv
+import json
+import time
+
+import pytest
+import torch
+
+from metricloss_kernels import bench, harness
+
+
+def test_time_interleaved_warms_up_then_rotates_the_order():
+    calls = []
+    runs = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = harness.time_interleaved(runs, rounds=3)
+    assert calls == list("abc" "bca" "cab" "abc")  # warm-up round, then three rotated rounds
+    assert {name: len(ts) for name, ts in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert all(t >= 0 for ts in times.values() for t in ts)
+
+
+def test_peak_torch_bytes_counts_temporaries_not_what_lived_before():
+    kept = torch.ones(1 << 20)  # 4 MiB allocated before: not counted
+
+    def four_temporaries():
+        parts = [kept * i for i in range(4)]  # 4 x 4 MiB live at once
+        return sum(p[0] for p in parts)
+
+    peak = harness.peak_torch_bytes(four_temporaries)
+    assert 4 * 4 * 2**20 <= peak <= 6 * 4 * 2**20
+    assert harness.peak_torch_bytes(lambda: kept.sum()) < 2**16
+
+
+def test_peak_rss_growth_sees_memory_allocated_outside_torch():
+    import numpy as np
+
+    def hold():
+        block = np.ones(64 * 2**20 // 8)  # 64 MiB touched
+        time.sleep(0.05)
+        return block.sum()
+
+    growth, total = harness.peak_rss_growth(hold)
+    assert growth >= 48 * 2**20 and total == 64 * 2**20 // 8
+
+
+def test_machine_info_has_what_a_result_needs():
+    info = harness.machine_info("cpu")
+    assert {"date", "device", "device_name", "cpu_count", "torch_threads", "versions", "load_average_1min",
+            "command", "knn_cpp_op"} <= set(info)
+    assert info["versions"]["torch"] == torch.__version__ and "faiss" in info["versions"]
+
+
+def test_measure_proxy_rows_agree_across_backends():
+    case = bench.ProxyCase("soft_triple", 24, 8, 30)
+    rows = bench.measure_proxy(case, ["reference", "chunked"], "cpu", rounds=2)
+    assert [r["impl"] for r in rows] == ["reference", "chunked"]
+    ref, chunked = rows
+    assert ref["loss_value"] == pytest.approx(chunked["loss_value"], rel=1e-5)  # the same loss, two backends
+    assert ref["K"] == 10 and ref["case"] == case.name and len(ref["times_ms"]) == 2
+    assert ref["peak_mb"] > 0 and ref["memory"] == "torch_alloc" and chunked["ratio_to_chunked"] == 1.0
+
+
+def test_measure_knn_implementations_find_the_same_neighbours():
+    rows = bench.measure_knn(bench.KnnCase(60, 500, 8, 4), ["mlk.knn", "torch.mm+topk"], rounds=1, memory=False)
+    assert [r["impl"] for r in rows] == ["mlk.knn", "torch.mm+topk"]
+    assert all(r["index_agreement_with_mlk.knn"] == 1.0 for r in rows)
+    assert "peak_mb" not in rows[0] and rows[0]["R"] == 500
+
+
+def test_grids_cover_the_design_cases():
+    names = [c.name for c in bench.proxy_grid("cpu", quick=False)]
+    assert "proxy_anchor_N256_D128_C100000_K1_float32" in names and "soft_triple_N256_D128_C20000_K10_float32" in names
+    gpu = bench.proxy_grid("cuda", quick=False)
+    assert {c.c * c.k for c in gpu} == {10_000, 100_000, 1_000_000} and {c.dtype for c in gpu} == {"float32",
+                                                                                                  "bfloat16"}
+    assert bench.knn_grid(quick=False)[-1] == bench.KnnCase(20_000, 100_000, 128, 16)
+
+
+def test_command_writes_results_with_machine_facts(tmp_path, capsys):
+    out = tmp_path / "b"
+    code = bench.main(["--family", "proxy", "knn", "--cases", "proxy_anchor_N128_D64_C1000_K1_float32",
+                       "knn_Q50_R300_D8_k4", "knn_Q50_R600_D8_k4", "--queries", "50", "--references", "300", "600",
+                       "--dim", "8", "--ks", "4", "--rounds", "1", "--quick", "--impls", "reference", "chunked",
+                       "mlk.knn", "torch.mm+topk", "--no-plots", "--no-progress", "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["machine"]["device"] == "cpu" and result["config"]["rounds"] == 1
+    rows = result["rows"]
+    assert [(r["family"], r["impl"]) for r in rows] == [("proxy", "reference"), ("proxy", "chunked")] + [
+        ("knn", "mlk.knn"), ("knn", "torch.mm+topk")] * 2
+    assert all(len(r["load_average_1min"]) == 2 and r["time_ms_median"] > 0 for r in rows)
+    table = list(csv.DictReader((out / "results.csv").open()))
+    assert len(table) == len(rows) and table[0]["case"] == "proxy_anchor_N128_D64_C1000_K1_float32"
+    assert bench.main(["--list", "--quick", "--family", "knn"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "knn_Q1000_R30000_D64_k16"
+
+
+def test_unknown_case_is_a_usage_error():
+    with pytest.raises(SystemExit):
+        bench.main(["--cases", "nonsense", "--no-plots"])
+
+
+def test_plots_time_and_memory(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"family": "proxy", "loss": "mpa", "impl": impl, "N": 8, "D": 4, "K": 10, "C": c, "dtype": "float32",
+             "time_ms_median": t * c, "peak_mb": t * c / 10, "memory": "torch_alloc"}
+            for impl, t in (("reference", 2.0), ("chunked", 1.0)) for c in (100, 1000)]
+    paths = bench.write_plots(rows, str(tmp_path))
+    assert sorted(p.rsplit("/", 1)[1] for p in paths) == ["memory_mpa.png", "time_mpa.png"]
+    assert all(open(p, "rb").read(4) == b"\x89PNG" for p in paths)
