@@ -2,7 +2,7 @@
 
 Shapes: embeddings [N, D] float; labels [N] integer; proxies [C*K, D] class-major (row c*K + k is proxy k of
 class c); weight [C, D]. Every loss returns a scalar tensor in the embeddings' dtype. The mathematics of each
-function is FORMULAS.md; the docstrings of `metricloss_kernels.reference` state it per loss.
+function is docs/formulas.md; the docstrings of `metricloss_kernels.reference` state it per loss.
 """
 import functools
 

@@ -1,4 +1,4 @@
-"""Retrieval and clustering metrics (FORMULAS.md, "Retrieval metrics") and :func:`evaluate`.
+"""Retrieval and clustering metrics (docs/formulas.md, "Retrieval metrics") and :func:`evaluate`.
 
 The ranking metrics take the relevance of ranked neighbours and return one value per query:
 

@@ -1,6 +1,6 @@
 """Fixed regular-polytope classifier weights and their neighbour angles (Pernici et al., CVPRW 2019).
 
-See FORMULAS.md, "Regular-polytope fixed classifiers". Rows are class weights, unit length, class-major.
+See docs/formulas.md, "Regular-polytope fixed classifiers". Rows are class weights, unit length, class-major.
 """
 import functools
 import math
@@ -60,7 +60,7 @@ def polytope_margin(kind: str, d: int) -> float:
     """Angle phi (radians) between neighbouring vertices of the d-dimensional `kind` polytope, the "maximal" margin
     of Margin-RePoNet: simplex arccos(-1/d), orthoplex pi/2, cube arccos((d - 2)/d).
 
-    Note (as FORMULAS.md states it): the orthoplex value is pi/2 for every d, including d = 1 (C = 2), whose two
+    Note (as docs/formulas.md states it): the orthoplex value is pi/2 for every d, including d = 1 (C = 2), whose two
     vertices +e_1, -e_1 are in fact antipodal.
 
     Raises:

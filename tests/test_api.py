@@ -1,4 +1,4 @@
-"""The public API: names and defaults of DESIGN.md, validation errors, backend dispatch, module wrappers."""
+"""The public API: names and defaults of README.md's Losses table, validation errors, backend dispatch, module wrappers."""
 import inspect
 import math
 

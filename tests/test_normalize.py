@@ -1,4 +1,4 @@
-"""unit_range and unit_bounce (metricloss_kernels/normalize.py) against FORMULAS.md."""
+"""unit_range and unit_bounce (metricloss_kernels/normalize.py) against docs/formulas.md."""
 import pytest
 import torch
 

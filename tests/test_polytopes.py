@@ -1,4 +1,4 @@
-"""Regular-polytope weights and margins (metricloss_kernels.polytopes) against FORMULAS.md."""
+"""Regular-polytope weights and margins (metricloss_kernels.polytopes) against docs/formulas.md."""
 import math
 
 import pytest
@@ -10,7 +10,7 @@ SIZES = [2, 3, 4, 5, 7, 8, 9, 16, 53]
 
 
 def _hand_built(kind, num_classes):
-    """The vertex lists of FORMULAS.md written out coordinate by coordinate (float64, unnormalised)."""
+    """The vertex lists of docs/formulas.md written out coordinate by coordinate (float64, unnormalised)."""
     if kind == "simplex":
         d = num_classes - 1
         a = (1 - math.sqrt(d + 1)) / d
@@ -47,7 +47,7 @@ def test_unit_rows_and_neighbour_angle_is_phi(kind, num_classes):
     min_angle = torch.acos(gram[off_diag]).min().item()
     phi = polytope_margin(kind, w.shape[1])
     if kind == "orthoplex" and num_classes == 2:
-        # FORMULAS.md gives pi/2 for every orthoplex; the two vertices +e1, -e1 of d = 1 are antipodal.
+        # docs/formulas.md gives pi/2 for every orthoplex; the two vertices +e1, -e1 of d = 1 are antipodal.
         assert phi == pytest.approx(math.pi / 2) and min_angle == pytest.approx(math.pi, abs=1e-6)
     else:
         assert min_angle == pytest.approx(phi, abs=1e-6)

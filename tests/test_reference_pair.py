@@ -1,4 +1,4 @@
-"""Pair-family references (metricloss_kernels/reference/pair.py) against explicit loops written from FORMULAS.md."""
+"""Pair-family references (metricloss_kernels/reference/pair.py) against explicit loops written from docs/formulas.md."""
 import itertools
 import math
 

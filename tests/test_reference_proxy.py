@@ -1,4 +1,4 @@
-"""Reference proxy losses (metricloss_kernels.reference.proxy) against FORMULAS.md.
+"""Reference proxy losses (metricloss_kernels.reference.proxy) against docs/formulas.md.
 
 The `_naive_*` functions below are written from the formulas with explicit Python loops over i, c, k on Python floats
 (float64), independently of the implementation, and the reference must match them to rel 1e-6.
@@ -17,7 +17,7 @@ N, C, K, D = 37, 53, 3, 40
 NEG_INF = float("-inf")
 
 
-# ---------------------------------------------------------------- naive float64 loops, written from FORMULAS.md
+# ---------------------------------------------------------------- naive float64 loops, written from docs/formulas.md
 def _unit(row):
     n = max(math.sqrt(sum(v * v for v in row)), 1e-12)
     return [v / n for v in row]

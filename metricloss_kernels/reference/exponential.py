@@ -1,5 +1,5 @@
-"""Pure-torch references of the exponential-triplet family (Urtans et al.; FORMULAS.md, "The exponential triplet
-loss family"): the exponential triplet loss, the center loss with margin and its centre update rule.
+"""Pure-torch references of the exponential-triplet family (Urtans et al.; docs/formulas.md, "Exponential triplet
+family"): the exponential triplet loss, the center loss with margin and its centre update rule.
 
 Shapes: ``embeddings`` [N, D] float, ``labels`` [N] int64, ``centers`` [C, D].
 """

@@ -1,4 +1,4 @@
-"""Pure-torch references of the pair-based losses (FORMULAS.md, "Pair-based losses").
+"""Pure-torch references of the pair-based losses (docs/formulas.md, "Pair losses").
 
 All of them work on the batch x batch similarity matrix ``S_ij = x̂_i · x̂_j`` (N-pair: raw dot products), with
 boolean masks for positives ``P_i = {j != i : y_j = y_i}`` and negatives ``N_i = {j : y_j != y_i}``. N is a batch,

@@ -1,4 +1,4 @@
-"""Pure-torch reference (the test oracle) of the proxy-based losses of FORMULAS.md.
+"""Pure-torch reference (the test oracle) of the proxy-based losses of docs/formulas.md.
 
 Every function materialises the full N x C (or N x C*K) similarity matrix: readable and exact, not memory-bounded.
 Conventions: embeddings x [N, D] float, labels [N] int64 in [0, C), proxies [C*K, D] class-major (row c*K + k is
