@@ -5,33 +5,29 @@ C=2e4 K=10, ArcFace C=1e5 (N=256, D=128, fp32, PML's default arguments). Accurac
 reference, leave-one-out), D=128, 1000 classes, k="max_bin_count", the kNN metrics (NMI/AMI excluded), PML with its
 default faiss kNN vs ours on the exact kNN op.
 
-- time: every round runs each implementation once, in turn, in one process (ratios compare runs under the same
-  load); the JSON keeps the rounds, the medians and the median of per-round ratios.
-- memory: each implementation in a fresh subprocess, one cold call after the inputs exist: peak_rss_mb = VmHWM -
-  VmRSS before the call (VmHWM reset through /proc/self/clear_refs), and for the losses peak_alloc_mb = the peak
-  of live torch allocations during the call (profiler memory events). Both are the call's extra memory.
+Method (metricloss_kernels/harness.py): time: rounds that run each implementation once, in a rotating order, in
+one process, after a warm-up round (ratios compare runs under the same load); the JSON keeps the rounds, the medians
+and the median of per-round ratios. Memory: each implementation in a fresh subprocess, one cold call after the inputs
+exist: rss_growth_mb = the peak growth of the resident set during the call; for the losses also torch_alloc_mb = the
+peak of live torch allocations during a second call. Both are the call's extra memory.
 
     python benchmarks/bench_pml.py --threads 2                    # everything -> results/pml_cpu.json
     python benchmarks/bench_pml.py --memory-only                  # no timings (memory is load-independent)
     python benchmarks/bench_pml.py --scale 0.01 --rounds 1 --output /tmp/pml_small.json   # a quick check
 """
 import argparse
-import datetime
-import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench_proxy_losses import _status_kb  # noqa: E402  (/proc/self/status fields; benchmarks/ is on sys.path)
+from metricloss_kernels import harness  # noqa: E402
 
 # name -> (PML class name, N, D, C, constructor arguments); C is multiplied by --scale
 LOSS_CASES = {
@@ -79,23 +75,9 @@ def build(case, impl, scale):
 def measure_memory(case, impl, scale):
     """Extra peak memory (MB) of one cold call, in this (fresh) process."""
     run = build(case, impl, scale)
-    gc.collect()
-    base = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
-        f.write("5")
-    run()
-    out = {"peak_rss_mb": (_status_kb("VmHWM") - base) / 1024}
-    if case != "accuracy":  # the torch allocations of a second call (faiss's own are not torch's)
-        gc.collect()
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            run()
-        live = peak = 0
-        events = (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-        for e in sorted(events, key=lambda e: e.start_ns()):
-            live += e.nbytes()
-            peak = max(peak, live)
-        out["peak_alloc_mb"] = peak / 2**20
+    out = {"rss_growth_mb": harness.peak_rss_growth(run)[0] / 2**20}
+    if case != "accuracy":  # faiss allocates outside torch: only the RSS growth means something there
+        out["torch_alloc_mb"] = harness.peak_torch_bytes(run) / 2**20
     return out
 
 
@@ -104,20 +86,6 @@ def memory_in_subprocess(case, impl, scale, threads):
            "--threads", str(threads)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def time_rounds(case, scale, rounds):
-    """Seconds per call of each implementation, `rounds` times, alternating implementations within a round."""
-    runs = {impl: build(case, impl, scale) for impl in IMPLEMENTATIONS}
-    for run in runs.values():  # warm-up
-        run()
-    seconds = {impl: [] for impl in IMPLEMENTATIONS}
-    for _ in range(rounds):
-        for impl, run in runs.items():
-            t0 = time.perf_counter()
-            run()
-            seconds[impl].append(time.perf_counter() - t0)
-    return seconds
 
 
 def main():
@@ -135,33 +103,27 @@ def main():
         import faiss
         faiss.omp_set_num_threads(args.threads)
     except ImportError:
-        faiss = None
+        pass
     if args._memory:
         print(json.dumps(measure_memory(*args._memory, args.scale)))
         return
 
-    import pytorch_metric_learning
     results = {}
     for case in args.cases.split(","):
         entry = {"memory": {impl: memory_in_subprocess(case, impl, args.scale, args.threads)
                             for impl in IMPLEMENTATIONS}}
         if not args.memory_only:
-            seconds = time_rounds(case, args.scale, args.rounds)
+            runs = {impl: build(case, impl, args.scale) for impl in IMPLEMENTATIONS}
+            seconds = harness.time_interleaved(runs, args.rounds)
             entry["seconds"] = seconds
             entry["median_s"] = {impl: statistics.median(s) for impl, s in seconds.items()}
             entry["median_speedup"] = statistics.median(p / o for p, o in zip(seconds["pml"], seconds["ours"]))
         results[case] = entry
         print(case, json.dumps(entry, indent=None, default=float), flush=True)
-    meta = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.processor() or
-        platform.machine(), "cpu_count": os.cpu_count(), "threads": args.threads, "load_avg": os.getloadavg(),
-        "torch": torch.__version__, "pytorch_metric_learning": pytorch_metric_learning.__version__,
-        "scale": args.scale, "rounds": args.rounds, "memory_only": args.memory_only,
-        "cases": {**{k: dict(zip(("class", "N", "D", "C", "kwargs"), v)) for k, v in LOSS_CASES.items()},
-                  "accuracy": ACCURACY_CASE},
-    }
-    if faiss is not None:
-        meta["faiss"] = faiss.__version__
+    meta = {**harness.machine_info("cpu"), "scale": args.scale, "rounds": args.rounds,
+            "memory_only": args.memory_only,
+            "cases": {**{k: dict(zip(("class", "N", "D", "C", "kwargs"), v)) for k, v in LOSS_CASES.items()},
+                      "accuracy": ACCURACY_CASE}}
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)

@@ -3,19 +3,18 @@ backward and an SGD step, on CPU; steps per second.
 
 What is compiled: `torch.compile(Step(net, loss), fullgraph=True)`, Step.forward = loss(net(x), labels), so that one
 graph holds the network, the loss and (through AOTAutograd) their backward; `.backward()` and the optimiser step run
-as usual. Eager and compiled copies start from the same weights and see the same batches; each round times
-`--steps` steps of each in turn (so both see the same machine load) after a warm-up that includes the compilation
-(reported separately as `compile_s`). The JSON keeps every round; the summary is the median over rounds.
+as usual. Eager and compiled copies start from the same weights and see the same batches; the first compiled step
+(the compilation) is timed alone as `compile_s`; then rounds of `--steps` steps of each, in a rotating order after a
+warm-up round (metricloss_kernels/harness.py, so both see the same machine load). The JSON keeps every round; the
+summary is the median over rounds.
 
     python benchmarks/bench_train_step.py --threads 2                      # default grid -> results/train_step_cpu.json
     python benchmarks/bench_train_step.py --cases proxy_anchor-chunked --steps 5 --rounds 2 --output /tmp/x.json
 """
 import argparse
 import copy
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import metricloss_kernels as mlk  # noqa: E402
+from metricloss_kernels import harness  # noqa: E402
 
 # case -> (module factory (num_classes, embedding_size, backend), backend)
 CASES = {
@@ -80,19 +80,13 @@ def run_case(case, args):
     optimisers = {"eager": torch.optim.SGD(eager.parameters(), lr=1e-3),
                   "compiled": torch.optim.SGD(compiled_module.parameters(), lr=1e-3)}
     models = {"eager": eager, "compiled": compiled}
-    warm = batches(args, 2, seed=1)
     t0 = time.perf_counter()
-    train(compiled, optimisers["compiled"], warm[:1])  # compiles the forward and backward graphs
+    train(compiled, optimisers["compiled"], batches(args, 1, seed=1))  # compiles the forward and backward graphs
     compile_s = time.perf_counter() - t0
-    train(compiled, optimisers["compiled"], warm[1:])
-    train(eager, optimisers["eager"], warm)
     data = batches(args, args.steps, seed=2)
-    rates = {name: [] for name in models}
-    for _ in range(args.rounds):
-        for name, model in models.items():
-            t0 = time.perf_counter()
-            train(model, optimisers[name], data)
-            rates[name].append(args.steps / (time.perf_counter() - t0))
+    seconds = harness.time_interleaved({name: lambda name=name: train(models[name], optimisers[name], data)
+                                        for name in models}, args.rounds)
+    rates = {name: [args.steps / t for t in ts] for name, ts in seconds.items()}
     # Same weights, same batches: the two copies must still agree (a compiled step that is fast but wrong is not).
     x, labels = data[0]
     with torch.no_grad():
@@ -128,11 +122,7 @@ def main():
               f"(x{row['speedup_median']:.2f}, compile {row['compile_s']:.1f} s)", flush=True)
     out = {
         "benchmark": "training step (MLP + loss, forward + backward + SGD), eager vs torch.compile(fullgraph=True)",
-        "device": "cpu", "threads": args.threads,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        **harness.machine_info("cpu"),
         "config": {k: v for k, v in vars(args).items() if k not in ("cases", "output")},
         "notes": "steps_per_s: one value per round (eager and compiled interleaved); medians over rounds; "
                  "compile_s: the first compiled step, compilation included; loadavg_1min before/after the case.",

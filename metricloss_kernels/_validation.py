@@ -48,13 +48,14 @@ def labels(y, n: int, device: torch.device, num_classes: int | None = None, name
         raise ValueError(f"{name} must have shape [{n}] (one label per embedding), got {tuple(y.shape)}")
     if y.device != device:
         raise ValueError(f"{name} must be on the embeddings' device {device}, got {y.device}")
+    y = y.long()  # before the range check: in a narrow dtype num_classes would wrap (int8: 200 -> -56)
     if n:
         if num_classes is None:
             ok, expected = y >= 0, f"{name} must be >= 0"
         else:
             ok, expected = (y >= 0) & (y < num_classes), f"{name} must be in [0, num_classes = {num_classes})"
         require(ok, expected, lambda: ", got values from {} to {}".format(*map(int, torch.aminmax(y))))
-    return y.long()
+    return y
 
 
 def weights(w, d: int, device: torch.device, name: str, rows_multiple_of: int = 1) -> int:

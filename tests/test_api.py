@@ -254,6 +254,31 @@ def test_labels_on_other_device_or_2d():
         F.contrastive_loss(x, y.repeat(2))
 
 
+@pytest.mark.parametrize("name", PROXY_FUNCS)
+@pytest.mark.parametrize("dtype,c,top", [(torch.int8, 200, 127), (torch.uint8, 300, 255), (torch.int16, 40_000,
+                                                                                             32_767)], ids=str)
+def test_narrow_integer_labels_are_accepted_when_num_classes_exceeds_their_range(name, dtype, c, top):
+    """The range check is made in int64: num_classes beyond the labels' dtype must not wrap (int8: 200 -> -56)."""
+    x, y, w = data(n=8, c=c, d=6)
+    y[0], y[1] = 0, top  # the dtype's largest value, a valid class
+    y = y % (top + 1)
+    call = _proxy_calls(x, y, w)[name]
+    torch.testing.assert_close(call(y=y.to(dtype)), call(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype,c,bad", [(torch.int8, 100, 120), (torch.int8, 200, -1), (torch.uint8, 200, 255),
+                                         (torch.int16, 300, 300)], ids=str)
+def test_narrow_integer_labels_out_of_range_still_raise(dtype, c, bad):
+    x, y, w = data(n=8, c=c, d=6)
+    y = y % 100
+    y[3] = bad
+    with pytest.raises(ValueError, match=r"labels must be in \[0, num_classes = %d\), got values" % c):
+        F.proxy_anchor_loss(x, y.to(dtype), w)
+    if bad < 0:  # without num_classes (pair losses) only the sign is checked
+        with pytest.raises(ValueError, match="labels must be >= 0"):
+            F.contrastive_loss(x, y.to(dtype))
+
+
 # ---- backends ---------------------------------------------------------------------------------------------------
 
 def test_backends_report():

@@ -108,3 +108,34 @@ def test_plots_time_and_memory(tmp_path):
     paths = bench.write_plots(rows, str(tmp_path))
     assert sorted(p.rsplit("/", 1)[1] for p in paths) == ["memory_mpa.png", "time_mpa.png"]
     assert all(open(p, "rb").read(4) == b"\x89PNG" for p in paths)
+
+
+def _script(name):
+    """A script of benchmarks/ as a module (they are entry points, not part of the package)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_pml_measures_both_implementations_on_the_harness():
+    pytest.importorskip("pytorch_metric_learning")
+    bench_pml = _script("bench_pml")
+    memory = bench_pml.measure_memory("arcface", "ours", scale=1e-4)
+    assert set(memory) == {"rss_growth_mb", "torch_alloc_mb"} and memory["torch_alloc_mb"] > 0
+    runs = {impl: bench_pml.build("proxy_anchor", impl, scale=1e-4) for impl in bench_pml.IMPLEMENTATIONS}
+    times = harness.time_interleaved(runs, rounds=1)
+    assert set(times) == {"pml", "ours"} and all(len(t) == 1 for t in times.values())
+
+
+def test_bench_train_step_compiled_and_eager_train_alike():
+    bench_train_step = _script("bench_train_step")
+    args = bench_train_step.argparse.Namespace(batch=16, input_dim=8, hidden=16, embedding_size=8, classes=10,
+                                               steps=2, rounds=1)
+    row = bench_train_step.run_case("multi_similarity", args)
+    assert set(row["steps_per_s"]) == {"eager", "compiled"} and row["compile_s"] > 0
+    assert row["loss_difference_after_training"] < 1e-4  # same weights, same batches: the same model after training

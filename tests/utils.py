@@ -13,10 +13,12 @@ def make_batch(n=37, d=40, c=9, seed=0, dtype=torch.float64):
 
 
 def assert_close(actual, expected, rtol, what=""):
-    """Same shape and non-finite entries in the same places; max |actual - expected| over the finite entries at
-    most rtol * max(1e-3, max |expected|), so near-zero entries of a gradient need no relative match of their own."""
+    """Same shape; NaN, +inf and -inf in the same places (each kind separately: NaN for an infinity is a
+    mismatch); max |actual - expected| over the finite entries at most rtol * max(1e-3, max |expected|), so near-zero
+    entries of a gradient need no relative match of their own."""
     assert actual.shape == expected.shape, what
-    assert torch.equal(torch.isfinite(actual), torch.isfinite(expected)), f"{what}: different non-finite entries"
+    for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(kind(actual), kind(expected)), f"{what}: {kind.__name__} differs"
     fin = torch.isfinite(expected)
     if not fin.any():
         return

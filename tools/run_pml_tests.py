@@ -35,7 +35,7 @@ TEST_FILES = [
 ]
 
 # A pytest plugin (-p) imported before collection: PML's modules then hand out metricloss_kernels.pml's classes.
-# It also counts the calls of metricloss_kernels.functional's losses (the accelerated path) into ACCELERATED_CALLS.
+# It also counts the calls of the classes' functional losses (the accelerated path) into ACCELERATED_CALLS.
 SWAP_PLUGIN = '''\
 import collections
 import functools
@@ -43,7 +43,6 @@ import json
 import os
 
 import metricloss_kernels.pml as ours
-from metricloss_kernels import functional
 from pytorch_metric_learning import losses
 from pytorch_metric_learning.utils import accuracy_calculator
 
@@ -55,13 +54,17 @@ accuracy_calculator.AccuracyCalculator = ours.AccuracyCalculator
 CALLS = collections.Counter()
 
 
-def _counted(name, fn, *args, **kwargs):
-    CALLS[name] += 1
-    return fn(*args, **kwargs)
+def _counted(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        CALLS[fn.__name__] += 1
+        return fn(*args, **kwargs)
+    return staticmethod(wrapper)
 
 
-for name in {cls._functional for cls in vars(ours).values() if hasattr(cls, "_functional")}:
-    setattr(functional, name, functools.partial(_counted, name, getattr(functional, name)))
+for cls in vars(ours).values():
+    if isinstance(cls, type) and "_functional" in vars(cls):
+        cls._functional = _counted(cls._functional)
 
 
 def pytest_sessionfinish(session):

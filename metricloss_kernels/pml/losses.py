@@ -23,9 +23,17 @@ Accelerated configurations (anything else falls back to PML's code; `loss.fallba
 "cosine distance": CosineSimilarity() or DotProductSimilarity(normalize_embeddings=True), with p=2 and power=1.
 Every configuration also needs collect_stats off (loss, distance, reducer) and hyper-parameters that the functional
 accepts (e.g. alpha > 0, temperature > 0). A call falls back when it has a miner's `indices_tuple` (per-sample
-weights), `ref_emb`, no labels, labels that are not int64 in [0, num_classes), or embeddings that are not a
-non-empty 2-D floating tensor. ProxyNCALoss also needs 2 s + ln C < -ln(finfo(dtype).tiny) (s the cosine scale):
-beyond that, PML drops the samples whose target probability underflows to 0, which the kernels do not.
+weights), `ref_emb`, no labels, labels that are not a 1-D int64 tensor, or embeddings that are not a non-empty 2-D
+floating tensor. ProxyNCALoss also needs 2 s + ln C < -ln(finfo(dtype).tiny) (s the cosine scale): beyond that, PML
+drops the samples whose target probability underflows to 0, which the kernels do not. The decision reads shapes,
+dtypes and attributes only, never tensor values (no host synchronisation on CUDA).
+
+Labels outside [0, num_classes) in an accelerated call are therefore rejected by metricloss_kernels.functional's
+check, not by PML's code: eagerly on CPU a ValueError "labels must be in [0, num_classes = C), got values from a to
+b"; on CUDA and under torch.compile a RuntimeError "labels must be in [0, num_classes = C)" from torch._assert_async
+(on CUDA a device-side assert, reported at a later synchronisation and fatal to the CUDA context, as cross_entropy's
+is). PML itself raises a RuntimeError (ProxyAnchorLoss's one_hot) or an IndexError (the others), and its
+ProxyNCALoss accepts such labels without an error.
 
 PML's semantics, kept: ProxyNCA is a softmax over all proxies (the positive included) of -softmax_scale ||x^ - w^||^2,
 i.e. cross-entropy on 2 softmax_scale cos; SoftTriple has no built-in regulariser (PML's SparseCentersRegularizer is a
@@ -53,13 +61,14 @@ def _is_cosine(distance) -> bool:
 
 
 class _Accelerated:
-    """Mixin placed before a PML loss class: `compute_loss` runs `metricloss_kernels.functional.<_functional>` when
-    `_call_reason` finds nothing against it, else PML's `compute_loss`.
+    """Mixin placed before a PML loss class: `compute_loss` runs `_functional` (a metricloss_kernels.functional
+    loss) when `_call_reason` finds nothing against it, else PML's `compute_loss`.
 
-    Subclasses set `_functional` and override `_arguments()` (the functional's hyper-parameters) and, where they
-    differ from the defaults below, `_weights()`, `_centers()`, `_num_classes()`, `_loss_reason()`.
+    Subclasses set `_functional = staticmethod(F.<loss>)` and override `_arguments()` (the functional's
+    hyper-parameters) and, where they differ from the defaults below, `_weights()`, `_centers()`, `_num_classes()`,
+    `_loss_reason()`.
     """
-    _functional: str
+    _functional: staticmethod  # the metricloss_kernels.functional loss (tests wrap it here to see the calls)
     _reducers = {"loss": MeanReducer}  # PML's loss-dict entries -> the reducer type the accelerated value stands for
     _key = "loss"  # the entry that holds the accelerated (already reduced) value
 
@@ -113,15 +122,15 @@ class _Accelerated:
         if reason:
             return reason
         try:
-            F.check_arguments(self._functional, **self._arguments())
+            F.check_arguments(self._functional.__name__, **self._arguments())
         except ValueError as error:
-            return f"{error} (outside what metricloss_kernels.functional.{self._functional} accepts)"
+            return f"{error} (outside what metricloss_kernels.functional.{self._functional.__name__} accepts)"
         return None
 
     @property
     def accelerated(self) -> bool:
-        """True when calls without a miner's indices_tuple, with int64 labels in [0, num_classes), run on
-        metricloss_kernels' kernels (see the module docstring)."""
+        """True when calls without a miner's indices_tuple, with 1-D int64 labels, run on metricloss_kernels'
+        kernels (see the module docstring)."""
         return self.fallback_reason is None
 
     def _call_reason(self, embeddings, labels, indices_tuple, ref_emb, ref_labels) -> str | None:
@@ -138,8 +147,6 @@ class _Accelerated:
             return f"weights of shape {tuple(weights.shape)} do not match num_classes and the embedding size"
         if labels.dtype != torch.long or labels.dim() != 1:
             return "labels are not a 1-D int64 tensor"
-        if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-            return "labels outside [0, num_classes)"
         return self._input_reason(embeddings, num_classes)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
@@ -148,8 +155,7 @@ class _Accelerated:
         self.cast_types(embeddings.dtype, embeddings.device)  # PML's: the weights take the input's dtype, device
         weights = self._weights()
         with torch.autocast(embeddings.device.type, enabled=False):  # the kernels set their own precision
-            loss = getattr(F, self._functional)(embeddings, labels, weights, **self._arguments(),
-                                                backend=self.backend)
+            loss = self._functional(embeddings, labels, weights, **self._arguments(), backend=self.backend)
         loss_dict = {self._key: {"losses": loss, "indices": None, "reduction_type": "already_reduced"}}
         self.add_weight_regularization_to_loss_dict(loss_dict, weights)
         return loss_dict
@@ -157,7 +163,7 @@ class _Accelerated:
 
 class ProxyAnchorLoss(_Accelerated, pml.ProxyAnchorLoss):
     """PML's ProxyAnchorLoss (proxies [C, D]) on `functional.proxy_anchor_loss`; extra argument `backend`."""
-    _functional = "proxy_anchor_loss"
+    _functional = staticmethod(F.proxy_anchor_loss)
     _reducers = {"pos_loss": DivisorReducer, "neg_loss": DivisorReducer}
     _key = "pos_loss"
 
@@ -170,7 +176,7 @@ class ProxyAnchorLoss(_Accelerated, pml.ProxyAnchorLoss):
 
 class ProxyNCALoss(_Accelerated, pml.ProxyNCALoss):
     """PML's ProxyNCALoss (proxies [C, D]) on `functional.proxy_nca_loss`; extra argument `backend`."""
-    _functional = "proxy_nca_loss"
+    _functional = staticmethod(F.proxy_nca_loss)
 
     def _weights(self):
         return self.proxies
@@ -201,7 +207,7 @@ class ProxyNCALoss(_Accelerated, pml.ProxyNCALoss):
 
 class SoftTripleLoss(_Accelerated, pml.SoftTripleLoss):
     """PML's SoftTripleLoss (fc [D, C*K]) on `functional.soft_triple_loss` with tau=0; extra argument `backend`."""
-    _functional = "soft_triple_loss"
+    _functional = staticmethod(F.soft_triple_loss)
 
     def _weights(self):
         return self.fc.t()
@@ -216,7 +222,7 @@ class SoftTripleLoss(_Accelerated, pml.SoftTripleLoss):
 
 class ArcFaceLoss(_Accelerated, pml.ArcFaceLoss):
     """PML's ArcFaceLoss (W [D, C]) on `functional.arcface_loss`; extra argument `backend`."""
-    _functional = "arcface_loss"
+    _functional = staticmethod(F.arcface_loss)
 
     def _arguments(self):
         return {"margin": math.degrees(self.margin), "scale": self.scale}  # PML stores the margin in radians
@@ -236,7 +242,7 @@ class SubCenterArcFaceLoss(ArcFaceLoss, pml.SubCenterArcFaceLoss):
 
 class CosFaceLoss(_Accelerated, pml.CosFaceLoss):
     """PML's CosFaceLoss (W [D, C]) on `functional.cosface_loss`; extra argument `backend`."""
-    _functional = "cosface_loss"
+    _functional = staticmethod(F.cosface_loss)
 
     def _arguments(self):
         return {"margin": self.margin, "scale": self.scale}
@@ -245,7 +251,7 @@ class CosFaceLoss(_Accelerated, pml.CosFaceLoss):
 class NormalizedSoftmaxLoss(_Accelerated, pml.NormalizedSoftmaxLoss):
     """PML's NormalizedSoftmaxLoss (W [D, C]) on `functional.l2_softmax_loss` (NormFace: normalised W, no bias,
     scale 1 / temperature); extra argument `backend`."""
-    _functional = "l2_softmax_loss"
+    _functional = staticmethod(F.l2_softmax_loss)
 
     def _num_classes(self):
         return self.W.shape[1]  # PML's NormalizedSoftmaxLoss leaves its num_classes attribute at 0
