@@ -1,0 +1,181 @@
+"""Losses over a process group (metricloss_kernels/distributed.py) against one process on the concatenated batch.
+
+Each test starts one world of spawned processes (gloo on 127.0.0.1, a hard timeout: a hang fails the test) and
+batches many checks into it, since a process start costs seconds. The truth is the reference backend in one process
+on X = cat_r x_r, Y = cat_r y_r with the concatenated proxies; a sharded call must give, in float64 to rel 1e-9,
+the same value on every rank, each rank's proxies exactly their rows of the single-process gradient, and each rank's
+embeddings W x the single-process gradient of its rows (the DDP convention).
+"""
+import datetime
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import metricloss_kernels as mlk
+from metricloss_kernels import distributed
+from metricloss_kernels import functional as F
+from utils import assert_close
+
+TIMEOUT_S = 150  # per world; the checks of a world take a few seconds
+RTOL = 1e-9
+N_LOCAL, C, K, D = 7, 53, 3, 12  # C divisible by neither 2 nor 3
+
+
+# ------------------------------------------------------------------------------------------------- the worlds
+def _entry(rank, world, port, fn, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    try:
+        fn(rank, world, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_world(fn, world, *args):
+    """fn(rank, world, *args) in `world` spawned processes of one gloo group; a failure or an exception in any rank
+    fails the test, and so does a world still running after TIMEOUT_S (its processes are killed)."""
+    context = mp.start_processes(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"a world of {world} ranks did not finish within {TIMEOUT_S} s (a hang?)")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+
+
+# ------------------------------------------------------------------------------------------------ the cases
+PROXY_CASES = [  # (functional name, keyword arguments, centers per class)
+    ("proxy_nca_loss", {}, 1),
+    ("proxy_nca_loss", dict(exclude_positive=False), 1),
+    ("proxy_anchor_loss", {}, 1),
+    ("soft_triple_loss", dict(centers_per_class=K), K),
+    ("mpa_loss", dict(centers_per_class=K, variant="mpa"), K),
+    ("mpa_loss", dict(centers_per_class=K, variant="dw"), K),
+    ("mpa_loss", dict(centers_per_class=K, variant="ap"), K),
+    ("arcface_loss", {}, 1),
+    ("cosface_loss", {}, 1),
+    ("l2_softmax_loss", dict(bias=True), 1),
+    ("l2_softmax_loss", dict(normalize_weights=True), 1),
+    ("regular_polytope_loss", dict(num_classes=C), 1),
+    ("proxy_repel_loss", dict(variant="proxies"), 1),
+    ("proxy_repel_loss", dict(variant="batch"), 1),
+]
+
+
+def _batch(world, seed, absent_rank=None):
+    """(X [W n, D], Y [W n], W [C K, D], bias [C]) in float64; with `absent_rank`, no label of the batch belongs to
+    that rank's classes."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(world * N_LOCAL, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (world * N_LOCAL,), generator=g)
+    if absent_rank is not None:
+        start, stop = distributed.class_range(C, absent_rank, world)
+        y = torch.where((y >= start) & (y < stop), (y + (stop - start)) % C, y)
+        assert not ((y >= start) & (y < stop)).any()
+    w = torch.randn(C * K, D, generator=g, dtype=torch.float64)
+    bias = torch.randn(C, generator=g, dtype=torch.float64)
+    return x, y, w, bias
+
+
+def _call(name, kwargs, x, y, w, bias, **extra):
+    """The loss and the gradients of its leaves: (value, [dx, dproxies, dbias...])."""
+    kwargs = dict(kwargs)
+    x = x.clone().requires_grad_()
+    leaves = [x]
+    if name == "regular_polytope_loss":
+        value = getattr(F, name)(x, y, **kwargs, **extra)
+    else:
+        w = w.clone().requires_grad_()
+        leaves.append(w)
+        if kwargs.pop("bias", False):
+            kwargs["bias"] = bias.clone().requires_grad_()
+            leaves.append(kwargs["bias"])
+        value = getattr(F, name)(x, y, w, **kwargs, **extra)
+    value.backward()
+    return value.detach(), [t.grad for t in leaves]
+
+
+def _check_proxy_losses(rank, world, group):
+    """Every proxy loss on both CPU backends, with random labels and with a rank none of whose classes is in the
+    batch."""
+    start, stop = distributed.class_range(C, rank, world)
+    rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+    for seed, absent in ((0, None), (1, world - 1)):
+        x, y, w, bias = _batch(world, seed, absent)
+        for name, kwargs, k in PROXY_CASES:
+            xc = x
+            if name == "regular_polytope_loss":  # a simplex of C classes lives in C - 1 dimensions
+                xc = torch.randn(world * N_LOCAL, C - 1, generator=torch.Generator().manual_seed(seed),
+                                 dtype=torch.float64)
+            full = w[:C * k]
+            truth, truth_grads = _call(name, kwargs, xc, y, full, bias, backend="reference")
+            for backend in ("reference", "chunked"):
+                what = f"{name} {kwargs} {backend} rank {rank}/{world} seed {seed}"
+                value, grads = _call(name, kwargs, xc[rows], y[rows], full[start * k:stop * k], bias[start:stop],
+                                     backend=backend, process_group=group)
+                assert_close(value, truth, RTOL, what + ": value")
+                assert_close(grads[0], world * truth_grads[0][rows], RTOL, what + ": embeddings' gradient")
+                for got, expected in zip(grads[1:], truth_grads[1:]):
+                    per_class = expected.shape[0] // C
+                    assert_close(got, expected[start * per_class:stop * per_class], RTOL, what + ": shard gradient")
+
+
+def _check_errors(rank, world, group):
+    """Bad input on one rank: a clear ValueError on every rank, and the group is usable afterwards."""
+    start, stop = distributed.class_range(C, rank, world)
+    rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+    x, y, w, _ = _batch(world, 2)
+    x, y, w = x[rows], y[rows], w[:C][start:stop]
+    with pytest.raises(ValueError, match="num_classes must be at least the number of ranks"):
+        mlk.ArcFaceLoss(world - 1, D, process_group=group)
+    # A rank without classes (fewer classes than ranks, split by hand).
+    empty = w[:0] if rank == 1 else w
+    # (the failing rank raises its own error, the others quote it)
+    with pytest.raises(ValueError, match="weight has no row on this rank"):
+        F.cosface_loss(x, y, empty, process_group=group)
+    # A label out of range on one rank only.
+    bad = y.clone()
+    if rank == world - 1:
+        bad[0] = C
+    with pytest.raises(ValueError, match=rf"labels must be in \[0, C\) on every rank.*{C}"):
+        F.arcface_loss(x, bad, w, process_group=group)
+    with pytest.raises(ValueError, match="labels must be >= 0"):
+        F.contrastive_loss(x, torch.where(torch.tensor(rank == 0), -bad, bad), process_group=group)
+    # Different local batch sizes.
+    with pytest.raises(ValueError, match="same number of rows"):
+        F.proxy_anchor_loss(x[:N_LOCAL - (rank == 0)], y[:N_LOCAL - (rank == 0)], w, process_group=group)
+    # A bad argument on one rank only (checked locally, announced to the others).
+    with pytest.raises(ValueError, match="scale"):
+        F.cosface_loss(x, y, w, scale=-1.0 if rank == 0 else 64.0, process_group=group)
+    with pytest.raises(TypeError, match="process_group must be"):
+        F.cosface_loss(x, y, w, process_group="world")
+    full_x, full_y, full_w, _ = _batch(world, 2)  # still in step: the value of one process
+    assert_close(F.cosface_loss(x, y, w, process_group=group), F.cosface_loss(full_x, full_y, full_w[:C]), RTOL)
+
+
+def _worker(rank, world):
+    group = dist.group.WORLD
+    _check_proxy_losses(rank, world, group)
+    _check_errors(rank, world, group)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_proxy_losses_equal_one_process(world):
+    run_world(_worker, world)
