@@ -170,12 +170,128 @@ def _check_errors(rank, world, group):
     assert_close(F.cosface_loss(x, y, w, process_group=group), F.cosface_loss(full_x, full_y, full_w[:C]), RTOL)
 
 
+PAIR_CASES = [  # (functional name, keyword arguments)
+    ("contrastive_loss", {}),
+    ("triplet_margin_loss", dict(mining="all")),
+    ("triplet_margin_loss", dict(mining="semi-hard", distance="euclidean")),
+    ("triplet_margin_loss", dict(mining="hard", distance="squared_euclidean")),
+    ("lifted_structure_loss", {}),
+    ("npairs_loss", {}),
+    ("margin_loss", dict(generator=True)),
+    ("margin_loss", dict(beta="per class")),
+    ("multi_similarity_loss", {}),
+    ("exponential_triplet_loss", dict(num_classes=C)),
+    ("center_loss", dict(centers=True)),
+]
+PAIR_CLASSES = 4  # few classes, so that every anchor has positives
+
+
+def _check_pair_losses(rank, world, group):
+    """Every pair loss: the value of one process on the concatenated batch, embeddings' gradients x W, a learnable
+    (replicated) beta the whole single-process gradient."""
+    rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+    x, y, w, _ = _batch(world, 3)
+    y = y % PAIR_CLASSES
+    for name, kwargs in PAIR_CASES:
+        def call(x, y, **extra):
+            args = dict(kwargs)
+            x = x.clone().requires_grad_()
+            leaves = [x]
+            torch.manual_seed(5)  # MarginLoss's draws: every rank's RNG in the state of the single process's
+            if args.get("generator"):
+                args["generator"] = torch.Generator().manual_seed(5)
+            if args.get("beta") == "per class":
+                args["beta"] = torch.full((PAIR_CLASSES,), 1.2, dtype=x.dtype, requires_grad=True)
+                leaves.append(args["beta"])
+            if args.get("centers"):
+                args["centers"] = w[:PAIR_CLASSES]
+            value = getattr(F, name)(x, y, **args, **extra)
+            value.backward()
+            return value.detach(), [t.grad for t in leaves]
+
+        what = f"{name} {kwargs} rank {rank}/{world}"
+        truth, truth_grads = call(x, y)
+        value, grads = call(x[rows], y[rows], process_group=group)
+        assert_close(value, truth, RTOL, what + ": value")
+        assert_close(grads[0], world * truth_grads[0][rows], RTOL, what + ": embeddings' gradient")
+        for got, expected in zip(grads[1:], truth_grads[1:]):
+            assert_close(got, expected, RTOL, what + ": replicated parameter's gradient")
+
+
+def _check_ddp_backbone(rank, world, group):
+    """A DistributedDataParallel backbone under a sharded loss receives exactly the single-process gradient."""
+    rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+    x, y, _, _ = _batch(world, 4)
+    torch.manual_seed(0)  # the same backbone and full module on every rank
+    backbone = torch.nn.Linear(D, 5, dtype=torch.float64)
+    single_loss = mlk.SoftTripleLoss(C, 5, centers_per_class=K).double()
+    sharded = mlk.SoftTripleLoss(C, 5, centers_per_class=K, process_group=group).double()
+    sharded.load_state_dict(distributed.shard_state_dict(single_loss.state_dict(), sharded))
+    ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(D, 5, dtype=torch.float64),
+                                                    process_group=group)
+    ddp.module.load_state_dict(backbone.state_dict())
+
+    single_loss(backbone(x), y).backward()
+    sharded(ddp(x[rows]), y[rows]).backward()
+    start, stop = sharded.class_range
+    for name, p in backbone.named_parameters():
+        assert_close(ddp.module.get_parameter(name).grad, p.grad, RTOL, f"rank {rank}: backbone {name}")
+    assert_close(sharded.proxies.grad, single_loss.proxies.grad[start * K:stop * K], RTOL, f"rank {rank}: proxies")
+
+
+def _check_checkpoints(rank, world, group):
+    """Full -> shards -> full on `group`, and a state_dict gathered from a sub-group of 2 ranks re-sharded for 3."""
+    torch.manual_seed(1)
+    full = mlk.L2SoftmaxLoss(C, D)  # proxies and bias, both per class
+    with torch.no_grad():
+        full.bias.normal_()
+    sharded = mlk.L2SoftmaxLoss(C, D, process_group=group)
+    sharded.load_state_dict(distributed.shard_state_dict(full.state_dict(), sharded))
+    start, stop = sharded.class_range
+    assert torch.equal(sharded.proxies, full.proxies[start:stop]) and torch.equal(sharded.bias, full.bias[start:stop])
+    assert sharded.state_dict()["class_range"].tolist() == [start, stop]
+    gathered = distributed.gather_state_dict(sharded)
+    if rank == 0:
+        assert gathered.keys() == full.state_dict().keys()
+        assert all(torch.equal(gathered[k], v) for k, v in full.state_dict().items())
+    else:
+        assert gathered is None
+    with pytest.raises(RuntimeError, match="class_range: missing"):  # an unsharded state_dict, loaded as it is
+        sharded.load_state_dict(full.state_dict())
+    other = distributed.shard_state_dict(full.state_dict(), sharded)
+    other["class_range"] = torch.tensor([0, stop - start])
+    if start != 0:
+        with pytest.raises(RuntimeError, match=f"the state_dict holds classes \\[0, {stop - start}\\)"):
+            sharded.load_state_dict(other)
+
+    pair = dist.new_group([0, 1])  # collective: every rank creates it
+    if rank < 2:
+        two = mlk.SoftTripleLoss(C, D, centers_per_class=K, process_group=pair)
+        saved = distributed.gather_state_dict(two)
+        shards = [torch.empty(0, D)] * 2
+        dist.all_gather_object(shards, two.proxies.detach(), group=pair)
+        if rank == 0:
+            assert torch.equal(saved["proxies"], torch.cat(shards))
+            torch.save(saved, os.environ["MLK_TEST_CHECKPOINT"])
+    dist.barrier()
+    three = mlk.SoftTripleLoss(C, D, centers_per_class=K, process_group=group)
+    saved = torch.load(os.environ["MLK_TEST_CHECKPOINT"])
+    three.load_state_dict(distributed.shard_state_dict(saved, three))
+    start, stop = three.class_range
+    assert torch.equal(three.proxies, saved["proxies"][start * K:stop * K])
+
+
 def _worker(rank, world):
     group = dist.group.WORLD
     _check_proxy_losses(rank, world, group)
     _check_errors(rank, world, group)
+    _check_pair_losses(rank, world, group)
+    _check_ddp_backbone(rank, world, group)
+    if world == 3:
+        _check_checkpoints(rank, world, group)
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_sharded_proxy_losses_equal_one_process(world):
+def test_sharded_losses_equal_one_process(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLK_TEST_CHECKPOINT", str(tmp_path / "checkpoint.pt"))
     run_world(_worker, world)
