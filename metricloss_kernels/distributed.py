@@ -115,23 +115,25 @@ class CommunicationLog:
         return sum(self._SENT[op](w) * self._bytes(shape, dtype) for op, shape, dtype, w in self.records)
 
 
-def _note(op, t, group):
+def note_collective(op: str, t: torch.Tensor, group) -> None:
+    """Records in the active CommunicationLog, if any, a collective `op` ("all_gather", "reduce_scatter",
+    "all_reduce") of the tensor `t` that code outside this module makes (e.g. DDP's all-reduce of a gradient)."""
     if _LOG is not None:
         _LOG.records.append((op, tuple(t.shape), t.dtype, dist.get_world_size(group)))
 
 
 def _all_gather(t, group):
-    _note("all_gather", t, group)
+    note_collective("all_gather", t, group)
     return funcol.all_gather_single(t.contiguous(), 0, group)
 
 
 def _reduce_scatter(t, group):
-    _note("reduce_scatter", t, group)
+    note_collective("reduce_scatter", t, group)
     return funcol.reduce_scatter_single(t.contiguous(), "sum", 0, group)
 
 
 def _all_reduce(t, group, op="sum"):
-    _note("all_reduce", t, group)
+    note_collective("all_reduce", t, group)
     return funcol.all_reduce(t.contiguous(), op, group)
 
 
