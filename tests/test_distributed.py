@@ -137,6 +137,35 @@ def _check_proxy_losses(rank, world, group):
                     assert_close(got, expected[start * per_class:stop * per_class], RTOL, what + ": shard gradient")
 
 
+def _check_sampling(rank, world, group):
+    """sample_rate < 1 over a process group: the single-process loss on the union of the ranks' sampled classes
+    (each rank's sample redrawn here from the same seed); the proxies' gradient exact on this rank's rows, zero on
+    the classes it left out."""
+    rate, seed, n = 0.5, 7, 4  # few rows: the sample (at least the N rows' worth of classes) is below C_r
+    x, y, w, _ = _batch(world, 8)
+    x, y, w = x[:world * n], y[:world * n], w[:C]
+    start, stop = distributed.class_range(C, rank, world)
+    rows = slice(rank * n, (rank + 1) * n)
+    kept, local = [], torch.full_like(y, -1)
+    for r in range(world):  # rank r's draw, as it makes it
+        lo, hi = distributed.class_range(C, r, world)
+        torch.manual_seed(seed)
+        index, position = distributed.sample_classes(y - lo, hi - lo, distributed.sample_size(hi - lo, rate, len(y)))
+        local = torch.where(position >= 0, position + sum(len(k) for k in kept), local)
+        kept.append(index + lo)
+    kept = torch.cat(kept)
+    assert len(kept) < C
+    truth, truth_grads = _call("cosface_loss", {}, x, local, w[kept], None, backend="reference")
+    torch.manual_seed(seed)
+    value, grads = _call("cosface_loss", {}, x[rows], y[rows], w[start:stop], None, backend="chunked",
+                         process_group=group, sample_rate=rate)
+    assert_close(value, truth, RTOL, f"rank {rank}: sampled value")
+    assert_close(grads[0], world * truth_grads[0][rows], RTOL, f"rank {rank}: sampled embeddings' gradient")
+    expected = torch.zeros(C, D, dtype=torch.float64)
+    expected[kept] = truth_grads[1]
+    assert_close(grads[1], expected[start:stop], RTOL, f"rank {rank}: sampled proxies' gradient")
+
+
 def _check_errors(rank, world, group):
     """Bad input on one rank: a clear ValueError on every rank, and the group is usable afterwards."""
     start, stop = distributed.class_range(C, rank, world)
@@ -309,6 +338,7 @@ def _check_compile(rank, world, group):
 def _worker(rank, world):
     group = dist.group.WORLD
     _check_proxy_losses(rank, world, group)
+    _check_sampling(rank, world, group)
     _check_errors(rank, world, group)
     _check_pair_losses(rank, world, group)
     _check_ddp_backbone(rank, world, group)
