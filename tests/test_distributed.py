@@ -246,6 +246,16 @@ def _check_pair_losses(rank, world, group):
         for got, expected in zip(grads[1:], truth_grads[1:]):
             assert_close(got, expected, RTOL, what + ": replicated parameter's gradient")
 
+    # CenterLoss in training mode: replicated centres move by the whole batch's means, as in one process.
+    x = x.float()
+    torch.manual_seed(9)
+    single = mlk.CenterLoss(PAIR_CLASSES, D)
+    torch.manual_seed(9)
+    sharded = mlk.CenterLoss(PAIR_CLASSES, D, process_group=group)
+    for _ in range(2):
+        assert_close(sharded(x[rows], y[rows]), single(x, y), 1e-6, f"rank {rank}: CenterLoss value")
+        assert_close(sharded.centers, single.centers, 1e-6, f"rank {rank}: CenterLoss centres")
+
 
 def _check_ddp_backbone(rank, world, group):
     """A DistributedDataParallel backbone under a sharded loss receives exactly the single-process gradient."""
