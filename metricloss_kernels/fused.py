@@ -8,11 +8,14 @@ Each loss is O(N) / O(C) torch work around one or two `lse` calls:
 - class-wise losses (ProxyAnchor, MPA, proxy-repel) take their negative term from the column LSE and their positive
   term from a segment log-sum-exp over the samples of each class (scatters into [C] buffers, O(N + C));
 - R(W) is streamed over blocks of classes too (bmm of [B, K, D] blocks), forward and backward.
-Signatures are those of `metricloss_kernels.reference` plus the keyword `lse`: a callable with the signature of
-`lse.class_lse` (the functional layer passes it with the backend's `impl`); inputs are assumed valid (the functional
-layer validates). No tensor data is read on the host: every shape follows from the inputs' shapes. fp16/bf16 inputs
-are computed in fp32 (W is never copied whole for that: the op converts it tile by tile), autocast is off inside,
-and the loss comes back in `_numerics.result_dtype` of the embeddings.
+Signatures are those of `metricloss_kernels.reference` plus the keywords `lse`, a callable with the signature of
+`lse.class_lse` (the functional layer passes it with the backend's `impl`, possibly class-sampled:
+`distributed.sampled`), and `part`: `distributed.LOCAL`, or a `distributed.Shard` when the classes are sharded over a
+process group (then the embeddings and labels are the gathered batch, the proxies this rank's; every class-wise sum,
+count, target logit and row LSE goes through `part`, see metricloss_kernels/distributed.py). Inputs are assumed
+valid (the functional layer validates). No tensor data is read on the host: every shape follows from the inputs'
+shapes. fp16/bf16 inputs are computed in fp32 (W is never copied whole for that: the op converts it tile by tile),
+autocast is off inside, and the loss comes back in `_numerics.result_dtype` of the embeddings.
 """
 import math
 
@@ -21,6 +24,7 @@ import torch
 from metricloss_kernels import polytopes
 from metricloss_kernels._math import arcface_target, softplus
 from metricloss_kernels._numerics import compute_dtype, inv_norm, normalize, normalize_backward_, upcast
+from metricloss_kernels.distributed import LOCAL
 from metricloss_kernels.lse import class_lse
 
 # Classes per block of the regulariser: [B, K, D] blocks of about this many bytes.
@@ -35,8 +39,9 @@ def _unit_rows(embeddings: torch.Tensor) -> torch.Tensor:
 def _target_cosines(x_hat: torch.Tensor, proxies: torch.Tensor, labels: torch.Tensor, k: int,
                     normalize_w: bool = True) -> torch.Tensor:
     """l_{i, y_i, k} = x^_i . w^_{y_i, k} -> [N, K] (w^ = w if not normalize_w), gathering only the N*K target
-    proxies."""
-    w = proxies.unflatten(0, (-1, k))[labels].to(x_hat.dtype)  # [N, K, D]
+    proxies. Labels outside the classes of `proxies` (another rank's) read a valid row whose value is not used."""
+    c = proxies.shape[0] // k
+    w = proxies.unflatten(0, (c, k))[labels.clamp(0, c - 1)].to(x_hat.dtype)  # [N, K, D]
     if normalize_w:
         w = normalize(w, dim=-1)
     return (w @ x_hat.unsqueeze(-1)).squeeze(-1)
@@ -55,19 +60,16 @@ def _row_ce(lse: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def _class_softplus_lse(t: torch.Tensor, labels: torch.Tensor, num_classes: int):
     """softplus(LSE_{i: y_i = c} t_i) for every class c, 0 for the classes absent from the batch, and the number of
-    samples of each class: ([C], [C]). A segment LSE through scatters into [C] buffers, O(N + C)."""
-    counts = t.new_zeros(num_classes).index_add_(0, labels, torch.ones_like(t))
+    samples of each class: ([C], [C]). A segment LSE through scatters into [C + 1] buffers, O(N + C); rows whose
+    label lies outside [0, C) (another rank's classes) go to the extra slot, which is dropped."""
+    labels = torch.where((labels >= 0) & (labels < num_classes), labels, num_classes)
+    counts = t.new_zeros(num_classes + 1).index_add_(0, labels, torch.ones_like(t))
     present = counts > 0
-    m = t.new_full((num_classes,), float("-inf")).scatter_reduce_(0, labels, t.detach(), "amax")
+    m = t.new_full((num_classes + 1,), float("-inf")).scatter_reduce_(0, labels, t.detach(), "amax")
     m = m.masked_fill_(~present, 0)  # any finite shift for the absent classes
-    s = t.new_zeros(num_classes).index_add_(0, labels, torch.exp(t - m[labels]))
+    s = t.new_zeros(num_classes + 1).index_add_(0, labels, torch.exp(t - m[labels]))
     lse = m + torch.log(torch.where(present, s, 1.0))  # absent: log(1), never log(0) (whose gradient is NaN)
-    return torch.where(present, softplus(lse), 0.0), counts
-
-
-def _present_mean(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Mean of the per-class `values` over the classes present in the batch (C+)."""
-    return values.sum() / (counts > 0).sum()
+    return torch.where(present, softplus(lse), 0.0)[:num_classes], counts[:num_classes]
 
 
 class _ProxyRegularizer(torch.autograd.Function):
@@ -109,126 +111,143 @@ class _ProxyRegularizer(torch.autograd.Function):
         return dw.flatten(0, 1), None
 
 
-def _with_regularizer(loss, proxies, k, tau):
-    """loss + tau * R(W); R is 0 by definition when tau = 0 or K = 1."""
+def _with_regularizer(loss, proxies, k, tau, part):
+    """loss + tau * R(W); R is 0 by definition when tau = 0 or K = 1. R is a mean over the classes: each rank's
+    R of its classes, combined by `part`."""
     if tau == 0 or k == 1:
         return loss
-    return loss + tau * _ProxyRegularizer.apply(proxies, k).to(loss.dtype)
+    r = part.classes_mean(_ProxyRegularizer.apply(proxies, k), proxies.shape[0] // k)
+    return loss + tau * r.to(loss.dtype)
 
 
-def _arcface_ce(embeddings, labels, weight, margin_rad, scale, *, lse, normalize_w=True):
+def _arcface_ce(embeddings, labels, weight, margin_rad, scale, *, lse, part, normalize_w=True):
     """ArcFace CE with the angular margin in radians (insightface rule): target phi = cos(theta + m) where
     cos(theta) > cos(pi - m), else cos(theta) - sin(pi - m) * m; only the target cosine is clamped to
-    [-1 + 1e-7, 1 - 1e-7]."""
-    phi = arcface_target(_target_cosines(_unit_rows(embeddings), weight, labels, 1, normalize_w).squeeze(1),
-                         margin_rad)
-    row = lse(embeddings, weight, labels, scale=scale, normalize_w=normalize_w, reduce="row")
+    [-1 + 1e-7, 1 - 1e-7]. `labels` are the classes' indices in `weight` (`part.local`)."""
+    c = weight.shape[0]
+    cos = _target_cosines(_unit_rows(embeddings), weight, labels, 1, normalize_w).squeeze(1)
+    phi = arcface_target(part.target(cos, labels, c), margin_rad)
+    row = part.row_lse(lse(embeddings, weight, labels, scale=scale, normalize_w=normalize_w, reduce="row"))
     return _row_ce(row, scale * phi)
 
 
 @upcast(inputs=False)
-def proxy_nca_loss(embeddings, labels, proxies, scale=2.0, exclude_positive=True, *, lse=class_lse):
+def proxy_nca_loss(embeddings, labels, proxies, scale=2.0, exclude_positive=True, *, lse=class_lse, part=LOCAL):
     """ProxyNCA (K = 1): mean_i [-s S_{i,y_i} + LSE_{c != y_i} s S_{i,c}]; exclude_positive=False puts the positive
     in the LSE (softmax CE). embeddings [N, D], labels [N], proxies [C, D] -> scalar."""
-    t = scale * _target_cosines(_unit_rows(embeddings), proxies, labels, 1).squeeze(1)
-    row = lse(embeddings, proxies, labels, scale=scale, reduce="row")
+    y, c = part.local(labels), proxies.shape[0]
+    t = scale * part.target(_target_cosines(_unit_rows(embeddings), proxies, y, 1).squeeze(1), y, c)
+    row = part.row_lse(lse(embeddings, proxies, y, scale=scale, reduce="row"))
     return (row - t).mean() if exclude_positive else _row_ce(row, t)
 
 
 @upcast(inputs=False)
-def proxy_anchor_loss(embeddings, labels, proxies, margin=0.1, alpha=32.0, *, lse=class_lse):
+def proxy_anchor_loss(embeddings, labels, proxies, margin=0.1, alpha=32.0, *, lse=class_lse, part=LOCAL):
     """ProxyAnchor (K = 1): (1/|C+|) sum_{c in C+} softplus(LSE_{y_i=c} -alpha(S_ic - delta))
     + (1/C) sum_c softplus(LSE_{y_i!=c} alpha(S_ic + delta)). proxies [C, D] -> scalar."""
-    s = _target_cosines(_unit_rows(embeddings), proxies, labels, 1).squeeze(1)
-    pos = _present_mean(*_class_softplus_lse(-alpha * (s - margin), labels, proxies.shape[0]))
-    neg = softplus(lse(embeddings, proxies, labels, scale=alpha, shift=alpha * margin, reduce="col")).mean()
-    return pos + neg
+    y, c = part.local(labels), proxies.shape[0]
+    s = _target_cosines(_unit_rows(embeddings), proxies, y, 1).squeeze(1)
+    pos, counts = _class_softplus_lse(-alpha * (s - margin), y, c)
+    neg = softplus(lse(embeddings, proxies, y, scale=alpha, shift=alpha * margin, reduce="col"))
+    return part.subset_mean(pos, counts > 0) + part.classes_mean(neg.mean(), c)
 
 
 @upcast(inputs=False)
 def soft_triple_loss(embeddings, labels, proxies, centers_per_class=10, la=20.0, gamma=0.1, margin=0.01, tau=0.2,
-                     *, lse=class_lse):
+                     *, lse=class_lse, part=LOCAL):
     """SoftTriple: mean_i CE(la (S_i - delta onehot(y_i)), y_i) + tau R(W). proxies [C*K, D] -> scalar."""
     k = centers_per_class
-    t = la * (_target_similarity(_unit_rows(embeddings), proxies, labels, k, gamma) - margin)
-    row = lse(embeddings, proxies, labels, centers_per_class=k, gamma=gamma, scale=la, reduce="row")
-    return _with_regularizer(_row_ce(row, t), proxies, k, tau)
+    y, c = part.local(labels), proxies.shape[0] // k
+    t = la * (part.target(_target_similarity(_unit_rows(embeddings), proxies, y, k, gamma), y, c) - margin)
+    row = part.row_lse(lse(embeddings, proxies, y, centers_per_class=k, gamma=gamma, scale=la, reduce="row"))
+    return _with_regularizer(_row_ce(row, t), proxies, k, tau, part)
 
 
 @upcast(inputs=False)
 def mpa_loss(embeddings, labels, proxies, centers_per_class=10, alpha=32.0, margin=0.1, gamma=0.1, tau=0.2,
-             variant="mpa", *, lse=class_lse):
+             variant="mpa", *, lse=class_lse, part=LOCAL):
     """Multi-Proxy Anchor family on S (temperature gamma) + tau R(W): "mpa" class-wise (negatives averaged over the
     classes that have a negative in the batch), "dw" data-wise, "ap" data-wise all pairs. -> scalar."""
     k = centers_per_class
-    s = _target_similarity(_unit_rows(embeddings), proxies, labels, k, gamma)
+    y, c = part.local(labels), proxies.shape[0] // k
+    s = _target_similarity(_unit_rows(embeddings), proxies, y, k, gamma)
     kw = dict(centers_per_class=k, gamma=gamma, scale=alpha, shift=alpha * margin)
     if variant == "mpa":
-        pos, counts = _class_softplus_lse(-alpha * (s - margin), labels, proxies.shape[0] // k)
-        neg = softplus(lse(embeddings, proxies, labels, reduce="col", **kw))
+        pos, counts = _class_softplus_lse(-alpha * (s - margin), y, c)
+        neg = softplus(lse(embeddings, proxies, y, reduce="col", **kw))
         # C- = the classes with a negative in the batch, those with fewer than N samples (an empty LSE adds 0).
-        loss = _present_mean(pos, counts) + neg.sum() / (counts < labels.shape[0]).sum()
-    elif variant == "dw":
-        row = lse(embeddings, proxies, labels, reduce="row", **kw)
-        loss = (softplus(-alpha * (s - margin)) + softplus(row)).mean()
-    elif variant == "ap":
-        row = lse(embeddings, proxies, labels, reduce="row", **kw)
-        loss = softplus(torch.logaddexp(row, alpha * (margin - s))).mean()
+        loss = part.subset_mean(pos, counts > 0) + part.subset_mean(neg, counts < labels.shape[0])
+    elif variant in ("dw", "ap"):
+        s = part.target(s, y, c)
+        row = part.row_lse(lse(embeddings, proxies, y, reduce="row", **kw))
+        if variant == "dw":
+            loss = (softplus(-alpha * (s - margin)) + softplus(row)).mean()
+        else:
+            loss = softplus(torch.logaddexp(row, alpha * (margin - s))).mean()
     else:
         raise ValueError(f"variant must be 'mpa', 'dw' or 'ap', got {variant!r}")
-    return _with_regularizer(loss, proxies, k, tau)
+    return _with_regularizer(loss, proxies, k, tau, part)
 
 
 @upcast(inputs=False)
-def arcface_loss(embeddings, labels, weight, margin=28.6, scale=64.0, *, lse=class_lse):
+def arcface_loss(embeddings, labels, weight, margin=28.6, scale=64.0, *, lse=class_lse, part=LOCAL):
     """ArcFace, angular margin in DEGREES (28.6 deg ~ 0.4992 rad). weight [C, D] -> scalar."""
-    return _arcface_ce(embeddings, labels, weight, math.radians(margin), scale, lse=lse)
+    return _arcface_ce(embeddings, part.local(labels), weight, math.radians(margin), scale, lse=lse, part=part)
 
 
 @upcast(inputs=False)
-def cosface_loss(embeddings, labels, weight, margin=0.35, scale=64.0, *, lse=class_lse):
+def cosface_loss(embeddings, labels, weight, margin=0.35, scale=64.0, *, lse=class_lse, part=LOCAL):
     """CosFace: mean_i CE(s (cos_i - m onehot(y_i)), y_i). weight [C, D] -> scalar."""
-    t = scale * (_target_cosines(_unit_rows(embeddings), weight, labels, 1).squeeze(1) - margin)
-    return _row_ce(lse(embeddings, weight, labels, scale=scale, reduce="row"), t)
+    y, c = part.local(labels), weight.shape[0]
+    t = scale * (part.target(_target_cosines(_unit_rows(embeddings), weight, y, 1).squeeze(1), y, c) - margin)
+    return _row_ce(part.row_lse(lse(embeddings, weight, y, scale=scale, reduce="row")), t)
 
 
 @upcast(inputs=False)
-def l2_softmax_loss(embeddings, labels, weight, bias=None, scale=16.0, normalize_weights=False, *, lse=class_lse):
+def l2_softmax_loss(embeddings, labels, weight, bias=None, scale=16.0, normalize_weights=False, *, lse=class_lse,
+                    part=LOCAL):
     """L2-constrained softmax: mean_i CE((s x^_i) W^T + b, y_i); W unnormalised unless normalize_weights
     (NormFace); a bias that is given is added in either case. weight [C, D], bias [C] or None -> scalar."""
-    t = scale * _target_cosines(_unit_rows(embeddings), weight, labels, 1, normalize_weights).squeeze(1)
+    y, c = part.local(labels), weight.shape[0]
+    t = scale * _target_cosines(_unit_rows(embeddings), weight, y, 1, normalize_weights).squeeze(1)
     if bias is not None:
-        t = t + bias[labels].to(t.dtype)
-    row = lse(embeddings, weight, labels, scale=scale, bias=bias, normalize_w=normalize_weights, reduce="row")
-    return _row_ce(row, t)
+        t = t + bias[y.clamp(0, c - 1)].to(t.dtype)
+    row = lse(embeddings, weight, y, scale=scale, bias=bias, normalize_w=normalize_weights, reduce="row")
+    return _row_ce(part.row_lse(row), part.target(t, y, c))
 
 
 @upcast(inputs=False)
 def regular_polytope_loss(embeddings, labels, num_classes, polytope="simplex", scale=30.0, margin="max", *,
-                          lse=class_lse):
+                          lse=class_lse, part=LOCAL):
     """Margin-RePoNet: ArcFace on x^ with the fixed unit-row weights regular_polytope(polytope, C); margin "max"
-    (the polytope's neighbour angle) or a number in DEGREES. embeddings [N, d] -> scalar."""
+    (the polytope's neighbour angle) or a number in DEGREES. embeddings [N, d] -> scalar. Sharded, each rank uses
+    its rows of the polytope (`distributed.class_range`)."""
     w = polytopes.polytope_weights(polytope, num_classes, embeddings.device, compute_dtype(embeddings.dtype))
     m = polytopes.margin_radians(polytope, num_classes, margin)
     # The rows are unit vectors by construction: used as they are, like the reference.
-    return _arcface_ce(embeddings, labels, w, m, scale, lse=lse, normalize_w=False)
+    return _arcface_ce(embeddings, part.local(labels), part.rows_of(w, num_classes), m, scale, lse=lse, part=part,
+                       normalize_w=False)
 
 
 @upcast(inputs=False)
-def proxy_repel_loss(embeddings, labels, proxies, alpha=32.0, margin=0.1, variant="proxies", *, lse=class_lse):
+def proxy_repel_loss(embeddings, labels, proxies, alpha=32.0, margin=0.1, variant="proxies", *, lse=class_lse,
+                     part=LOCAL):
     """Proxy-repel (K = 1): ProxyAnchor's positive term + (1/C) sum_w softplus(LSE_{w' != w} alpha(P_ww' + delta)),
-    P = W^ W^T ("proxies") or W^ (X^T X^) W^T ("batch", a sum over the batch). proxies [C, D] -> scalar."""
+    P = W^ W^T ("proxies") or W^ (X^T X^) W^T ("batch", a sum over the batch). proxies [C, D] -> scalar.
+    Sharded, each rank's proxies are the rows against every rank's proxies (`part.all_proxies`)."""
     x_hat = _unit_rows(embeddings)
-    s = _target_cosines(x_hat, proxies, labels, 1).squeeze(1)
-    pos = _present_mean(*_class_softplus_lse(-alpha * (s - margin), labels, proxies.shape[0]))
-    eye_labels = torch.arange(proxies.shape[0], device=proxies.device)
+    y, c = part.local(labels), proxies.shape[0]
+    s = _target_cosines(x_hat, proxies, y, 1).squeeze(1)
+    pos, counts = _class_softplus_lse(-alpha * (s - margin), y, c)
+    columns, start = part.all_proxies(proxies, 1)
+    itself = torch.arange(start, start + c, device=proxies.device)  # each row's own column, left out
     kw = dict(scale=alpha, shift=alpha * margin, reduce="row")
     if variant == "proxies":
-        row = lse(proxies, proxies, eye_labels, **kw)
+        row = lse(proxies, columns, itself, **kw)
     elif variant == "batch":
         # Row w of the "x" operand is w^ (X^T X^), so that its dot product with w'^ is P_ww'.
         rows = normalize(proxies.to(x_hat.dtype), dim=1) @ (x_hat.T @ x_hat)
-        row = lse(rows, proxies, eye_labels, normalize_x=False, **kw)
+        row = lse(rows, columns, itself, normalize_x=False, **kw)
     else:
         raise ValueError(f"variant must be 'proxies' or 'batch', got {variant!r}")
-    return pos + softplus(row).mean()
+    return part.subset_mean(pos, counts > 0) + part.classes_mean(softplus(row).mean(), c)

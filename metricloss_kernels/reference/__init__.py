@@ -3,5 +3,6 @@ fallback backend. Same signatures as `metricloss_kernels.functional` minus `back
 from .exponential import center_loss, exponential_triplet_loss, update_centers, updated_centers
 from .pair import (contrastive_loss, lifted_structure_loss, margin_loss, multi_similarity_loss, npairs_loss,
                    triplet_margin_loss)
-from .proxy import (arcface_loss, class_similarity, cosface_loss, l2_softmax_loss, mpa_loss, proxy_anchor_loss,
-                    proxy_nca_loss, proxy_regularizer, proxy_repel_loss, regular_polytope_loss, soft_triple_loss)
+from .proxy import (arcface_loss, class_lse, class_similarity, cosface_loss, l2_softmax_loss, mpa_loss,
+                    proxy_anchor_loss, proxy_nca_loss, proxy_regularizer, proxy_repel_loss, regular_polytope_loss,
+                    soft_triple_loss)

@@ -1,14 +1,15 @@
 """Pure-torch references of the exponential-triplet family (Urtans et al.; docs/formulas.md, "Exponential triplet
 family"): the exponential triplet loss, the center loss with margin and its centre update rule.
 
-Shapes: ``embeddings`` [N, D] float, ``labels`` [N] int64, ``centers`` [C, D].
+Shapes: ``embeddings`` [N, D] float, ``labels`` [N] int64, ``centers`` [C, D]. The losses take ``anchors`` like the
+pair losses (reference/pair.py, `Anchors`).
 """
 import torch
 import torch.nn.functional as F
 
 from .._numerics import compute_dtype, normalize, upcast
 from .._validation import require
-from .pair import _masked_mean, _zero
+from .pair import _masked_mean, _masks, _rows, _total, _zero
 
 _DISTANCES = ("cosine", "euclidean", "squared_euclidean")
 _EPS = 1e-20
@@ -17,15 +18,16 @@ _EPS = 1e-20
 _BALL_TOLERANCE = 1e-2
 
 
-def _distances(embeddings, distance, embedding_scale):
-    """Distance matrix [N, N] and its maximum D_max.
+def _distances(embeddings, distance, embedding_scale, anchors=None):
+    """Distance matrix [A, N] of the anchors to the batch and its maximum D_max.
     cosine: 1 - x̂_i·x̂_j (D_max = 2); euclidean: ||x_i - x_j|| on the embeddings as given (D_max = 2 c_s);
     squared_euclidean: ||x_i - x_j||² (D_max = (2 c_s)²)."""
+    rows = _rows(anchors)
     if distance == "cosine":
         x = normalize(embeddings, dim=1)
-        return 1.0 - x @ x.T, 2.0
+        return 1.0 - x[rows] @ x.T, 2.0
     sq = (embeddings * embeddings).sum(dim=1)
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * (embeddings @ embeddings.T)).clamp_min(0.0)
+    d2 = (sq[rows, None] + sq[None, :] - 2.0 * (embeddings[rows] @ embeddings.T)).clamp_min(0.0)
     if distance == "squared_euclidean":
         return d2, (2.0 * embedding_scale) ** 2
     # sqrt with a zero (not NaN) gradient where d2 = 0, e.g. on the diagonal.
@@ -36,7 +38,7 @@ def _distances(embeddings, distance, embedding_scale):
 
 @upcast
 def exponential_triplet_loss(embeddings, labels, num_classes, overlap=1.2, distance="cosine",
-                             embedding_scale=1.0, pos_coef=1.0, neg_coef=1.0):
+                             embedding_scale=1.0, pos_coef=1.0, neg_coef=1.0, anchors=None):
     """Exponential triplet loss (Urtans et al., following the authors' code), batch-hard.
 
     Per anchor a: ``d_ap`` = distance to its farthest positive (j != a, same label), ``d_an`` = distance to its
@@ -49,7 +51,7 @@ def exponential_triplet_loss(embeddings, labels, num_classes, overlap=1.2, dista
     ``unit_range``/``unit_bounce`` or an L2 normalisation scaled by ``embedding_scale``); cosine normalises.
 
     Args: embeddings [N, D]; labels [N] int64; num_classes: the number of training classes K_train;
-    distance in {"cosine", "euclidean", "squared_euclidean"}. Returns a scalar.
+    distance in {"cosine", "euclidean", "squared_euclidean"}; anchors: `Anchors` or None. Returns a scalar.
     Raises ValueError when ``overlap / num_classes >= 1`` (c_pos must be below 1), and when a Euclidean distance
     leaves the ball (checked by ``_validation.require``: a ValueError on eager CPU tensors, an asynchronous
     RuntimeError on other devices and under torch.compile).
@@ -60,12 +62,10 @@ def exponential_triplet_loss(embeddings, labels, num_classes, overlap=1.2, dista
     if c_pos >= 1.0:
         raise ValueError(f"overlap / num_classes must be < 1 (c_pos = overlap / K_train), got overlap={overlap}, "
                          f"num_classes={num_classes}: c_pos = {c_pos}")
-    same = labels[:, None] == labels[None, :]
-    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    pos, neg = same & ~eye, ~same
-    d, d_max = _distances(embeddings, distance, embedding_scale)
+    pos, neg = _masks(labels, anchors)
+    d, d_max = _distances(embeddings, distance, embedding_scale, anchors)
     if distance != "cosine":  # written as "not above" so that NaN distances pass (the NaN rule is not this check's)
-        largest = d.max()
+        largest = d.max() if anchors is None else anchors.max(d.max())
         require(~(largest > d_max * (1 + _BALL_TOLERANCE)),
                 f"embeddings must lie in the ball of radius embedding_scale = {embedding_scale} for the {distance} "
                 f"distance (D_max = {d_max:.4g}); map them with unit_range / unit_bounce(x, scale=embedding_scale) "
@@ -75,25 +75,27 @@ def exponential_triplet_loss(embeddings, labels, num_classes, overlap=1.2, dista
     # mean is 0 and its term -log(1 + eps) = 0.
     d_ap = d.masked_fill(~pos, float("-inf")).amax(dim=1)
     d_an = d.masked_fill(~neg, float("inf")).amin(dim=1)
-    pos_hinge = _masked_mean(F.relu(d_ap / d_max - c_pos), pos.any(dim=1), embeddings)
-    neg_hinge = _masked_mean(F.relu(0.5 - d_an / d_max), neg.any(dim=1), embeddings)
+    pos_hinge = _masked_mean(F.relu(d_ap / d_max - c_pos), pos.any(dim=1), embeddings, anchors)
+    neg_hinge = _masked_mean(F.relu(0.5 - d_an / d_max), neg.any(dim=1), embeddings, anchors)
     return (_zero(embeddings) - pos_coef * torch.log(1.0 - pos_hinge / (1.0 - c_pos) + _EPS)
             - neg_coef * torch.log(1.0 - neg_hinge / 0.5 + _EPS))
 
 
 @upcast
-def center_loss(embeddings, labels, centers, margin=0.0):
+def center_loss(embeddings, labels, centers, margin=0.0, anchors=None):
     """Center loss with margin (Urtans et al. eq. 9): ``L = mean_i [ ||x_i - c_{y_i}||² - margin ]₊``
     (``margin`` = c_d / 2; 0 gives Wen's center loss). No gradient reaches the centres (they are detached; update
     them with ``update_centers``).
 
-    Args: embeddings [N, D]; labels [N] int64; centers [C, D]. Returns a scalar.
+    Args: embeddings [N, D]; labels [N] int64; centers [C, D]; anchors: `Anchors` or None (the rows this call
+    sums). Returns a scalar.
     """
     # F.embedding rather than centers[labels]: under torch.compile, PyTorch's partitioner may recompute an indexing
     # read of the centres in the backward, i.e. after CenterLoss has updated them in the same graph (wrong
     # gradients); embedding is not among the ops it recomputes, so the gathered rows are saved instead.
-    diff = embeddings - F.embedding(labels, centers.detach())
-    return F.relu((diff * diff).sum(dim=1) - margin).mean()
+    rows = _rows(anchors)
+    diff = embeddings[rows] - F.embedding(labels[rows], centers.detach())
+    return _total(F.relu((diff * diff).sum(dim=1) - margin).sum(), anchors) / len(labels)
 
 
 @torch.no_grad()

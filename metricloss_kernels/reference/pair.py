@@ -9,7 +9,14 @@ returns ``embeddings.sum() * 0``: a zero that still carries a graph, so ``backwa
 
 Shapes: ``embeddings`` [N, D] float, ``labels`` [N] int64; every loss returns a scalar in the embeddings' dtype
 (half precision is computed in fp32, see ``metricloss_kernels._numerics.upcast``).
+
+Every loss is a sum of per-anchor terms over global normalisers, so it also takes ``anchors`` (`Anchors`): the rows
+of the batch that this call uses as anchors, against every row as a reference, with the partial sums and counts
+combined by ``anchors.sum`` before the division. A process group splits the anchors between its ranks this way
+(metricloss_kernels.distributed): each rank computes [A, N] matrices, A its local rows, and the value is exact.
 """
+from typing import Callable, NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -21,17 +28,38 @@ _MINING = ("all", "semi-hard", "hard")
 _TRIPLET_BLOCK_ELEMS = 1 << 24
 
 
-def _masks(labels):
-    """Positive mask (same label, j != i) and negative mask (different label), both [N, N] bool."""
-    same = labels[:, None] == labels[None, :]
-    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    return same & ~eye, ~same
+class Anchors(NamedTuple):
+    """The anchor rows [start, stop) of the batch that one call computes (every row is a reference), `sum`, which
+    adds up a tensor of partial sums over the calls that split the anchors between them, and `max` (no gradient),
+    their maximum. None in place of an Anchors: every row, one call."""
+    start: int
+    stop: int
+    sum: Callable
+    max: Callable
 
 
-def _cosine(embeddings):
-    """S = x̂ x̂ᵀ, [N, N]."""
+def _rows(anchors):
+    return slice(None) if anchors is None else slice(anchors.start, anchors.stop)
+
+
+def _total(t, anchors):
+    """t summed over the calls that share the anchors."""
+    return t if anchors is None else anchors.sum(t)
+
+
+def _masks(labels, anchors=None):
+    """Positive mask (same label, j != i) and negative mask (different label) of the anchors against the batch,
+    both [A, N] bool."""
+    rows = _rows(anchors)
+    same = labels[rows, None] == labels[None, :]
+    index = torch.arange(len(labels), device=labels.device)
+    return same & (index[rows, None] != index[None, :]), ~same
+
+
+def _cosine(embeddings, anchors=None):
+    """S = x̂_a x̂ᵀ, [A, N]."""
     x = normalize(embeddings, dim=1)
-    return x @ x.T
+    return x[_rows(anchors)] @ x.T
 
 
 def _safe_sqrt(z):
@@ -40,10 +68,11 @@ def _safe_sqrt(z):
     return torch.where(pos, torch.sqrt(torch.where(pos, z, torch.ones_like(z))), torch.zeros_like(z))
 
 
-def _sq_dist(x):
-    """Squared Euclidean distances ||x_i - x_j||², [N, N], through the Gram matrix (clamped at 0)."""
+def _sq_dist(x, anchors=None):
+    """Squared Euclidean distances ||x_a - x_j||², [A, N], through the Gram matrix (clamped at 0)."""
+    rows = _rows(anchors)
     sq = (x * x).sum(dim=1)
-    return (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)).clamp_min(0.0)
+    return (sq[rows, None] + sq[None, :] - 2.0 * (x[rows] @ x.T)).clamp_min(0.0)
 
 
 def _zero(embeddings, *extra):
@@ -62,42 +91,47 @@ def _masked_lse(z, mask):
     return torch.logsumexp(z.masked_fill(~mask, float("-inf")).masked_fill(empty, 0), dim=1)
 
 
-def _masked_mean(values, mask, embeddings):
+def _mean(total, count, zero, anchors):
+    """total / count, both summed over the anchors' calls first; `zero` (a 0 carrying a graph) when count is 0."""
+    if anchors is not None:
+        total, count = anchors.sum(torch.stack([total, count.to(total.dtype)])).unbind()
+    return torch.where(count > 0, total / count.clamp_min(1), zero)
+
+
+def _masked_mean(values, mask, embeddings, anchors=None):
     """Mean of `values` over the True entries of `mask` (same shape), or a 0 carrying a graph when there is none."""
-    count = mask.sum()
-    total = torch.where(mask, values, 0).sum()
-    return torch.where(count > 0, total / count.clamp_min(1), _zero(embeddings))
+    return _mean(torch.where(mask, values, 0).sum(), mask.sum(), _zero(embeddings), anchors)
 
 
 @upcast
-def contrastive_loss(embeddings, labels, pos_margin=1.0, neg_margin=0.5):
+def contrastive_loss(embeddings, labels, pos_margin=1.0, neg_margin=0.5, anchors=None):
     """Contrastive loss on cosine similarities.
 
     ``L = mean_{pos pairs (i != j)} [m_pos - S_ij]₊ + mean_{neg pairs} [S_ij - m_neg]₊``.
     Each mean is a plain mean over all pairs of its kind (not over the non-zero ones); an empty kind of pair
     contributes 0 **(resolved)**; with neither kind (N = 1) the loss is a 0 that carries a graph.
 
-    Args: embeddings [N, D]; labels [N] int64. Returns a scalar.
+    Args: embeddings [N, D]; labels [N] int64; anchors: `Anchors` or None. Returns a scalar.
     """
-    pos, neg = _masks(labels)
-    s = _cosine(embeddings)
-    return _masked_mean(F.relu(pos_margin - s), pos, embeddings) + _masked_mean(F.relu(s - neg_margin), neg,
-                                                                                  embeddings)
+    pos, neg = _masks(labels, anchors)
+    s = _cosine(embeddings, anchors)
+    return (_masked_mean(F.relu(pos_margin - s), pos, embeddings, anchors)
+            + _masked_mean(F.relu(s - neg_margin), neg, embeddings, anchors))
 
 
-def _dissimilarity(embeddings, distance):
-    """Returns (S, G): cosine similarities [N, N] and the matrix G [N, N] the triplet loss is linear in:
+def _dissimilarity(embeddings, distance, anchors=None):
+    """Returns (S, G): cosine similarities [A, N] and the matrix G [A, N] the triplet loss is linear in:
     G = -S for "cosine", ||x̂_i - x̂_j|| for "euclidean", ||x̂_i - x̂_j||² for "squared_euclidean"."""
     x = normalize(embeddings, dim=1)
-    s = x @ x.T
+    s = x[_rows(anchors)] @ x.T
     if distance == "cosine":
         return s, -s
-    d2 = _sq_dist(x)
+    d2 = _sq_dist(x, anchors)
     return s, (_safe_sqrt(d2) if distance == "euclidean" else d2)
 
 
 @upcast
-def triplet_margin_loss(embeddings, labels, margin=0.1, distance="cosine", mining="all"):
+def triplet_margin_loss(embeddings, labels, margin=0.1, distance="cosine", mining="all", anchors=None):
     """Triplet margin loss on normalised embeddings, mean over the triplets used.
 
     Per triplet (a, p, n): ``[S_an - S_ap + m]₊`` for ``distance="cosine"``, ``[d_ap - d_an + m]₊`` for
@@ -112,26 +146,26 @@ def triplet_margin_loss(embeddings, labels, margin=0.1, distance="cosine", minin
     No triplet: a 0 that carries a graph.
 
     Args: embeddings [N, D]; labels [N] int64; distance in {"cosine", "euclidean", "squared_euclidean"};
-    mining in {"all", "semi-hard", "hard"}. Returns a scalar.
+    mining in {"all", "semi-hard", "hard"}; anchors: `Anchors` or None. Returns a scalar.
     """
     if distance not in _DISTANCES:
         raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}")
     if mining not in _MINING:
         raise ValueError(f"mining must be one of {_MINING}, got {mining!r}")
-    pos, neg = _masks(labels)
-    s, g = _dissimilarity(embeddings, distance)
+    pos, neg = _masks(labels, anchors)
+    s, g = _dissimilarity(embeddings, distance, anchors)
     sd = s.detach()
 
     if mining == "all":
         n = len(labels)
         block = max(1, _TRIPLET_BLOCK_ELEMS // max(1, n * n))  # a plan from the shape only
         total, count = _zero(embeddings), 0
-        for a0 in range(0, n, block):
+        for a0 in range(0, pos.shape[0], block):
             gb = g[a0:a0 + block]
             valid = pos[a0:a0 + block, :, None] & neg[a0:a0 + block, None, :]  # [B, P, N]
             total = total + torch.where(valid, F.relu(gb[:, :, None] - gb[:, None, :] + margin), 0).sum()
             count = count + valid.sum()
-        return torch.where(count > 0, total / count.clamp_min(1), _zero(embeddings))
+        return _mean(total, count, _zero(embeddings), anchors)
 
     if mining == "semi-hard":
         # For each (a, p): the first negative of a, in descending similarity, that is below S_ap. A stable sort
@@ -145,33 +179,34 @@ def triplet_margin_loss(embeddings, labels, margin=0.1, distance="cosine", minin
         found = (first < n) & (desc.gather(1, at) > float("-inf"))
         keep = pos & valid_s & found
         n_idx = order.gather(1, at)
-        return _masked_mean(F.relu(g - g.gather(1, n_idx) + margin), keep, embeddings)
+        return _masked_mean(F.relu(g - g.gather(1, n_idx) + margin), keep, embeddings, anchors)
 
     # hard: per anchor, its least similar positive and most similar negative
     keep = pos.any(dim=1) & neg.any(dim=1)
     p_idx = sd.masked_fill(~pos, float("inf")).argmin(dim=1, keepdim=True)
     n_idx = sd.masked_fill(~neg, float("-inf")).argmax(dim=1, keepdim=True)
-    return _masked_mean(F.relu(g.gather(1, p_idx) - g.gather(1, n_idx) + margin).squeeze(1), keep, embeddings)
+    return _masked_mean(F.relu(g.gather(1, p_idx) - g.gather(1, n_idx) + margin).squeeze(1), keep, embeddings,
+                        anchors)
 
 
 @upcast
-def lifted_structure_loss(embeddings, labels, margin=0.5):
+def lifted_structure_loss(embeddings, labels, margin=0.5, anchors=None):
     """Generalised lifted structure loss (thesis eq. 2.21) on cosine similarities.
 
     Per anchor i with at least one positive and one negative:
     ``[ LSE_{k in P_i}(λ - S_ik) + LSE_{k in N_i}(S_ik) ]₊``, λ = ``margin``; mean over those anchors.
     No such anchor: a 0 that carries a graph.
 
-    Args: embeddings [N, D]; labels [N] int64. Returns a scalar.
+    Args: embeddings [N, D]; labels [N] int64; anchors: `Anchors` or None. Returns a scalar.
     """
-    pos, neg = _masks(labels)
+    pos, neg = _masks(labels, anchors)
     keep = pos.any(dim=1) & neg.any(dim=1)
-    s = _cosine(embeddings)
-    return _masked_mean(F.relu(_masked_lse(margin - s, pos) + _masked_lse(s, neg)), keep, embeddings)
+    s = _cosine(embeddings, anchors)
+    return _masked_mean(F.relu(_masked_lse(margin - s, pos) + _masked_lse(s, neg)), keep, embeddings, anchors)
 
 
 @upcast
-def npairs_loss(embeddings, labels, l2_reg=0.02):
+def npairs_loss(embeddings, labels, l2_reg=0.02, anchors=None):
     """N-pair loss (Sohn) on raw dot products ``S = x xᵀ`` (no normalisation).
 
     Per anchor i with positives and negatives: ``softplus( LSE_{j in P_i, k in N_i} (S_ik - S_ij) )``, computed as
@@ -179,13 +214,14 @@ def npairs_loss(embeddings, labels, l2_reg=0.02):
     plus ``l2_reg * mean_i ||x_i||²`` over all N samples. With no such anchor the first term is 0 and the
     regulariser is still added **(resolved)**.
 
-    Args: embeddings [N, D]; labels [N] int64. Returns a scalar.
+    Args: embeddings [N, D]; labels [N] int64; anchors: `Anchors` or None. Returns a scalar.
     """
-    pos, neg = _masks(labels)
-    reg = l2_reg * (embeddings * embeddings).sum(dim=1).mean()
+    pos, neg = _masks(labels, anchors)
+    x = embeddings[_rows(anchors)]
+    reg = l2_reg * _total((x * x).sum(), anchors) / len(labels)
     keep = pos.any(dim=1) & neg.any(dim=1)
-    s = embeddings @ embeddings.T
-    return _masked_mean(F.softplus(_masked_lse(s, neg) + _masked_lse(-s, pos)), keep, embeddings) + reg
+    s = x @ embeddings.T
+    return _masked_mean(F.softplus(_masked_lse(s, neg) + _masked_lse(-s, pos)), keep, embeddings, anchors) + reg
 
 
 def _distance_weighted_probs(dist, neg, dim, cutoff, nonzero_loss_cutoff):
@@ -205,7 +241,7 @@ def _distance_weighted_probs(dist, neg, dim, cutoff, nonzero_loss_cutoff):
 
 
 @upcast
-def margin_loss(embeddings, labels, margin=0.2, beta=1.2, generator=None):
+def margin_loss(embeddings, labels, margin=0.2, beta=1.2, generator=None, anchors=None):
     """Margin loss (Wu et al.) with distance-weighted negative sampling.
 
     ``D_ij = ||x̂_i - x̂_j||``, ``ℓ_ij = [α + t_ij (D_ij - β)]₊``, t = +1 for positives, -1 for negatives,
@@ -221,38 +257,38 @@ def margin_loss(embeddings, labels, margin=0.2, beta=1.2, generator=None):
     positive pair whose anchor has no negative keeps its positive term and has no negative term. No positive pair:
     a 0 that carries a graph.
 
-    Args: embeddings [N, D]; labels [N] int64; generator: torch.Generator on the embeddings' device, or None.
-    Returns a scalar.
+    Args: embeddings [N, D]; labels [N] int64; generator: torch.Generator on the embeddings' device, or None;
+    anchors: `Anchors` or None (every call draws the whole [N, N] matrix u and uses its anchors' rows: calls whose
+    generators are in the same state draw what one call on the whole batch draws). Returns a scalar.
     """
-    pos, neg = _masks(labels)
-    n = len(labels)
+    pos, neg = _masks(labels, anchors)
+    rows, n = _rows(anchors), len(labels)
     x = normalize(embeddings, dim=1)
-    dist = _safe_sqrt(_sq_dist(x))
+    dist = _safe_sqrt(_sq_dist(x, anchors))
     with torch.no_grad():
-        probs = _distance_weighted_probs(dist.detach(), neg, embeddings.shape[1], 0.5, 1.4)  # [N, N] per anchor
+        probs = _distance_weighted_probs(dist.detach(), neg, embeddings.shape[1], 0.5, 1.4)  # [A, N] per anchor
         cdf = probs.cumsum(dim=1)
         total = cdf[:, -1:]
-        # (rand_like without a generator: the generator overload of rand needs concrete sizes, which a compiled
-        # graph with a dynamic batch size does not have)
-        u = torch.rand_like(cdf) if generator is None else torch.rand(cdf.shape, generator=generator,
-                                                                       dtype=cdf.dtype, device=cdf.device)
+        # (the generator overload of rand needs concrete sizes, which a compiled graph with a dynamic batch size
+        # does not have)
+        u = torch.rand((n, n), dtype=cdf.dtype, device=cdf.device) if generator is None else torch.rand(
+            (n, n), generator=generator, dtype=cdf.dtype, device=cdf.device)
         # Strictly below the total, so that the first n with cdf > u * total has a non-zero probability.
-        target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+        target = torch.minimum(u[rows] * total, torch.nextafter(total, torch.zeros_like(total)))
         n_idx = torch.searchsorted(cdf, target, right=True).clamp_(max=n - 1)  # [a, p]
     if torch.is_tensor(beta):
-        b = beta[labels] if beta.dim() else beta.expand(n)  # β per anchor, [N]
+        b = beta[labels[rows]] if beta.dim() else beta.expand(dist.shape[0])  # β per anchor, [A]
     else:
         b = torch.full_like(dist[:, 0], beta)
     pos_loss = F.relu(margin + dist - b[:, None])  # [a, p]
     neg_loss = F.relu(margin - dist.gather(1, n_idx) + b[:, None])  # [a, p]: the negative drawn for (a, p)
     sampled = pos & neg.any(dim=1, keepdim=True)
     total_loss = torch.where(pos, pos_loss, 0).sum() + torch.where(sampled, neg_loss, 0).sum()
-    count = pos.sum() + sampled.sum()
-    return torch.where(count > 0, total_loss / count.clamp_min(1), _zero(embeddings, beta))
+    return _mean(total_loss, pos.sum() + sampled.sum(), _zero(embeddings, beta), anchors)
 
 
 @upcast
-def multi_similarity_loss(embeddings, labels, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1):
+def multi_similarity_loss(embeddings, labels, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, anchors=None):
     """Multi-Similarity loss (Wang et al.; authors' code) on cosine similarities.
 
     Per anchor i: ``pos = {S_ij : j in P_i, S_ij < 1 - 1e-5}``, ``neg = {S_ik : k in N_i}``; mining keeps the
@@ -262,10 +298,10 @@ def multi_similarity_loss(embeddings, labels, alpha=2.0, beta=50.0, base=0.5, ep
     authors' code skips such an anchor entirely)**; the sum is still divided by N. No anchor left: a 0 that carries
     a graph.
 
-    Args: embeddings [N, D]; labels [N] int64. Returns a scalar.
+    Args: embeddings [N, D]; labels [N] int64; anchors: `Anchors` or None. Returns a scalar.
     """
-    pos, neg = _masks(labels)
-    s = _cosine(embeddings)
+    pos, neg = _masks(labels, anchors)
+    s = _cosine(embeddings, anchors)
     sd = s.detach()
     pos = pos & (sd < 1.0 - 1e-5)
     min_pos = sd.masked_fill(~pos, float("inf")).amin(dim=1, keepdim=True)
@@ -275,5 +311,7 @@ def multi_similarity_loss(embeddings, labels, alpha=2.0, beta=50.0, base=0.5, ep
     keep = pos_keep.any(dim=1) & neg_keep.any(dim=1)
     pos_term = F.softplus(_masked_lse(-alpha * (s - base), pos_keep)) / alpha
     neg_term = F.softplus(_masked_lse(beta * (s - base), neg_keep)) / beta
-    total = torch.where(keep, pos_term + neg_term, 0).sum() / len(labels)
-    return torch.where(keep.any(), total, _zero(embeddings))
+    total, kept = torch.where(keep, pos_term + neg_term, 0).sum(), keep.sum()
+    if anchors is not None:
+        total, kept = anchors.sum(torch.stack([total, kept.to(total.dtype)])).unbind()
+    return torch.where(kept > 0, total / len(labels), _zero(embeddings))

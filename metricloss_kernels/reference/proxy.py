@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from metricloss_kernels import polytopes
-from metricloss_kernels._numerics import normalize, upcast
+from metricloss_kernels._numerics import compute_dtype, normalize, upcast
 from metricloss_kernels._math import arcface_target, softplus
 
 
@@ -61,6 +61,29 @@ def class_similarity(embeddings: torch.Tensor, proxies: torch.Tensor, centers_pe
     """
     l = _cosines(embeddings, proxies).unflatten(1, (-1, centers_per_class))  # [N, C, K]
     return (torch.softmax(l / gamma, dim=-1) * l).sum(dim=-1)
+
+
+def class_lse(x, w, labels, *, bias=None, centers_per_class=1, gamma=0.1, scale=1.0, shift=0.0, normalize_x=True,
+              normalize_w=True, reduce="row"):
+    """The streaming primitive `metricloss_kernels.lse.class_lse` (same arguments but the tiling ones), computed by
+    materialising its [N, C] logits z = scale * S + shift (+ bias): the reference backend of the class-sharded
+    losses, which compose it like the streamed one (metricloss_kernels.fused).
+
+    Returns [N] (reduce="row": LSE_{c != labels_i} z_ic) or [C] (reduce="col": LSE_{i: labels_i != c} z_ic) in the
+    compute dtype; a label outside [0, C) leaves nothing out; an empty LSE is -inf with zero gradient.
+    """
+    cd = compute_dtype(x.dtype, w.dtype)
+    x, w = x.to(cd), w.to(cd)
+    l = ((normalize(x, dim=1) if normalize_x else x) @ (normalize(w, dim=1) if normalize_w else w).T)
+    l = l.unflatten(1, (-1, centers_per_class))
+    z = scale * (torch.softmax(l / gamma, dim=-1) * l).sum(dim=-1) + shift
+    if bias is not None:
+        z = z + bias.to(cd)
+    dim = 1 if reduce == "row" else 0
+    excluded = _positive_mask(labels, z.shape[1])
+    empty = excluded.all(dim=dim)
+    out = torch.logsumexp(z.masked_fill(excluded, float("-inf")).masked_fill(empty.unsqueeze(dim), 0), dim=dim)
+    return out.masked_fill(empty, float("-inf"))
 
 
 @upcast
