@@ -255,7 +255,7 @@ def exponential_triplet_loss(embeddings, labels, num_classes, overlap=1.2, dista
     """Exponential triplet loss (Urtans et al.), batch-hard; num_classes = number of training classes."""
     check_arguments("exponential_triplet_loss", num_classes=num_classes, overlap=overlap, distance=distance,
                     embedding_scale=embedding_scale, pos_coef=pos_coef, neg_coef=neg_coef)
-    labels = _pair_inputs(embeddings, labels, backend)
+    labels = _pair_inputs(embeddings, labels, backend, num_classes)
     return reference.exponential_triplet_loss(embeddings, labels, num_classes, overlap=overlap, distance=distance,
                                               embedding_scale=embedding_scale, pos_coef=pos_coef,
                                               neg_coef=neg_coef)
