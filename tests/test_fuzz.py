@@ -70,6 +70,11 @@ PAIR_LOSSES = {
 LABELS = ["random", "one_class", "singletons", "absent_classes"]
 # finite extremes: dead rows (zero, below 1e-12), huge rows (their squared norm overflows fp32), duplicates
 GEOMETRIES = ["normal", "zero_rows", "tiny_rows", "huge_rows", "duplicates"]
+HUGE = {F16: 1e4, BF16: 1e30, F32: 1e30, F64: 1e200}
+# Gradients are compared with a floor of GRAD_FLOOR on their scale: their rounding follows the magnitude of the
+# terms they sum (O(0.1) to O(scale) per entry), not the sum, which may cancel to ~0 (confident or symmetric
+# batches): an fp32 gradient of max 2e-4 made of O(1) terms differs by ~7e-6 between two summation orders.
+GRAD_FLOOR = 0.1
 
 
 @st.composite
@@ -92,13 +97,12 @@ def batches(draw, dtypes=(F32, F64, F16)):
     x = torch.randn(n, d, generator=g, dtype=F64)
     geometry = draw(st.sampled_from(GEOMETRIES))
     rows = torch.rand(n, generator=g) < 0.4
-    big = {F16: 1e4, BF16: 1e30, F32: 1e30, F64: 1e200}[dtype]
     if geometry == "zero_rows":
         x[rows] = 0
     elif geometry == "tiny_rows":
         x[rows] *= 1e-14
     elif geometry == "huge_rows":
-        x[rows] *= big
+        x[rows] *= HUGE[dtype]
     elif geometry == "duplicates" and n > 1:
         x[n // 2:] = x[:n - n // 2].clone()
     return x.to(dtype), labels, c, dtype, geometry
@@ -122,7 +126,7 @@ def proxy_cases(draw, dtypes=(F32, F64, F16)):
     w_dtype = draw(st.sampled_from([dtype, F32])) if dtype == F16 else dtype
     w = torch.randn(c * k, x.shape[1], generator=torch.Generator().manual_seed(c), dtype=F64)
     if geometry in ("zero_rows", "huge_rows") and name != "l2_softmax":
-        w[::2] *= 0 if geometry == "zero_rows" else {F16: 1e4, F32: 1e30, F64: 1e200}[w_dtype]
+        w[::2] *= 0 if geometry == "zero_rows" else HUGE[w_dtype]
     if kwargs.pop("bias", False):
         kwargs["bias"] = torch.randn(c, dtype=F64).to(dtype)
     return name, x, labels, w.to(w_dtype), kwargs, dtype
@@ -153,7 +157,7 @@ def check_against_reference(backend, case):
     assert_close(loss.double(), ref.double(), rtol, f"{name} loss", floor=1.0)
     for got, want in zip(grads, ref_grads):
         assert torch.isfinite(got).all(), f"{name}: non-finite gradient"
-        assert_close(got.double(), want.double(), rtol, f"{name} gradient")
+        assert_close(got.double(), want.double(), rtol, f"{name} gradient", floor=GRAD_FLOOR)
     dead = (x.double().norm(dim=1) <= 1e-12)
     assert (grads[0][dead] == 0).all(), f"{name}: a dead row has a gradient"
 
@@ -174,6 +178,7 @@ def test_triton_agrees_with_reference(case):
 @given(batch=batches(dtypes=(F32, F64, F16, BF16)), name=st.sampled_from(sorted(PAIR_LOSSES)))
 def test_pair_losses_are_finite_with_dead_rows_still(batch, name):
     x, labels, c, dtype, geometry = batch
+    assume(not (name == "npairs" and geometry == "huge_rows"))  # raw dot products: |x|^2 overflows, as it should
     x = x.requires_grad_()
     loss = PAIR_LOSSES[name](x, labels, c)
     (grad,) = torch.autograd.grad(loss, x)
@@ -270,7 +275,7 @@ def test_modules_chunked_equal_reference(batch, module):
     ref.backward()
     loss.backward()
     for (pname, p), q in zip(ref_module.named_parameters(), chunked_module.parameters()):
-        assert_close(q.grad.double(), p.grad.double(), TOL[dtype], f"{module}.{pname}")
+        assert_close(q.grad.double(), p.grad.double(), TOL[dtype], f"{module}.{pname}", floor=GRAD_FLOOR)
 
 
 # ------------------------------------------------------------------------------------------------ retrieval
