@@ -6,12 +6,16 @@ included), and the row normalisation x / max(||x||, NORM_EPS) with its backward.
   returns the compute dtype (fp32), as torch's own losses do under autocast (`result_dtype`). Autocast never
   lowers the precision inside a loss: the losses run with it disabled (`upcast`, `fp32_region`).
 - Gradients come back in each input's own dtype (autograd does that through the casts).
+- Inputs made under torch.inference_mode (e.g. embeddings of a frozen backbone) are accepted by every backend.
+- NaN rule: a loss (a scalar result of `upcast`) is NaN, and so is every gradient that flows through it, when any
+  floating tensor input holds a NaN or Inf (`propagate_nonfinite`), whatever the loss would have selected or
+  masked: propagation, since an error would need a host read of the data.
+- Row normalisation: overflow-safe, with a zero gradient for dead rows (below).
 """
 import contextlib
 import functools
 
 import torch
-import torch.nn.functional as F
 
 # Norms are clamped below at NORM_EPS before dividing (F.normalize's rule and default eps).
 NORM_EPS = 1e-12
@@ -36,6 +40,10 @@ def fp32_region(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _no_inference(values) -> tuple:
+    return tuple(v.clone() if torch.is_tensor(v) and v.is_inference() else v for v in values)
+
+
 def upcast(fn=None, *, inputs: bool = True):
     """Decorator for a loss: run `fn` with autocast off and cast its floating tensor result(s) to `result_dtype` of
     the first floating tensor argument (the embeddings). With `inputs` (the reference), every floating tensor
@@ -50,12 +58,19 @@ def upcast(fn=None, *, inputs: bool = True):
         if not floats:
             return fn(*args, **kwargs)
         out_dtype = result_dtype(floats[0])
+        if not torch.compiler.is_compiling() and torch.is_grad_enabled() and any(a.requires_grad for a in floats):
+            # Autograd saves inputs (the streamed backends all of them, labels too), which inference tensors
+            # (made under torch.inference_mode) cannot be: such inputs are copied, as torch's message advises.
+            # (Eager only: dynamo cannot trace is_inference().)
+            args, kwargs = _no_inference(args), dict(zip(kwargs, _no_inference(kwargs.values())))
         if inputs:
             cd = compute_dtype(*(a.dtype for a in floats))
             cast = lambda a: a.to(cd) if torch.is_tensor(a) and a.is_floating_point() else a  # noqa: E731
             args, kwargs = tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
         with fp32_region(floats[0].device):
             out = fn(*args, **kwargs)
+            if torch.is_tensor(out) and out.dim() == 0:
+                out = propagate_nonfinite(out, floats)
         if isinstance(out, tuple):
             return tuple(o.to(out_dtype) if torch.is_tensor(o) and o.is_floating_point() else o for o in out)
         return out.to(out_dtype)
@@ -63,23 +78,67 @@ def upcast(fn=None, *, inputs: bool = True):
     return wrapper
 
 
+def propagate_nonfinite(loss: torch.Tensor, inputs) -> torch.Tensor:
+    """`loss` times a factor that is 1, or NaN when a tensor of `inputs` holds a NaN or Inf: the loss is then NaN
+    and, the factor being the derivative of the result w.r.t. the loss, so is every gradient that flows through it.
+    Two reductions per input (max and min: no copy, no host read), each multiplied by 0 in the input's dtype, so
+    that a finite input never trips it, however large."""
+    factor = loss.new_ones(())
+    for t in inputs:
+        if t.numel():
+            t = t.detach()
+            factor = factor + (0 * t.amax()).to(loss.dtype) + (0 * t.amin()).to(loss.dtype)
+    return loss * factor
+
+
+# ------------------------------------------------------------------------------------------ row normalisation
+# x^ = x / max(||x||, NORM_EPS), the normalisation of every loss and backend (reference, chunked, Triton), with two
+# rules of its own:
+# - Overflow-safe norms: ||x|| is computed as s * ||x / s||, s = max_j |x_j| (exact: the scaled entries lie in
+#   [-1, 1], so their squares neither overflow nor underflow), and x^ as (x / s) / ||x / s||. A plain sum of
+#   squares overflows for fp32 rows of norm above ~1.8e19 (fp64: ~1.3e154) and would normalise them to 0.
+# - Dead rows: a row of norm <= NORM_EPS (all zero, or underflowed to zero in its dtype) has no direction. Its
+#   value is x / NORM_EPS (as F.normalize: 0 for a zero row) and it gets a ZERO gradient: the normalisation is
+#   treated as constant there. (Through the clamp the gradient would be g / NORM_EPS = 1e12 g: Inf in fp16, and a
+#   step that wrecks the weights in fp32.) Every other row gets the exact gradient (g - x^ (x^ . g)) / ||x||.
+# - Non-finite rows propagate: a NaN or +-Inf entry makes the whole normalised row NaN, and its gradient NaN.
+
+
+def _scaled(t: torch.Tensor, dim: int, dtype: torch.dtype | None):
+    """(s, 1 / s) of the rows of t along `dim` (keepdim), s = max |t| in `dtype` (default t's); 1 / s is 1 for a
+    zero row (any finite factor would do: the row stays 0) and 0 for a row holding an Inf (which makes it NaN)."""
+    s = torch.linalg.vector_norm(t, ord=float("inf"), dim=dim, keepdim=True)  # exact in t's dtype
+    s = s.to(dtype) if dtype is not None else s
+    return s, torch.where(s > 0, s.reciprocal(), torch.ones_like(s))
+
+
 def normalize(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """t / max(||t||, NORM_EPS) along `dim` (differentiable; the reference's normalisation)."""
-    return F.normalize(t, dim=dim, eps=NORM_EPS)
+    """t / max(||t||, NORM_EPS) along `dim`, differentiable, with the rules above (overflow-safe; zero gradient for
+    dead rows; NaN rows for non-finite ones). The reference's normalisation."""
+    s, r = _scaled(t.detach(), dim, None)
+    u = t * r
+    n = torch.linalg.vector_norm(u, dim=dim, keepdim=True)
+    dead = n * s <= NORM_EPS
+    return torch.where(dead, t.detach() / NORM_EPS, u / torch.where(dead, torch.ones_like(n), n))
 
 
-def inv_norm(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """1 / max(||t||, NORM_EPS) over the last dim, accumulated in `dtype` (default: t's), without copying t.
-    Not differentiable by itself: `normalize_backward_` is its backward."""
-    return torch.linalg.vector_norm(t, dim=-1, dtype=dtype).clamp_min_(NORM_EPS).reciprocal_()
+def unit_rows(t: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None):
+    """The normalisation of `normalize` over the last dim, forward only, for the streamed backends:
+    (t^ in `dtype` [..., D] (written into `out` if given), grad_scale [...]). grad_scale is 1 / ||t|| for live
+    rows and 0 for dead rows: `normalize_backward_` turns it into the gradient. NaN rows have NaN."""
+    s, r = _scaled(t, -1, dtype)
+    u = torch.mul(t, r, out=out) if out is not None else t * r.to(dtype)
+    n = torch.linalg.vector_norm(u, dim=-1, keepdim=True)
+    dead = n * s <= NORM_EPS
+    inv_n = torch.where(dead, s / NORM_EPS, n.reciprocal())  # u -> t^: 1 / ||u||, or s / eps for a dead row
+    grad_scale = torch.where(dead, torch.zeros_like(s), r * inv_n)
+    return u.mul_(inv_n), grad_scale.squeeze(-1)
 
 
-def normalize_backward_(grad_hat: torch.Tensor, hat: torch.Tensor, inv: torch.Tensor,
+def normalize_backward_(grad_hat: torch.Tensor, hat: torch.Tensor, grad_scale: torch.Tensor,
                         tmp: torch.Tensor | None = None) -> torch.Tensor:
-    """In place on grad_hat [..., D]: the gradient w.r.t. t of t_hat = t * inv, inv = inv_norm(t) [...].
-
-    Unclamped rows: inv * (g - t_hat (t_hat . g)); clamped rows (inv == 1 / NORM_EPS, the norm is then a constant):
-    inv * g. tmp: optional scratch shaped like hat."""
+    """In place on grad_hat [..., D]: the gradient w.r.t. t of t^ = `unit_rows(t)`, from its (t^, grad_scale):
+    grad_scale * (g - t^ (t^ . g)), 0 for dead rows. tmp: optional scratch shaped like hat."""
     prod = torch.mul(hat, grad_hat, out=tmp) if tmp is not None else hat * grad_hat
-    dot = prod.sum(-1, keepdim=True).masked_fill_((inv >= 1.0 / NORM_EPS).unsqueeze(-1), 0)
-    return grad_hat.addcmul_(hat, dot, value=-1).mul_(inv.unsqueeze(-1))
+    dot = prod.sum(-1, keepdim=True)
+    return grad_hat.addcmul_(hat, dot, value=-1).mul_(grad_scale.unsqueeze(-1))

@@ -21,7 +21,7 @@ Design notes (CPU first, device-agnostic torch ops):
 
 import torch
 
-from ._numerics import compute_dtype, inv_norm, normalize_backward_
+from ._numerics import compute_dtype, normalize_backward_, unit_rows
 
 __all__ = ["forward", "backward"]
 
@@ -79,8 +79,8 @@ class _Tiling:
         self.ws = _Workspace(self.cdtype, x.device)
 
         xc = x.to(self.cdtype)
-        self.x_inv = inv_norm(xc) if spec.normalize_x else None
-        self.x_hat = xc * self.x_inv[:, None] if spec.normalize_x else xc
+        # x_grad: the normalisation's backward factor per row (_numerics.unit_rows)
+        self.x_hat, self.x_grad = unit_rows(xc, self.cdtype) if spec.normalize_x else (xc, None)
         # The GEMM operand: K == 1 folds the scale (z is one GEMM), K > 1 folds 1/gamma (l' = l / gamma).
         self.x_in = self.x_hat * (spec.scale if k == 1 else 1.0 / spec.gamma)
 
@@ -99,7 +99,7 @@ class _Tiling:
 
     def w_block(self, c0, c1):
         """Proxies of classes [c0, c1) in compute dtype, proxy-major, normalised if asked:
-        (w_hat [K*B, D], inverse norms [K*B] or None)."""
+        (w_hat [K*B, D], the normalisation's backward factors [K*B] (_numerics.unit_rows) or None)."""
         wb = self.w[c0 * self.k:c1 * self.k]
         if self.k > 1:
             wb = wb.unflatten(0, (c1 - c0, self.k)).transpose(0, 1)  # [K, B, D] strided view
@@ -107,9 +107,8 @@ class _Tiling:
             if wb.dtype == self.cdtype and self.k == 1:
                 return wb, None
             return self.ws.get("w", *wb.shape).copy_(wb).flatten(0, -2), None
-        inv = inv_norm(wb, self.cdtype)
-        w_hat = torch.mul(wb, inv.unsqueeze(-1), out=self.ws.get("w", *wb.shape))
-        return w_hat.flatten(0, -2), inv.flatten()
+        w_hat, grad_scale = unit_rows(wb, self.cdtype, out=self.ws.get("w", *wb.shape))
+        return w_hat.flatten(0, -2), grad_scale.flatten()
 
     def mask_(self, z, c0, r0, r1):
         """Sets z[labels_i - c0, i - r0] = -inf on the tile z [B, R] for its rows whose label lies in the tile's
@@ -188,7 +187,7 @@ def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b):
         db = torch.zeros(t.num_classes, dtype=cd, device=w.device) if row else g.clone()
 
     for c0, c1 in t.class_blocks():
-        w_hat, w_inv = t.w_block(c0, c1)
+        w_hat, w_grad = t.w_block(c0, c1)
         dw_hat = None
         if need_w:  # K == 1 in the weight's dtype: dW is computed in place
             direct = k == 1 and dw.dtype == cd
@@ -220,7 +219,7 @@ def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b):
                     dw_hat.addmm_(grad_l, x_w[r0:r1])
         if need_w:
             if spec.normalize_w:
-                normalize_backward_(dw_hat, w_hat, w_inv, ws.get("tmp", *w_hat.shape))
+                normalize_backward_(dw_hat, w_hat, w_grad, ws.get("tmp", *w_hat.shape))
             if k > 1:  # back from proxy-major to class-major
                 dw_block = dw[c0 * k:c1 * k].unflatten(0, (c1 - c0, k))
                 dw_block.copy_(dw_hat.unflatten(0, (k, c1 - c0)).transpose(0, 1))
@@ -232,6 +231,6 @@ def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b):
         if k == 1:
             dx_hat.mul_(spec.scale)
         if spec.normalize_x:
-            normalize_backward_(dx_hat, t.x_hat, t.x_inv, torch.empty_like(dx_hat))
+            normalize_backward_(dx_hat, t.x_hat, t.x_grad, torch.empty_like(dx_hat))
         dx = dx_hat.to(x.dtype)
     return dx, dw, db.to(bias.dtype) if need_b else None

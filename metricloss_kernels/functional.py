@@ -349,7 +349,7 @@ def exponential_triplet_loss(embeddings, labels, num_classes, overlap=1.2, dista
     with distributed.agreement(process_group):
         check_arguments("exponential_triplet_loss", num_classes=num_classes, overlap=overlap, distance=distance,
                         embedding_scale=embedding_scale, pos_coef=pos_coef, neg_coef=neg_coef)
-        labels = _pair_inputs(embeddings, labels, backend)
+        labels = _pair_inputs(embeddings, labels, backend, num_classes)
     return _pair_loss(reference.exponential_triplet_loss, embeddings, labels, process_group,
                       num_classes=num_classes, overlap=overlap, distance=distance, embedding_scale=embedding_scale,
                       pos_coef=pos_coef, neg_coef=neg_coef)

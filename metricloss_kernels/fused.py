@@ -23,7 +23,7 @@ import torch
 
 from metricloss_kernels import polytopes
 from metricloss_kernels._math import arcface_target, softplus
-from metricloss_kernels._numerics import compute_dtype, inv_norm, normalize, normalize_backward_, upcast
+from metricloss_kernels._numerics import compute_dtype, normalize, normalize_backward_, unit_rows, upcast
 from metricloss_kernels.distributed import LOCAL
 from metricloss_kernels.lse import class_lse
 
@@ -31,9 +31,9 @@ from metricloss_kernels.lse import class_lse
 _REGULARIZER_BLOCK_BYTES = 4 * 2**20
 
 
-def _unit_rows(embeddings: torch.Tensor) -> torch.Tensor:
-    """x^ [N, D] in compute dtype."""
-    return normalize(embeddings.to(compute_dtype(embeddings.dtype)), dim=1)
+def _unit_rows(embeddings: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
+    """x^ [N, D] in the compute dtype of the embeddings and proxies together (as the reference casts them)."""
+    return normalize(embeddings.to(compute_dtype(embeddings.dtype, proxies.dtype)), dim=1)
 
 
 def _target_cosines(x_hat: torch.Tensor, proxies: torch.Tensor, labels: torch.Tensor, k: int,
@@ -79,22 +79,21 @@ class _ProxyRegularizer(torch.autograd.Function):
     streamed logits of SoftTriple; this holds block-sized ones."""
 
     @staticmethod
-    def _blocks(w, k):
+    def _blocks(w, k, dtype):
         w3 = w.unflatten(0, (-1, k))
         step = max(1, _REGULARIZER_BLOCK_BYTES // (k * w.shape[1] * 4))
         t, s = torch.triu_indices(k, k, offset=1, device=w.device)
         for c0 in range(0, w3.shape[0], step):
             wb = w3[c0:c0 + step]
-            inv = inv_norm(wb, compute_dtype(w.dtype))  # [B, K]
-            w_hat = torch.mul(wb, inv.unsqueeze(-1))
+            w_hat, grad_scale = unit_rows(wb, dtype)  # [B, K, D], [B, K]
             dist = torch.sqrt(2.0 + 1e-5 - 2.0 * torch.bmm(w_hat, w_hat.transpose(1, 2))[:, t, s])  # [B, pairs]
-            yield c0, w_hat, inv, dist, (t, s)
+            yield c0, w_hat, grad_scale, dist, (t, s)
 
     @staticmethod
-    def forward(ctx, w, k):
+    def forward(ctx, w, k, dtype):
         ctx.save_for_backward(w)
-        ctx.k = k
-        total = sum(dist.sum() for *_, dist, _ in _ProxyRegularizer._blocks(w, k))
+        ctx.k, ctx.dtype = k, dtype
+        total = sum(dist.sum() for *_, dist, _ in _ProxyRegularizer._blocks(w, k, dtype))
         return total / (w.shape[0] * (k - 1))
 
     @staticmethod
@@ -102,22 +101,22 @@ class _ProxyRegularizer(torch.autograd.Function):
         (w,), k = ctx.saved_tensors, ctx.k
         dw = torch.empty_like(w).unflatten(0, (-1, k))
         scale = grad / (w.shape[0] * (k - 1))
-        for c0, w_hat, inv, dist, (t, s) in _ProxyRegularizer._blocks(w, k):
+        for c0, w_hat, grad_scale, dist, (t, s) in _ProxyRegularizer._blocks(w, k, ctx.dtype):
             # d dist_ts / d (w^_t . w^_s) = -1 / dist_ts, for both proxies of the pair
             coef = torch.zeros(w_hat.shape[0], k, k, dtype=w_hat.dtype, device=w.device)
             coef[:, t, s] = -scale / dist
             grad_hat = torch.bmm(coef + coef.transpose(1, 2), w_hat)
-            dw[c0:c0 + w_hat.shape[0]] = normalize_backward_(grad_hat, w_hat, inv)
-        return dw.flatten(0, 1), None
+            dw[c0:c0 + w_hat.shape[0]] = normalize_backward_(grad_hat, w_hat, grad_scale)
+        return dw.flatten(0, 1), None, None
 
 
 def _with_regularizer(loss, proxies, k, tau, part):
     """loss + tau * R(W); R is 0 by definition when tau = 0 or K = 1. R is a mean over the classes: each rank's
-    R of its classes, combined by `part`."""
+    R of its classes, combined by `part`. R is computed in the loss's dtype, the compute dtype of the embeddings and
+    proxies together (fp64 embeddings make it fp64 for fp32 proxies, as in the reference)."""
     if tau == 0 or k == 1:
         return loss
-    r = part.classes_mean(_ProxyRegularizer.apply(proxies, k), proxies.shape[0] // k)
-    return loss + tau * r.to(loss.dtype)
+    return loss + tau * part.classes_mean(_ProxyRegularizer.apply(proxies, k, loss.dtype), proxies.shape[0] // k)
 
 
 def _arcface_ce(embeddings, labels, weight, margin_rad, scale, *, lse, part, normalize_w=True):
@@ -125,7 +124,7 @@ def _arcface_ce(embeddings, labels, weight, margin_rad, scale, *, lse, part, nor
     cos(theta) > cos(pi - m), else cos(theta) - sin(pi - m) * m; only the target cosine is clamped to
     [-1 + 1e-7, 1 - 1e-7]. `labels` are the classes' indices in `weight` (`part.local`)."""
     c = weight.shape[0]
-    cos = _target_cosines(_unit_rows(embeddings), weight, labels, 1, normalize_w).squeeze(1)
+    cos = _target_cosines(_unit_rows(embeddings, weight), weight, labels, 1, normalize_w).squeeze(1)
     phi = arcface_target(part.target(cos, labels, c), margin_rad)
     row = part.row_lse(lse(embeddings, weight, labels, scale=scale, normalize_w=normalize_w, reduce="row"))
     return _row_ce(row, scale * phi)
@@ -136,7 +135,7 @@ def proxy_nca_loss(embeddings, labels, proxies, scale=2.0, exclude_positive=True
     """ProxyNCA (K = 1): mean_i [-s S_{i,y_i} + LSE_{c != y_i} s S_{i,c}]; exclude_positive=False puts the positive
     in the LSE (softmax CE). embeddings [N, D], labels [N], proxies [C, D] -> scalar."""
     y, c = part.local(labels), proxies.shape[0]
-    t = scale * part.target(_target_cosines(_unit_rows(embeddings), proxies, y, 1).squeeze(1), y, c)
+    t = scale * part.target(_target_cosines(_unit_rows(embeddings, proxies), proxies, y, 1).squeeze(1), y, c)
     row = part.row_lse(lse(embeddings, proxies, y, scale=scale, reduce="row"))
     return (row - t).mean() if exclude_positive else _row_ce(row, t)
 
@@ -146,7 +145,7 @@ def proxy_anchor_loss(embeddings, labels, proxies, margin=0.1, alpha=32.0, *, ls
     """ProxyAnchor (K = 1): (1/|C+|) sum_{c in C+} softplus(LSE_{y_i=c} -alpha(S_ic - delta))
     + (1/C) sum_c softplus(LSE_{y_i!=c} alpha(S_ic + delta)). proxies [C, D] -> scalar."""
     y, c = part.local(labels), proxies.shape[0]
-    s = _target_cosines(_unit_rows(embeddings), proxies, y, 1).squeeze(1)
+    s = _target_cosines(_unit_rows(embeddings, proxies), proxies, y, 1).squeeze(1)
     pos, counts = _class_softplus_lse(-alpha * (s - margin), y, c)
     neg = softplus(lse(embeddings, proxies, y, scale=alpha, shift=alpha * margin, reduce="col"))
     return part.subset_mean(pos, counts > 0) + part.classes_mean(neg.mean(), c)
@@ -158,7 +157,7 @@ def soft_triple_loss(embeddings, labels, proxies, centers_per_class=10, la=20.0,
     """SoftTriple: mean_i CE(la (S_i - delta onehot(y_i)), y_i) + tau R(W). proxies [C*K, D] -> scalar."""
     k = centers_per_class
     y, c = part.local(labels), proxies.shape[0] // k
-    t = la * (part.target(_target_similarity(_unit_rows(embeddings), proxies, y, k, gamma), y, c) - margin)
+    t = la * (part.target(_target_similarity(_unit_rows(embeddings, proxies), proxies, y, k, gamma), y, c) - margin)
     row = part.row_lse(lse(embeddings, proxies, y, centers_per_class=k, gamma=gamma, scale=la, reduce="row"))
     return _with_regularizer(_row_ce(row, t), proxies, k, tau, part)
 
@@ -170,7 +169,7 @@ def mpa_loss(embeddings, labels, proxies, centers_per_class=10, alpha=32.0, marg
     classes that have a negative in the batch), "dw" data-wise, "ap" data-wise all pairs. -> scalar."""
     k = centers_per_class
     y, c = part.local(labels), proxies.shape[0] // k
-    s = _target_similarity(_unit_rows(embeddings), proxies, y, k, gamma)
+    s = _target_similarity(_unit_rows(embeddings, proxies), proxies, y, k, gamma)
     kw = dict(centers_per_class=k, gamma=gamma, scale=alpha, shift=alpha * margin)
     if variant == "mpa":
         pos, counts = _class_softplus_lse(-alpha * (s - margin), y, c)
@@ -199,7 +198,7 @@ def arcface_loss(embeddings, labels, weight, margin=28.6, scale=64.0, *, lse=cla
 def cosface_loss(embeddings, labels, weight, margin=0.35, scale=64.0, *, lse=class_lse, part=LOCAL):
     """CosFace: mean_i CE(s (cos_i - m onehot(y_i)), y_i). weight [C, D] -> scalar."""
     y, c = part.local(labels), weight.shape[0]
-    t = scale * (part.target(_target_cosines(_unit_rows(embeddings), weight, y, 1).squeeze(1), y, c) - margin)
+    t = scale * (part.target(_target_cosines(_unit_rows(embeddings, weight), weight, y, 1).squeeze(1), y, c) - margin)
     return _row_ce(part.row_lse(lse(embeddings, weight, y, scale=scale, reduce="row")), t)
 
 
@@ -209,7 +208,7 @@ def l2_softmax_loss(embeddings, labels, weight, bias=None, scale=16.0, normalize
     """L2-constrained softmax: mean_i CE((s x^_i) W^T + b, y_i); W unnormalised unless normalize_weights
     (NormFace); a bias that is given is added in either case. weight [C, D], bias [C] or None -> scalar."""
     y, c = part.local(labels), weight.shape[0]
-    t = scale * _target_cosines(_unit_rows(embeddings), weight, y, 1, normalize_weights).squeeze(1)
+    t = scale * _target_cosines(_unit_rows(embeddings, weight), weight, y, 1, normalize_weights).squeeze(1)
     if bias is not None:
         t = t + bias[y.clamp(0, c - 1)].to(t.dtype)
     row = lse(embeddings, weight, y, scale=scale, bias=bias, normalize_w=normalize_weights, reduce="row")
@@ -235,7 +234,7 @@ def proxy_repel_loss(embeddings, labels, proxies, alpha=32.0, margin=0.1, varian
     """Proxy-repel (K = 1): ProxyAnchor's positive term + (1/C) sum_w softplus(LSE_{w' != w} alpha(P_ww' + delta)),
     P = W^ W^T ("proxies") or W^ (X^T X^) W^T ("batch", a sum over the batch). proxies [C, D] -> scalar.
     Sharded, each rank's proxies are the rows against every rank's proxies (`part.all_proxies`)."""
-    x_hat = _unit_rows(embeddings)
+    x_hat = _unit_rows(embeddings, proxies)
     y, c = part.local(labels), proxies.shape[0]
     s = _target_cosines(x_hat, proxies, y, 1).squeeze(1)
     pos, counts = _class_softplus_lse(-alpha * (s - margin), y, c)

@@ -455,3 +455,70 @@ def test_class_lse_rejects_unknown_arguments():
         class_lse(x, w, y, impl="cuda")
     with pytest.raises(ValueError, match="block_classes"):
         class_lse(x, w, y, block_classes=-1)
+
+
+# ---- the NaN rule: NaN or Inf in any floating input -> NaN loss and NaN gradients, every loss ---------------------
+NAN_RULE_LOSSES = {  # (x, y, w [C*K, D], b) -> loss; "w" also stands for a weight, a bias, centres or a beta
+    "proxy_nca": lambda x, y, w, b: F.proxy_nca_loss(x, y, w[::2], backend=b),
+    "proxy_anchor": lambda x, y, w, b: F.proxy_anchor_loss(x, y, w[::2], backend=b),
+    "soft_triple": lambda x, y, w, b: F.soft_triple_loss(x, y, w, centers_per_class=2, backend=b),
+    "mpa": lambda x, y, w, b: F.mpa_loss(x, y, w, centers_per_class=2, backend=b),
+    "arcface": lambda x, y, w, b: F.arcface_loss(x, y, w[::2], backend=b),
+    "cosface": lambda x, y, w, b: F.cosface_loss(x, y, w[::2], backend=b),
+    "l2_softmax": lambda x, y, w, b: F.l2_softmax_loss(x, y, w[::2], bias=w[1::2, 0], backend=b),
+    "regular_polytope": lambda x, y, w, b: F.regular_polytope_loss(x[:, :4], y, 5, backend=b),
+    "proxy_repel": lambda x, y, w, b: F.proxy_repel_loss(x, y, w[::2], variant="batch", backend=b),
+    "contrastive": lambda x, y, w, b: F.contrastive_loss(x, y),
+    "triplet_semi_hard": lambda x, y, w, b: F.triplet_margin_loss(x, y, mining="semi-hard"),
+    "triplet_hard": lambda x, y, w, b: F.triplet_margin_loss(x, y, distance="euclidean", mining="hard"),
+    "lifted_structure": lambda x, y, w, b: F.lifted_structure_loss(x, y),
+    "npairs": lambda x, y, w, b: F.npairs_loss(x, y),
+    "margin": lambda x, y, w, b: F.margin_loss(x, y, beta=w[:5, 0], generator=torch.Generator().manual_seed(0)),
+    "multi_similarity": lambda x, y, w, b: F.multi_similarity_loss(x, y),
+    "exponential_triplet": lambda x, y, w, b: F.exponential_triplet_loss(x, y, 10),
+    "center": lambda x, y, w, b: F.center_loss(x, y, w[::2]),
+}
+PROXY_NAN_RULE = ("proxy_nca", "proxy_anchor", "soft_triple", "mpa", "arcface", "cosface", "l2_softmax",
+                  "regular_polytope", "proxy_repel")
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+@pytest.mark.parametrize("where", ["nan_embedding", "inf_embedding", "nan_weight"])
+@pytest.mark.parametrize("name", sorted(NAN_RULE_LOSSES))
+def test_nan_or_inf_input_gives_nan_loss_and_gradients(name, where, backend):
+    """One rule for every loss (docs/formulas.md, Numerical rules): a NaN or Inf entry in any floating input makes
+    the loss NaN and every gradient through it NaN. margin_loss returned a finite 0.75 (the NaN row was never
+    sampled), semi-hard triplets a finite loss; the others had NaN in one row's gradient only."""
+    if backend == "chunked" and name not in PROXY_NAN_RULE:
+        pytest.skip("pair losses have the reference backend only")
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(12, 8, generator=g), torch.randn(10, 8, generator=g)
+    y = torch.tensor([0, 1, 2, 3, 4] * 2 + [0, 1])
+    if where == "nan_weight":
+        if name not in PROXY_NAN_RULE + ("margin", "center") or name == "regular_polytope":
+            pytest.skip("this loss has no floating input besides the embeddings")
+        w[2, 0] = math.nan  # a proxy, a weight row, a learnable beta of margin, a centre
+    else:
+        x[3, 2] = math.nan if where == "nan_embedding" else math.inf
+    x, w = x.requires_grad_(), w.requires_grad_()
+    loss = NAN_RULE_LOSSES[name](x, y, w, backend)
+    gx, gw = torch.autograd.grad(loss, [x, w], allow_unused=True)
+    assert torch.isnan(loss)
+    # every entry the loss depends on has a NaN gradient; the others (rows of w a loss does not use) exactly 0
+    for grad in (gx, gw):
+        assert grad is None or not (torch.isfinite(grad) & (grad != 0)).any()
+    assert torch.isnan(gx).any() and (gw is None or name == "center" or torch.isnan(gw).any())
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "triton"])
+def test_inference_mode_embeddings_train_learnable_proxies(backend):
+    """Embeddings and labels made under torch.inference_mode (a frozen backbone) given to a module with learnable
+    proxies: the streamed backends saved them for backward ("Inference tensors cannot be saved for backward")."""
+    with torch.inference_mode():
+        x, y = torch.randn(12, 8, generator=torch.Generator().manual_seed(9)), torch.arange(12) % 5
+    loss_fn = mlk.SoftTripleLoss(5, 8, centers_per_class=2, backend=backend)
+    loss = loss_fn(x, y)
+    loss.backward()
+    expected = reference.soft_triple_loss(x.clone(), y.clone(), loss_fn.proxies.detach(), 2)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=0)
+    assert torch.isfinite(loss_fn.proxies.grad).all() and loss_fn.proxies.grad.abs().sum() > 0

@@ -18,15 +18,15 @@ from torch.profiler import ProfilerActivity, profile
 
 import metricloss_kernels as mlk
 from metricloss_kernels import chunked, fused, reference
+from metricloss_kernels._numerics import compute_dtype
 from metricloss_kernels.lse import LSESpec, class_lse
 from metricloss_kernels.polytopes import regular_polytope
-from utils import assert_close, largest_allocation
+from utils import TOL, assert_close, largest_allocation
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["chunked", "triton"]
 N, C, K, D = 37, 53, 3, 40
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
-TOL = {F64: 1e-10, F32: 1e-4, F16: 1e-2, BF16: 3e-2}
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -502,15 +502,104 @@ def test_streamed_regularizer_matches_reference(monkeypatch, dtype):
         w[5] = 0  # a zero proxy: its norm is clamped (its 1e12-scaled gradient would overflow fp16)
     w = w.to(dtype).requires_grad_()
     w_ref = w.detach().to(F64).requires_grad_()
-    value, ref = fused._ProxyRegularizer.apply(w, K), reference.proxy_regularizer(w_ref, K)
+    value, ref = fused._ProxyRegularizer.apply(w, K, compute_dtype(dtype)), reference.proxy_regularizer(w_ref, K)
     (grad,), (ref_grad,) = torch.autograd.grad(value, w), torch.autograd.grad(ref, w_ref)
     assert grad.dtype == dtype
     assert_close(value, ref, TOL[dtype], "R(W)")
     assert_close(grad, ref_grad, TOL[dtype], "grad R(W)")
     if dtype == F64:
         sub = w[12:24, :4].detach().clone().requires_grad_()
-        assert torch.autograd.gradcheck(lambda v: fused._ProxyRegularizer.apply(v, 3), (sub,))
+        assert torch.autograd.gradcheck(lambda v: fused._ProxyRegularizer.apply(v, 3, F64), (sub,))
 
+
+# ------------------------------------------------------------- the normalisation rules (_numerics), every backend
+ALL_BACKENDS = ["reference", *BACKENDS]
+# One loss per code path of the normalisation: row LSE (x and W normalised), column LSE, K > 1 (+ R(W)), ArcFace
+# (target cosines), NormFace (W normalised, no margin).
+RULE_CASES = [case for case in LOSS_CASES if case[0] in ("proxy_nca_loss", "proxy_anchor_loss", "soft_triple_loss",
+                                                         "arcface_loss")
+              and case[2].get("exclude_positive", True)] + [("l2_softmax_loss", 1, dict(normalize_weights=True))]
+RULE_IDS = [name.removesuffix("_loss") for name, *_ in RULE_CASES]
+
+
+def rule_loss(backend, name, kwargs):
+    """The loss `name` of the public API on `backend` ("reference" included), tiled for the streamed backends."""
+    if backend == "reference":
+        return getattr(reference, name)
+    return functools.partial(getattr(fused, name), lse=functools.partial(class_lse, impl=backend,
+                                                                         **LOSS_TILES[backend]))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("x_dtype,w_dtype", [(F16, F16), (F16, F32), (F32, F32)], ids=["fp16", "fp16-fp32", "fp32"])
+@pytest.mark.parametrize("name,k,kwargs", RULE_CASES, ids=RULE_IDS)
+def test_dead_rows_get_zero_gradient_not_inf(backend, name, k, kwargs, x_dtype, w_dtype):
+    """A zero or underflowing row (a dead embedding or proxy) has no direction: its normalisation is constant there
+    and the row gets a zero gradient, in every backend. Through the clamp of max(||x||, 1e-12) the gradient was
+    1e12 g: Inf/NaN in fp16, a wrecking step in fp32."""
+    n, c, d = 12, 7, 16
+    g = gen(30)
+    x = torch.randn(n, d, generator=g, dtype=F64)
+    x[2] = 0
+    x[5] = 1e-14  # norm 4e-14 <= eps; 0 in fp16
+    w = torch.randn(c * k, d, generator=g, dtype=F64)
+    w[1] = 0
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 1])
+    x, w = x.to(DEVICE, x_dtype).requires_grad_(), w.to(DEVICE, w_dtype).requires_grad_()
+    fn = rule_loss(backend, name, kwargs)
+    loss, _, (gx, gw) = loss_and_grads(fn, x, labels.to(DEVICE), w, kwargs, 1.0)
+    assert torch.isfinite(loss) and torch.isfinite(gx).all() and torch.isfinite(gw).all()
+    assert (gx[[2, 5]] == 0).all() and (gw[1] == 0).all()
+    assert (gx.abs().sum(1) > 0).sum() == n - 2  # every live row learns
+    ref_x, ref_w = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref, _, ref_grads = loss_and_grads(getattr(reference, name), ref_x, labels.to(DEVICE), ref_w, kwargs, 1.0)
+    rtol = 5e-3 if F16 in (x_dtype, w_dtype) else 1e-4
+    assert_close(loss.double(), ref, rtol, "loss")
+    assert_close(gx, ref_grads[0].to(gx.dtype), rtol, "d embeddings")
+    assert_close(gw, ref_grads[1].to(gw.dtype), rtol, "d proxies")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("w_dtype", [F32, F64])
+@pytest.mark.parametrize("name,k,kwargs", RULE_CASES, ids=RULE_IDS)
+def test_overflowing_norms_are_normalised(backend, name, k, kwargs, w_dtype):
+    """fp32 rows of norm 1e20..1e36 (their squared norms overflow fp32) are normalised like any other row: the loss
+    is that of the unscaled rows and the gradient that of the unscaled rows divided by the scale (L(s x) = L(x)).
+    A plain sum of squares normalised them to 0 (every backend), and Triton's gradients were non-finite."""
+    n, c, d = 12, 7, 16
+    g = gen(31)
+    x = torch.randn(n, d, generator=g, dtype=F64)
+    w = torch.randn(c * k, d, generator=g, dtype=F64)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 1], device=DEVICE)
+    x_scale = 10.0 ** torch.linspace(20, 36, n, dtype=F64)[:, None]
+    w_scale = 10.0 ** torch.linspace(20, 30, c * k, dtype=F64)[:, None]
+    fn = rule_loss(backend, name, kwargs)
+    results = []
+    for xs, ws in ((1.0, 1.0), (x_scale, w_scale)):
+        xi = (x * xs).to(DEVICE, F32).requires_grad_()
+        wi = (w * ws).to(DEVICE, w_dtype).requires_grad_()
+        loss, _, (gx, gw) = loss_and_grads(fn, xi, labels, wi, kwargs, 1.0)
+        assert torch.isfinite(loss) and torch.isfinite(gx).all() and torch.isfinite(gw).all()
+        results.append((loss, gx.double() * xs, gw.double() * ws))
+    for what, big, small in zip(("loss", "d embeddings", "d proxies"), results[1], results[0]):
+        assert_close(big.double(), small.double(), 1e-4, what)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("x_dtype,w_dtype", [(F64, F32), (F32, F64)], ids=["fp64-fp32", "fp32-fp64"])
+def test_mixed_precision_losses_compute_in_the_wider_dtype(backend, x_dtype, w_dtype):
+    """fp64 embeddings with fp32 proxies (or the reverse) are computed in fp64, as the reference casts them: the
+    target cosines and R(W) took their dtype from one input only (relative error ~2e-9 against the reference)."""
+    x, labels, w, kwargs = loss_inputs("soft_triple_loss", K, dict(centers_per_class=K), "random", "random", F64, 32)
+    x = x.detach().to(x_dtype).requires_grad_()
+    w = w.detach().to(w_dtype).requires_grad_()
+    fn = rule_loss(backend, "soft_triple_loss", kwargs)
+    loss, _, grads = loss_and_grads(fn, x, labels, w, kwargs, 1.0)
+    ref_x, ref_w = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref, _, ref_grads = loss_and_grads(reference.soft_triple_loss, ref_x, labels, ref_w, kwargs, 1.0)
+    # each result in its own dtype (the loss in the embeddings'): fp32 ones match up to their final rounding
+    for what, got, want in zip(("loss", "d embeddings", "d proxies"), (loss, *grads), (ref, *ref_grads)):
+        assert_close(got.double(), want.to(got.dtype).double(), 1e-12 if got.dtype == F64 else 1e-6, what)
 
 # ------------------------------------------------------------------------------------------------ GPU only
 @cuda_only
@@ -561,7 +650,8 @@ def compile_for_hopper():
                    (_backward._dw_kernel, dict(meta, ROW_REDUCE=False, DX_ATOMIC=True, ACC_IS_OUT=op == "fp32")),
                    (_backward._dw_kernel, dict(meta, ROW_REDUCE=True, DX_ATOMIC=False, ACC_IS_OUT=op == "fp32"))]
         for fn, const in kernels:
-            const = dict(const, **{a: 1 for a in fn.arg_names if a.startswith("stride_") and a.endswith("d")})
+            const = {a: v for a, v in const.items() if a in fn.arg_names}  # (the forward has no NORM_X)
+            const.update({a: 1 for a in fn.arg_names if a.startswith("stride_") and a.endswith("d")})
             sig = {a: "constexpr" if a in const else
                    (ptr_dtype.get(a) or "*" + op) if a in ptr_dtype else
                    "*fp32" if a.endswith("_ptr") else

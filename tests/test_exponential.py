@@ -5,6 +5,7 @@ import pytest
 import torch
 from utils import make_batch  # noqa: E402  (tests/ is on sys.path)
 
+from metricloss_kernels import functional as F
 from metricloss_kernels.normalize import unit_bounce, unit_range
 from metricloss_kernels.reference import exponential as ex
 
@@ -192,3 +193,33 @@ def test_update_centers_no_grad_and_half():
     assert c.dtype == torch.float16 and not c.requires_grad
     mean0 = x.detach()[y == 0].mean(dim=0)
     torch.testing.assert_close(c[0], (0.5 * mean0).half())
+
+
+# ---- regressions: duplicated embeddings, dtype agreement, label range ----------------------------------------------
+@pytest.mark.parametrize("distance", ["cosine", "euclidean", "squared_euclidean"])
+def test_duplicated_embeddings_give_the_same_finite_loss_in_fp32_and_fp64(distance):
+    """Duplicated rows of different classes (the closest negative at distance 0): 1 - x̂·x̂ rounded slightly below
+    0 made log(1 - h + 1e-20) NaN, and |a|² + |b|² - 2a·b left a rounding error that the log turned into fp32 and
+    fp64 values 2x apart on 1e3-scaled inputs. Distances now come from the differences: exactly 0."""
+    y = torch.cat([torch.arange(8), (torch.arange(8) + 1) % 8])  # each duplicate in another class
+    scale = 2e3
+    for seed in range(8):  # (seeds 1, 2, 3, 5, 6 hit the bug in at least one distance)
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        x = torch.cat([x, x]) * 1e3
+        if distance != "cosine":
+            x = unit_range(x, scale)
+        results = []
+        for dtype in (torch.float64, torch.float32):
+            xi = x.to(dtype).requires_grad_()
+            loss = F.exponential_triplet_loss(xi, y, 10, distance=distance, embedding_scale=scale)
+            (grad,) = torch.autograd.grad(loss, xi)
+            assert torch.isfinite(loss) and torch.isfinite(grad).all()
+            results.append(loss.double())
+        torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=0)
+
+
+def test_exponential_triplet_rejects_labels_at_or_above_num_classes():
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 5])
+    with pytest.raises(ValueError, match="labels"):
+        F.exponential_triplet_loss(x, y, 5)
+    F.exponential_triplet_loss(x, y, 6)

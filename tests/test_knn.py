@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from utils import brute_force_scores
 
 from metricloss_kernels import metrics, retrieval
 from metricloss_kernels.retrieval import knn
@@ -27,15 +28,7 @@ PATHS = [pytest.param(knn, id="knn", marks=needs_extension), pytest.param(_torch
 
 def _oracle(queries, reference, k, metric, exclude_self):
     """Full score matrix in float64 by the textbook formulas, ranked by a stable sort (ties: lower index)."""
-    q, r = queries.double(), reference.double()
-    if metric == "euclidean":
-        scores = -torch.cdist(q, r, compute_mode="donot_use_mm_for_euclid_dist")
-    elif metric == "cosine":
-        scores = torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(r, dim=1).T
-    else:
-        scores = q @ r.T
-    if exclude_self:
-        scores.fill_diagonal_(-math.inf)
+    scores = brute_force_scores(queries, reference, metric, exclude_self)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
     values = scores.gather(1, order)
     return (-values if metric == "euclidean" else values), order, scores

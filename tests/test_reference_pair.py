@@ -6,6 +6,7 @@ import pytest
 import torch
 from utils import make_batch  # noqa: E402  (tests/ is on sys.path)
 
+from metricloss_kernels import functional
 from metricloss_kernels.reference import pair
 
 F64 = torch.float64
@@ -450,3 +451,29 @@ def test_half_inputs_give_half_result(name):
     out.backward()
     assert xh.grad.dtype == torch.float16 and torch.isfinite(xh.grad).all()
     assert out.item() == pytest.approx(fn(xh.detach().float(), y).item(), rel=2e-3)
+
+
+# ------------------------------------------------------------------------------ the normalisation's dead-row rule
+NORMALISED_PAIR_LOSSES = {
+    "contrastive": lambda x, y: functional.contrastive_loss(x, y),
+    "triplet_margin": lambda x, y: functional.triplet_margin_loss(x, y),
+    "lifted_structure": lambda x, y: functional.lifted_structure_loss(x, y),
+    "margin": lambda x, y: functional.margin_loss(x, y, generator=torch.Generator().manual_seed(0)),
+    "multi_similarity": lambda x, y: functional.multi_similarity_loss(x, y),
+    "exponential_triplet": lambda x, y: functional.exponential_triplet_loss(x, y, 4),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("name", sorted(NORMALISED_PAIR_LOSSES))
+def test_dead_rows_get_zero_gradient_not_inf(name, dtype):
+    """A zero or underflowing embedding row (norm <= 1e-12: no direction) gets a zero gradient in every loss that
+    normalises; through the clamp of max(||x||, 1e-12) it was Inf in fp16 and ~1e12 in fp32."""
+    x = torch.randn(12, 16, generator=torch.Generator().manual_seed(3), dtype=F64)
+    x[2], x[5] = 0, 1e-14
+    x = x.to(dtype).requires_grad_()
+    y = torch.tensor([0, 1, 2, 3] * 3)
+    loss = NORMALISED_PAIR_LOSSES[name](x, y)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert (grad[[2, 5]] == 0).all() and grad.abs().sum() > 0

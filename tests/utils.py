@@ -1,6 +1,12 @@
 """Helpers shared by the test files."""
+import math
+
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+# Max error of a backend against the reference on the same values, relative to the largest |expected| entry, by the
+# inputs' dtype (half precision is computed in fp32: its results differ by their final rounding).
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 
 def make_batch(n=37, d=40, c=9, seed=0, dtype=torch.float64):
@@ -12,10 +18,11 @@ def make_batch(n=37, d=40, c=9, seed=0, dtype=torch.float64):
     return x, y
 
 
-def assert_close(actual, expected, rtol, what=""):
+def assert_close(actual, expected, rtol, what="", floor=1e-3):
     """Same shape; NaN, +inf and -inf in the same places (each kind separately: NaN for an infinity is a
-    mismatch); max |actual - expected| over the finite entries at most rtol * max(1e-3, max |expected|), so near-zero
-    entries of a gradient need no relative match of their own."""
+    mismatch); max |actual - expected| over the finite entries at most rtol * max(floor, max |expected|), so
+    near-zero entries of a gradient need no relative match of their own (floor=1 for a loss: its rounding error
+    follows its logits, O(1) or more, not its value, which may be ~0)."""
     assert actual.shape == expected.shape, what
     for kind in (torch.isnan, torch.isposinf, torch.isneginf):
         assert torch.equal(kind(actual), kind(expected)), f"{what}: {kind.__name__} differs"
@@ -24,7 +31,7 @@ def assert_close(actual, expected, rtol, what=""):
         return
     err = (actual.double()[fin] - expected.double()[fin]).abs().max().item()
     scale = expected.double()[fin].abs().max().item()
-    assert err <= rtol * max(scale, 1e-3), f"{what}: max error {err:.3g} vs scale {scale:.3g} (rtol {rtol:g})"
+    assert err <= rtol * max(scale, floor), f"{what}: max error {err:.3g} vs scale {scale:.3g} (rtol {rtol:g})"
 
 
 def largest_allocation(fn) -> int:
@@ -40,3 +47,18 @@ def largest_allocation(fn) -> int:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
+
+
+def brute_force_scores(queries, reference, metric, exclude_self):
+    """kNN oracle: the full [Q, R] score matrix in float64 by the textbook formulas, larger is better (euclidean:
+    minus the distance, from the differences); -inf on the diagonal when the queries are their own reference."""
+    q, r = queries.double(), reference.double()
+    if metric == "euclidean":
+        scores = -torch.cdist(q, r, compute_mode="donot_use_mm_for_euclid_dist")
+    elif metric == "cosine":
+        scores = torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(r, dim=1).T
+    else:
+        scores = q @ r.T
+    if exclude_self:
+        scores.fill_diagonal_(-math.inf)
+    return scores

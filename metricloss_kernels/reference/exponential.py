@@ -20,19 +20,17 @@ _BALL_TOLERANCE = 1e-2
 
 def _distances(embeddings, distance, embedding_scale, anchors=None):
     """Distance matrix [A, N] of the anchors to the batch and its maximum D_max.
-    cosine: 1 - x̂_i·x̂_j (D_max = 2); euclidean: ||x_i - x_j|| on the embeddings as given (D_max = 2 c_s);
-    squared_euclidean: ||x_i - x_j||² (D_max = (2 c_s)²)."""
-    rows = _rows(anchors)
+    cosine: 1 - x̂_i·x̂_j = ||x̂_i - x̂_j||² / 2 (D_max = 2); euclidean: ||x_i - x_j|| on the embeddings as given
+    (D_max = 2 c_s); squared_euclidean: ||x_i - x_j||² (D_max = (2 c_s)²).
+    All from the differences x_i - x_j (cdist without its matmul expansion), never from |a|² + |b|² - 2 a·b: the
+    distance of duplicated rows is exactly 0 (not a rounding error of either sign, which the log of the loss
+    turns into a NaN or a value that depends on the dtype), and its gradient is 0."""
+    x = normalize(embeddings, dim=1) if distance == "cosine" else embeddings
+    d = torch.cdist(x[_rows(anchors)], x, compute_mode="donot_use_mm_for_euclid_dist")
     if distance == "cosine":
-        x = normalize(embeddings, dim=1)
-        return 1.0 - x[rows] @ x.T, 2.0
-    sq = (embeddings * embeddings).sum(dim=1)
-    d2 = (sq[rows, None] + sq[None, :] - 2.0 * (embeddings[rows] @ embeddings.T)).clamp_min(0.0)
+        return d.square() / 2, 2.0
     if distance == "squared_euclidean":
-        return d2, (2.0 * embedding_scale) ** 2
-    # sqrt with a zero (not NaN) gradient where d2 = 0, e.g. on the diagonal.
-    nz = d2 > 0
-    d = torch.where(nz, torch.sqrt(torch.where(nz, d2, torch.ones_like(d2))), torch.zeros_like(d2))
+        return d.square(), (2.0 * embedding_scale) ** 2
     return d, 2.0 * embedding_scale
 
 
@@ -44,7 +42,10 @@ def exponential_triplet_loss(embeddings, labels, num_classes, overlap=1.2, dista
     Per anchor a: ``d_ap`` = distance to its farthest positive (j != a, same label), ``d_an`` = distance to its
     closest negative; ``p = d_ap / D_max``, ``n = d_an / D_max``, ``c_pos = overlap / num_classes``:
     ``L = -pos_coef * log(1 - mean_a([p - c_pos]₊) / (1 - c_pos) + ε)
-          - neg_coef * log(1 - mean_a([0.5 - n]₊) / 0.5 + ε)``, ε = 1e-20.
+          - neg_coef * log(1 - mean_a([0.5 - n]₊) / 0.5 + ε)``, ε = 1e-20,
+    computed as ``-pos_coef * log(mean_a(min(1, (1 - p) / (1 - c_pos))) + ε) - neg_coef * log(mean_a(min(1, 2n))
+    + ε)`` (equal for 0 <= p, n <= 1): a close negative's 2n keeps its relative precision, where 1 - (0.5 - n) / 0.5
+    would round it away in fp32.
     The batch mean sits inside the log, as the authors' code does **(resolved)**. Each mean runs over the anchors
     that have a positive (resp. a negative); a term with no such anchor is 0 **(resolved)**; with neither, the
     loss is a 0 that carries a graph. Euclidean distances are taken on the embeddings as given (expected from
@@ -72,13 +73,13 @@ def exponential_triplet_loss(embeddings, labels, num_classes, overlap=1.2, dista
                 f"or a scaled L2 normalisation", lambda: f" (largest distance {largest.item():.4g})")
     d = d.clamp(max=d_max)  # what passed the check is out of the ball by rounding only: keep p, n <= 1
     # Anchors without a positive (negative) have d_ap = -inf (d_an = inf) and are left out of the mean; an empty
-    # mean is 0 and its term -log(1 + eps) = 0.
+    # mean (no such anchor in the whole batch) counts as 1 (no hinge), and its term -log(1 + eps) is 0.
     d_ap = d.masked_fill(~pos, float("-inf")).amax(dim=1)
     d_an = d.masked_fill(~neg, float("inf")).amin(dim=1)
-    pos_hinge = _masked_mean(F.relu(d_ap / d_max - c_pos), pos.any(dim=1), embeddings, anchors)
-    neg_hinge = _masked_mean(F.relu(0.5 - d_an / d_max), neg.any(dim=1), embeddings, anchors)
-    return (_zero(embeddings) - pos_coef * torch.log(1.0 - pos_hinge / (1.0 - c_pos) + _EPS)
-            - neg_coef * torch.log(1.0 - neg_hinge / 0.5 + _EPS))
+    pos_term = _masked_mean(((1.0 - d_ap / d_max) / (1.0 - c_pos)).clamp(max=1.0), pos.any(dim=1), embeddings,
+                            anchors, empty=1.0)
+    neg_term = _masked_mean((2.0 * d_an / d_max).clamp(max=1.0), neg.any(dim=1), embeddings, anchors, empty=1.0)
+    return _zero(embeddings) - pos_coef * torch.log(pos_term + _EPS) - neg_coef * torch.log(neg_term + _EPS)
 
 
 @upcast

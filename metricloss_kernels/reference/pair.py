@@ -98,9 +98,10 @@ def _mean(total, count, zero, anchors):
     return torch.where(count > 0, total / count.clamp_min(1), zero)
 
 
-def _masked_mean(values, mask, embeddings, anchors=None):
-    """Mean of `values` over the True entries of `mask` (same shape), or a 0 carrying a graph when there is none."""
-    return _mean(torch.where(mask, values, 0).sum(), mask.sum(), _zero(embeddings), anchors)
+def _masked_mean(values, mask, embeddings, anchors=None, empty=0.0):
+    """Mean of `values` over the True entries of `mask` (same shape), or `empty` carrying a graph when there is
+    none."""
+    return _mean(torch.where(mask, values, 0).sum(), mask.sum(), _zero(embeddings) + empty, anchors)
 
 
 @upcast

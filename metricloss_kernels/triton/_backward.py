@@ -8,12 +8,14 @@ gradient GEMMs chunk by chunk of D into fp32 accumulators:
   _dw_kernel: one program per class tile, looping over every row tile; it owns its proxies' dW rows and the bias
       gradient of its classes (deterministic). With DX_ATOMIC it also emits the dX contributions of its classes
       with atomics, so that one logits recomputation serves both gradients.
-Per-row (per-proxy) normalisation terms are O(N + C*K) side sums applied in each kernel's epilogue, so neither
-normalised inputs nor any N x C tile ever reach memory.
+Per-row (per-proxy) normalisation terms are O(N + C*K) side sums applied in each kernel's epilogue, so no
+normalised W and no N x C tile ever reaches memory (x arrives normalised, x^: it is O(N*D)).
 
-With dl = dL/dl[i, p] (_tiles._slot_logits_grad), x^ = rx x and w^ = rw w:
-  dX_i = rx_i * sum_p dl_ip rw_p w_p - cx_i * x_i * sum_p dl_ip l_ip      (cx = rx^2, 0 where the norm is clamped)
-  dW_p = rw_p * sum_i dl_ip rx_i x_i - cw_p * w_p * sum_i dl_ip l_ip
+With dl = dL/dl[i, p] (_tiles._slot_logits_grad), w^ = rw w, and the normalisations' backward factors gx, gw
+(1 / norm, 0 for a dead row: _numerics.unit_rows):
+  dX_i = gx_i * (sum_p dl_ip w^_p - x^_i * sum_p dl_ip l_ip)
+  dW_p = gw_p * (sum_i dl_ip x^_i - w^_p * sum_i dl_ip l_ip)
+Written with w^ = rw w rather than with rw^2 (which underflows for huge norms).
 """
 import torch
 import triton
@@ -25,11 +27,11 @@ from ._tiles import _class_similarity, _grad_z, _load_inv, _logits_z, _lse_terms
 
 @triton.jit
 def _dx_kernel(
-    x_ptr,  # [N, D] embeddings
+    x_ptr,  # [N, D] embeddings, normalised if NORM_X
     w_ptr,  # [C*K, D] proxies, class-major
     bias_ptr,  # [C] class bias (read only if HAS_BIAS)
     labels_ptr,  # [N] int64 labels
-    rx_ptr, cx_ptr,  # [N] inverse norms of x and their backward coefficient (read only if NORM_X)
+    gx_ptr,  # [N] backward factors of x's normalisation (read only if NORM_X)
     rw_ptr,  # [C*K] inverse norms of w (read only if NORM_W)
     lse_ptr, g_ptr,  # forward result and upstream gradient: [N] if ROW_REDUCE else [C]
     dx_ptr,  # [num_splits, N, D] fp32, zeroed: each split's share of dX, finished in place
@@ -50,7 +52,6 @@ def _dx_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < N
     labels = tl.load(labels_ptr + offs_n, mask=n_ok, other=-1)
-    rx = _load_inv(rx_ptr, offs_n, N, NORM_X, ACC)
     if ROW_REDUCE:
         lse = tl.load(lse_ptr + offs_n, mask=n_ok, other=float("-inf")).to(ACC)[:, None]
         g = tl.load(g_ptr + offs_n, mask=n_ok, other=0.0).to(ACC)[:, None]
@@ -64,19 +65,19 @@ def _dx_kernel(
         if not ROW_REDUCE:
             lse = tl.load(lse_ptr + offs_c, mask=c_ok, other=float("-inf")).to(ACC)[None, :]
             g = tl.load(g_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)[None, :]
-        s_cls, m, den = _class_similarity(x_ptr, w_ptr, rx, rw_ptr, offs_n, offs_c, N, C, D,
+        s_cls, m, den = _class_similarity(x_ptr, w_ptr, rw_ptr, offs_n, offs_c, N, C, D,
                                           stride_xn, stride_xd, stride_wp, stride_wd, inv_gamma,
                                           K, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
         z = _logits_z(s_cls, offs_c, bias_ptr, C, scale, shift, HAS_BIAS)
         d_s = _grad_z(z, _lse_terms(offs_n, offs_c, labels, N, C), lse, g) * scale
         for k in range(K):
-            l, dl = _slot_logits_grad(x_ptr, w_ptr, rx, rw_ptr, offs_n, offs_c, k, s_cls, m, den, d_s, N, C, D,
+            l, dl = _slot_logits_grad(x_ptr, w_ptr, rw_ptr, offs_n, offs_c, k, s_cls, m, den, d_s, N, C, D,
                                       stride_xn, stride_xd, stride_wp, stride_wd, inv_gamma,
                                       K, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
             if NORM_X:
                 row_dot += tl.sum(dl * l, axis=1)
             p = offs_c.to(tl.int64) * K + k
-            a = (dl * _load_inv(rw_ptr, p, C * K, NORM_W, ACC)[None, :]).to(OP)  # dL/d<x_i, w_p> / rx_i
+            a = (dl * _load_inv(rw_ptr, p, C * K, NORM_W, ACC)[None, :]).to(OP)  # dL/d<x_i, w_p>
             w_ptrs = w_ptr + p[:, None] * stride_wp + offs_d[None, :] * stride_wd
             for d0 in range(0, D, BLOCK_D):
                 d_ok = (d0 + offs_d) < D
@@ -90,32 +91,31 @@ def _dx_kernel(
             # The next read-modify-write of these rows may run on other threads of the program.
             tl.debug_barrier()
 
-    if NORM_X:  # dX = rx * acc - cx * (sum_p dl l) * x
-        coef = _load_inv(cx_ptr, offs_n, N, NORM_X, ACC) * row_dot
+    if NORM_X:  # dX = gx * (acc - (sum_p dl l) * x^)
+        gx = tl.load(gx_ptr + offs_n, mask=n_ok, other=0.0).to(ACC)
         x_ptrs = x_ptr + offs_n.to(tl.int64)[:, None] * stride_xn + offs_d[None, :] * stride_xd
         for d0 in range(0, D, BLOCK_D):
             mask = n_ok[:, None] & ((d0 + offs_d) < D)[None, :]
             acc_ptrs = dx_rows + (d0 + offs_d)[None, :] * stride_gd
             xt = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC)
             acc = tl.load(acc_ptrs, mask=mask, other=0.0)
-            tl.store(acc_ptrs, rx[:, None] * acc - coef[:, None] * xt, mask=mask)
+            tl.store(acc_ptrs, gx[:, None] * (acc - row_dot[:, None] * xt), mask=mask)
             x_ptrs += BLOCK_D * stride_xd
 
 
 @triton.jit
 def _dw_kernel(
-    x_ptr,  # [N, D] embeddings
+    x_ptr,  # [N, D] embeddings, normalised if NORM_X
     w_ptr,  # [C*K, D] proxies, class-major
     bias_ptr,  # [C] class bias (read only if HAS_BIAS)
     labels_ptr,  # [N] int64 labels
-    rx_ptr,  # [N] inverse norms of x (read only if NORM_X)
-    rw_ptr, cw_ptr,  # [C*K] inverse norms of w and their backward coefficient (read only if NORM_W)
+    rw_ptr, gw_ptr,  # [C*K] inverse norms of w and its normalisation's backward factors (read only if NORM_W)
     lse_ptr, g_ptr,  # forward result and upstream gradient: [N] if ROW_REDUCE else [C]
     acc_ptr,  # [grid * BLOCK_C * K, D] ACC, zeroed: raw dW accumulators of this launch (may be dw_ptr itself)
     col_dot_ptr,  # [grid * BLOCK_C * K] ACC, zeroed: sum_i dl_ip l_ip per proxy (read only if NORM_W)
     dw_ptr,  # [C*K, D] out: dW in W's dtype
     dbias_ptr,  # [C] out: dbias in the bias dtype (HAS_BIAS)
-    dxa_ptr,  # [N, D] ACC, zeroed: sum_p dl_ip rw_p w_p over all classes, by atomics (DX_ATOMIC)
+    dxa_ptr,  # [N, D] ACC, zeroed: sum_p dl_ip w^_p over all classes, by atomics (DX_ATOMIC)
     row_dot_ptr,  # [N] ACC, zeroed: sum_p dl_ip l_ip, by atomics (DX_ATOMIC and NORM_X)
     N, C, D,
     tile0,  # class tile of program 0 (large W is processed in launches of bounded scratch)
@@ -146,11 +146,10 @@ def _dw_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         labels = tl.load(labels_ptr + offs_n, mask=n_ok, other=-1)
-        rx = _load_inv(rx_ptr, offs_n, N, NORM_X, ACC)
         if ROW_REDUCE:
             lse = tl.load(lse_ptr + offs_n, mask=n_ok, other=float("-inf")).to(ACC)[:, None]
             g = tl.load(g_ptr + offs_n, mask=n_ok, other=0.0).to(ACC)[:, None]
-        s_cls, m, den = _class_similarity(x_ptr, w_ptr, rx, rw_ptr, offs_n, offs_c, N, C, D,
+        s_cls, m, den = _class_similarity(x_ptr, w_ptr, rw_ptr, offs_n, offs_c, N, C, D,
                                           stride_xn, stride_xd, stride_wp, stride_wd, inv_gamma,
                                           K, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
         z = _logits_z(s_cls, offs_c, bias_ptr, C, scale, shift, HAS_BIAS)
@@ -160,7 +159,7 @@ def _dw_kernel(
         d_s = dz * scale
         x_rows = x_ptr + offs_n.to(tl.int64)[:, None] * stride_xn
         for k in range(K):
-            l, dl = _slot_logits_grad(x_ptr, w_ptr, rx, rw_ptr, offs_n, offs_c, k, s_cls, m, den, d_s, N, C, D,
+            l, dl = _slot_logits_grad(x_ptr, w_ptr, rw_ptr, offs_n, offs_c, k, s_cls, m, den, d_s, N, C, D,
                                       stride_xn, stride_xd, stride_wp, stride_wd, inv_gamma,
                                       K, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
             p = offs_c.to(tl.int64) * K + k
@@ -168,7 +167,7 @@ def _dw_kernel(
             if NORM_W:
                 cd_ptrs = col_dot_ptr + q
                 tl.store(cd_ptrs, tl.load(cd_ptrs, mask=c_ok, other=0.0) + tl.sum(dl * l, axis=0), mask=c_ok)
-            b = tl.trans(dl * rx[:, None]).to(OP)  # dL/d<x_i, w_p> / rw_p, as [BLOCK_C, BLOCK_N]
+            b = tl.trans(dl).to(OP)  # dL/d<x_i, w_p> / rw_p, as [BLOCK_C, BLOCK_N]
             if DX_ATOMIC:
                 a = (dl * _load_inv(rw_ptr, p, C * K, NORM_W, ACC)[None, :]).to(OP)
                 if NORM_X:
@@ -194,13 +193,14 @@ def _dw_kernel(
             # The next read-modify-write of these rows may run on other threads of the program.
             tl.debug_barrier()
 
-    if NORM_W or not ACC_IS_OUT:  # dW = rw * acc - cw * (sum_i dl l) * w, stored in W's dtype
+    if NORM_W or not ACC_IS_OUT:  # dW = gw * (acc - (sum_i dl l) * rw * w), stored in W's dtype
         for k in range(K):
             p = offs_c.to(tl.int64) * K + k
             q = slot.to(tl.int64) * K + k
             if NORM_W:
                 rw = _load_inv(rw_ptr, p, C * K, NORM_W, ACC)
-                coef = _load_inv(cw_ptr, p, C * K, NORM_W, ACC) * tl.load(col_dot_ptr + q, mask=c_ok, other=0.0)
+                gw = tl.load(gw_ptr + p, mask=c_ok, other=0.0).to(ACC)
+                col_dot = tl.load(col_dot_ptr + q, mask=c_ok, other=0.0)
             for d0 in range(0, D, BLOCK_D):
                 mask = c_ok[:, None] & ((d0 + offs_d) < D)[None, :]
                 acc = tl.load(acc_ptr + q[:, None] * stride_ap + (d0 + offs_d)[None, :] * stride_ad,
@@ -208,7 +208,7 @@ def _dw_kernel(
                 if NORM_W:
                     wt = tl.load(w_ptr + p[:, None] * stride_wp + (d0 + offs_d)[None, :] * stride_wd,
                                  mask=mask, other=0.0).to(ACC)
-                    acc = rw[:, None] * acc - coef[:, None] * wt
+                    acc = gw[:, None] * (acc - (col_dot * rw)[:, None] * wt)
                 tl.store(dw_ptr + p[:, None] * stride_op + (d0 + offs_d)[None, :] * stride_od, acc, mask=mask)
     if HAS_BIAS:
         tl.store(dbias_ptr + offs_c, dbias, mask=c_ok)
@@ -241,9 +241,9 @@ def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b):
         num = _common.num_splits(row_tiles, class_tiles, dev, splits, cap)
         part = torch.zeros((num, n, d), dtype=p.acc, device=dev)
         _dx_kernel[(row_tiles, num)](
-            p.x, p.w, p.bias_arg, p.labels, p.rx_arg, p.cx_arg, p.rw_arg, lse, g, part,
+            p.x_in, p.w, p.bias_arg, p.labels, p.gx_arg, p.rw_arg, lse, g, part,
             n, c, d, triton.cdiv(class_tiles, num),
-            p.x.stride(0), p.x.stride(1), p.w.stride(0), p.w.stride(1),
+            p.x_in.stride(0), p.x_in.stride(1), p.w.stride(0), p.w.stride(1),
             part.stride(0), part.stride(1), part.stride(2),
             p.scale, p.shift, p.inv_gamma, **meta)
         dx = (part[0] if num == 1 else part.sum(0)).to(p.x.dtype)  # fixed-order sum over the splits
@@ -269,15 +269,15 @@ def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b):
                 acc.zero_()
             col_dot.zero_()
             _dw_kernel[(min(group, class_tiles - tile0),)](
-                p.x, p.w, p.bias_arg, p.labels, p.rx_arg, p.rw_arg, p.cw_arg, lse, g,
+                p.x_in, p.w, p.bias_arg, p.labels, p.rw_arg, p.gw_arg, lse, g,
                 acc, col_dot, dw, db if db is not None else acc, dxa, row_dot,
                 n, c, d, tile0,
-                p.x.stride(0), p.x.stride(1), p.w.stride(0), p.w.stride(1),
+                p.x_in.stride(0), p.x_in.stride(1), p.w.stride(0), p.w.stride(1),
                 acc.stride(0), acc.stride(1), dw.stride(0), dw.stride(1), dxa.stride(0), dxa.stride(1),
                 p.scale, p.shift, p.inv_gamma, DX_ATOMIC=fused_dx, ACC_IS_OUT=acc_is_out, **meta)
         if fused_dx:
             if p.normalize_x:  # the same epilogue as _dx_kernel's, on [N, D]
-                dxa = dxa.mul_(p.rx[:, None]).sub_(p.x.to(p.acc) * (p.cx * row_dot)[:, None])
+                dxa = dxa.sub_(p.x_hat * row_dot[:, None]).mul_(p.gx[:, None])
             dx = dxa.to(p.x.dtype)
         dw = dw.to(p.w.dtype) if need_w else None
         db = db if need_b else None

@@ -1,11 +1,11 @@
-"""Launch plumbing shared by the row- and column-reduce kernels: tile configuration, dtypes, inverse norms."""
+"""Launch plumbing shared by the row- and column-reduce kernels: tile configuration, dtypes, normalisations."""
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .._numerics import NORM_EPS, compute_dtype
+from .._numerics import NORM_EPS, compute_dtype, unit_rows
 
 # Kernels are decorated at import time, so this is the mode they run in (CPU tensors need the interpreter).
 INTERPRET = bool(triton.knobs.runtime.interpret)
@@ -77,47 +77,59 @@ def dtypes(x: torch.Tensor, w: torch.Tensor):
 @triton.jit
 def _inv_norm_kernel(
     t_ptr,  # [R, D] rows to measure, any float dtype
-    inv_ptr,  # [R] out: 1 / max(||t_r||, eps)
-    coef_ptr,  # [R] out: inv^2 where the norm is not clamped, else 0 (scales the normalisation's backward term)
+    inv_ptr,  # [R] out: 1 / max(||t_r||, eps) (0 for a zero row)
+    grad_ptr,  # [R] out: the normalisation's backward factor, 1 / ||t_r||, 0 for a dead row (norm <= eps)
     R, D,  # rows, row length
     stride_r, stride_d,  # strides of t
     eps,  # clamp of the norm
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """The row normalisation rule of _numerics (unit_rows) for the kernels, in one pass: ||t|| = s * ||t / s||
+    with s = max |t| kept as a running maximum (the sum of squares is rescaled when it grows), so that no square
+    overflows or underflows; NaN or Inf in a row makes its factors NaN."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     r_ok = offs_r < R
     ptrs = t_ptr + offs_r.to(tl.int64)[:, None] * stride_r + offs_d[None, :] * stride_d
-    sq = tl.zeros((BLOCK_R,), dtype=ACC)
+    s = tl.zeros((BLOCK_R,), dtype=ACC)  # running max |t|
+    sq = tl.zeros((BLOCK_R,), dtype=ACC)  # sum of (t / s)^2
     for d0 in range(0, D, BLOCK_D):
         t = tl.load(ptrs, mask=r_ok[:, None] & (d0 + offs_d < D)[None, :], other=0.0).to(ACC)
-        sq += tl.sum(t * t, axis=1)
+        s_new = tl.maximum(s, tl.max(tl.abs(t), axis=1))
+        r = 1.0 / tl.where(s_new > 0, s_new, 1.0)
+        u = t * r[:, None]
+        sq = sq * (s * r) * (s * r) + tl.sum(u * u, axis=1)
+        s = s_new
         ptrs += BLOCK_D * stride_d
-    norm = tl.sqrt(sq)
-    inv = 1.0 / tl.maximum(norm, eps)
+    n = tl.sqrt(sq)  # ||t / s||, in [1, sqrt(D)] (0 for a zero row)
+    dead = n * s <= eps
+    # A zero row's factor is 0: any factor leaves it 0, and 1 / eps would overflow an fp16 dot operand.
+    inv = tl.where(dead, tl.where(s > 0, 1.0 / eps, 0.0), (1.0 / tl.where(s > 0, s, 1.0)) / tl.where(dead, 1.0, n))
     tl.store(inv_ptr + offs_r, inv, mask=r_ok)
-    # Below eps the clamp is constant, so the norm contributes no gradient (as F.normalize's clamp_min).
-    tl.store(coef_ptr + offs_r, tl.where(norm > eps, inv * inv, 0.0), mask=r_ok)
+    tl.store(grad_ptr + offs_r, tl.where(dead, 0.0, inv), mask=r_ok)
 
 
 def inv_norms(t: torch.Tensor, acc: torch.dtype):
-    """(1 / max(||t_r||, eps), its backward coefficient) per row of t [R, D], accumulated in `acc` without
-    materialising a converted or normalised copy of t. Rows are independent and masked, so the row block only sets
-    the number of programs: up to 1024 rows each under the interpreter (whose cost is per program), 32 on a GPU."""
+    """(1 / max(||t_r||, eps) (0 for a zero row), the normalisation's backward factor) per row of t [R, D] (_numerics.unit_rows's
+    rule), accumulated in `acc` without materialising a converted or normalised copy of t. Rows are independent and
+    masked, so the row block only sets the number of programs: up to 1024 rows each under the interpreter (whose
+    cost is per program), 32 on a GPU."""
     r, d = t.shape
     inv = torch.empty(r, dtype=acc, device=t.device)
-    coef = torch.empty_like(inv)
+    grad = torch.empty_like(inv)
     block_r = min(1024, max(16, triton.next_power_of_2(r))) if INTERPRET else 32
     block_d = min(256 if not INTERPRET else 64, max(16, triton.next_power_of_2(d)))
-    _inv_norm_kernel[(triton.cdiv(r, block_r),)](t, inv, coef, r, d, t.stride(0), t.stride(1), NORM_EPS,
+    _inv_norm_kernel[(triton.cdiv(r, block_r),)](t, inv, grad, r, d, t.stride(0), t.stride(1), NORM_EPS,
                                                  ACC=_TL_DTYPES[acc], BLOCK_R=block_r, BLOCK_D=block_d)
-    return inv, coef
+    return inv, grad
 
 
 class Problem:
-    """One class_lse call prepared for the kernels: inputs, the spec (metricloss_kernels.lse.LSESpec), inverse norms
-    (O(N + C*K), recomputed by the backward rather than saved), dtypes, tiles."""
+    """One class_lse call prepared for the kernels: inputs, the spec (metricloss_kernels.lse.LSESpec), dtypes,
+    tiles, and the normalisations (recomputed by the backward rather than saved): x^ = x normalised, O(N*D), in the
+    dot operand dtype (the kernels read it as x: `x_in`), with its backward factors gx [N]; for W only its inverse
+    norms rw and backward factors gw [C*K] (never a normalised copy of W)."""
 
     def __init__(self, x, w, labels, bias, spec):
         self.x, self.w, self.labels, self.bias, self.spec = x, w, labels.contiguous(), bias, spec
@@ -129,8 +141,13 @@ class Problem:
         self.scale, self.shift, self.inv_gamma = spec.scale, spec.shift, 1.0 / spec.gamma
         self.cfg = tile_config(x, spec.block_rows or None, spec.block_classes or None, spec.block_d or None)
         self.splits = spec.num_splits or None
-        self.rx, self.cx = inv_norms(x, self.acc) if self.normalize_x else (None, None)
-        self.rw, self.cw = inv_norms(w, self.acc) if self.normalize_w else (None, None)
+        if self.normalize_x:
+            self.x_hat, self.gx = unit_rows(x, self.acc)
+            self.x_in = self.x_hat.to(x.dtype if x.dtype == w.dtype else self.acc)  # the dot operand dtype
+        else:
+            self.x_hat = self.gx = None
+            self.x_in = x
+        self.rw, self.gw = inv_norms(w, self.acc) if self.normalize_w else (None, None)
         # Kernels ignore the pointers of disabled features; x stands in for them.
-        self.bias_arg, self.rx_arg, self.cx_arg, self.rw_arg, self.cw_arg = (
-            x if t is None else t for t in (bias, self.rx, self.cx, self.rw, self.cw))
+        self.bias_arg, self.gx_arg, self.rw_arg, self.gw_arg = (
+            x if t is None else t for t in (bias, self.gx, self.rw, self.gw))

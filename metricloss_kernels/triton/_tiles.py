@@ -2,7 +2,9 @@
 backward.
 
 For rows i (embeddings x) and classes c of the tile, with K proxies per class (row c*K + k of W):
-    l[i, c, k] = rx_i * rw_{cK+k} * <x_i, w_{cK+k}>        (rx, rw: inverse norms, or 1 when not normalised)
+    l[i, c, k] = rw_{cK+k} * <x_i, w_{cK+k}>        (rw: inverse norms, or 1 when W is not normalised)
+x arrives normalised when the op normalises it (x^, computed by _numerics.unit_rows): |<x^, w>| <= ||w||, so no dot
+overflows while the proxies' norms are finite.
     S[i, c]    = sum_k softmax_k(l / gamma) * l            (S = l when K == 1)
     z[i, c]    = scale * S + shift (+ bias_c)
 The softmax over k is an online loop, one tl.dot per proxy slot k on the rows c*K + k, so a tile never holds more
@@ -24,8 +26,7 @@ def _load_inv(ptr, offs, n, ENABLED: tl.constexpr, ACC: tl.constexpr):
 
 @triton.jit
 def _proxy_logits(
-    x_ptr, w_ptr,  # [N, D] embeddings, [C*K, D] proxies
-    rx,  # [BLOCK_N] inverse norms of the tile's rows
+    x_ptr, w_ptr,  # [N, D] embeddings (normalised if the op normalises them), [C*K, D] proxies
     rw_ptr,  # [C*K] inverse norms of the proxies (read only if NORM_W)
     offs_n, offs_c,  # the tile's rows and classes
     k,  # proxy slot: the tile uses proxy rows c*K + k
@@ -37,7 +38,7 @@ def _proxy_logits(
     PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 operands
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """l[i, c] = rx_i * rw_p * <x_i, w_p>, p = c*K + k: [BLOCK_N, BLOCK_C], D streamed in BLOCK_D chunks."""
+    """l[i, c] = rw_p * <x_i, w_p>, p = c*K + k: [BLOCK_N, BLOCK_C], D streamed in BLOCK_D chunks."""
     offs_d = tl.arange(0, BLOCK_D)
     p = offs_c.to(tl.int64) * K + k
     n_ok = offs_n < N
@@ -54,12 +55,12 @@ def _proxy_logits(
         w_ptrs += BLOCK_D * stride_wd
     # Scaling the logits by the inverse norms is O(BLOCK_N * BLOCK_C); a normalised copy of W would be O(C*K*D).
     rw = _load_inv(rw_ptr, p, C * K, NORM_W, ACC)
-    return acc * rx[:, None] * rw[None, :]
+    return acc * rw[None, :]
 
 
 @triton.jit
 def _class_similarity(
-    x_ptr, w_ptr, rx, rw_ptr, offs_n, offs_c, N, C, D,
+    x_ptr, w_ptr, rw_ptr, offs_n, offs_c, N, C, D,
     stride_xn, stride_xd, stride_wp, stride_wd,
     inv_gamma,  # 1 / gamma
     K: tl.constexpr, NORM_W: tl.constexpr, ACC: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr,
@@ -68,7 +69,7 @@ def _class_similarity(
     """(S, m, den) for the tile: S = sum_k softmax_k(l / gamma) l by an online softmax over k, m = max_k l / gamma,
     den = sum_k exp(l / gamma - m); the backward rebuilds softmax_k = exp(l_k / gamma - m) / den from them.
     For K == 1, S = l and m, den are unused."""
-    s_cls = _proxy_logits(x_ptr, w_ptr, rx, rw_ptr, offs_n, offs_c, 0, N, C, D,
+    s_cls = _proxy_logits(x_ptr, w_ptr, rw_ptr, offs_n, offs_c, 0, N, C, D,
                           stride_xn, stride_xd, stride_wp, stride_wd,
                           K, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
     # Seeding the running max with slot 0 keeps every exp() argument finite (no -inf - -inf).
@@ -77,7 +78,7 @@ def _class_similarity(
     if K > 1:
         num = s_cls  # sum_k exp(l_k / gamma - m) * l_k
         for k in range(1, K):
-            l = _proxy_logits(x_ptr, w_ptr, rx, rw_ptr, offs_n, offs_c, k, N, C, D,
+            l = _proxy_logits(x_ptr, w_ptr, rw_ptr, offs_n, offs_c, k, N, C, D,
                               stride_xn, stride_xd, stride_wp, stride_wd,
                               K, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
             m_new = tl.maximum(m, l * inv_gamma)
@@ -115,7 +116,7 @@ def _grad_z(z, terms, lse, g):
 
 @triton.jit
 def _slot_logits_grad(
-    x_ptr, w_ptr, rx, rw_ptr, offs_n, offs_c,
+    x_ptr, w_ptr, rw_ptr, offs_n, offs_c,
     k,  # proxy slot
     s_cls, m, den,  # the tile's (S, m, den) from _class_similarity
     d_s,  # dL/dS on the tile
@@ -131,7 +132,7 @@ def _slot_logits_grad(
     l = s_cls
     dl = d_s
     if K > 1:
-        l = _proxy_logits(x_ptr, w_ptr, rx, rw_ptr, offs_n, offs_c, k, N, C, D,
+        l = _proxy_logits(x_ptr, w_ptr, rw_ptr, offs_n, offs_c, k, N, C, D,
                           stride_xn, stride_xd, stride_wp, stride_wd,
                           K, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
         p = tl.exp(l * inv_gamma - m) / den

@@ -22,16 +22,15 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import _class_similarity, _load_inv, _logits_z, _lse_terms
+from ._tiles import _class_similarity, _logits_z, _lse_terms
 
 
 @triton.jit
 def _lse_fwd_kernel(
-    x_ptr,  # [N, D] embeddings
+    x_ptr,  # [N, D] embeddings, normalised if the op normalises them
     w_ptr,  # [C*K, D] proxies, class-major
     bias_ptr,  # [C] class bias (read only if HAS_BIAS)
     labels_ptr,  # [N] int64: row i is left out of class labels_i's LSE terms
-    rx_ptr,  # [N] inverse norms of x (read only if NORM_X)
     rw_ptr,  # [C*K] inverse norms of w (read only if NORM_W)
     lse_ptr,  # [num_splits, N] if ROW_REDUCE else [num_splits, C], out: LSE over the split's terms (-inf if empty)
     N, C, D,
@@ -40,7 +39,7 @@ def _lse_fwd_kernel(
     scale, shift, inv_gamma,  # z = scale * S + shift (+ bias); 1 / gamma
     K: tl.constexpr,  # proxies per class
     ROW_REDUCE: tl.constexpr,  # LSE over classes per row (else over rows per class)
-    HAS_BIAS: tl.constexpr, NORM_X: tl.constexpr, NORM_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NORM_W: tl.constexpr,
     ACC: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr,  # accumulation / dot operand dtypes
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -49,7 +48,6 @@ def _lse_fwd_kernel(
     if ROW_REDUCE:  # own rows (loaded once), stream class tiles
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         labels = tl.load(labels_ptr + offs_n, mask=offs_n < N, other=-1)
-        rx = _load_inv(rx_ptr, offs_n, N, NORM_X, ACC)
         offs_out = offs_n
         n_out = N
         streamed_tiles = tl.cdiv(C, BLOCK_C)
@@ -69,8 +67,7 @@ def _lse_fwd_kernel(
         else:
             offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
             labels = tl.load(labels_ptr + offs_n, mask=offs_n < N, other=-1)
-            rx = _load_inv(rx_ptr, offs_n, N, NORM_X, ACC)
-        s_cls, _, _ = _class_similarity(x_ptr, w_ptr, rx, rw_ptr, offs_n, offs_c, N, C, D,
+        s_cls, _, _ = _class_similarity(x_ptr, w_ptr, rw_ptr, offs_n, offs_c, N, C, D,
                                         stride_xn, stride_xd, stride_wp, stride_wd, inv_gamma,
                                         K, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
         z = _logits_z(s_cls, offs_c, bias_ptr, C, scale, shift, HAS_BIAS)
@@ -93,11 +90,11 @@ def lse_forward(p: "_common.Problem", row_reduce: bool) -> torch.Tensor:
     splits = _common.num_splits(out_tiles, streamed_tiles, p.x.device, p.splits)
     partial = torch.empty((splits, n_out), dtype=p.acc, device=p.x.device)
     _lse_fwd_kernel[(out_tiles, splits)](
-        p.x, p.w, p.bias_arg, p.labels, p.rx_arg, p.rw_arg, partial,
+        p.x_in, p.w, p.bias_arg, p.labels, p.rw_arg, partial,
         p.n, p.c, p.d, triton.cdiv(streamed_tiles, splits),
-        p.x.stride(0), p.x.stride(1), p.w.stride(0), p.w.stride(1),
+        p.x_in.stride(0), p.x_in.stride(1), p.w.stride(0), p.w.stride(1),
         p.scale, p.shift, p.inv_gamma,
-        K=p.k, ROW_REDUCE=row_reduce, HAS_BIAS=p.bias is not None, NORM_X=p.normalize_x, NORM_W=p.normalize_w,
+        K=p.k, ROW_REDUCE=row_reduce, HAS_BIAS=p.bias is not None, NORM_W=p.normalize_w,
         ACC=p.acc_tl, OP=p.op_tl, PRECISION=p.precision,
         BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
