@@ -13,11 +13,10 @@ from pytorch_metric_learning import distances, miners, reducers, regularizers  #
 
 from metricloss_kernels import functional as F  # noqa: E402
 from metricloss_kernels import pml  # noqa: E402
-from utils import assert_close, largest_allocation  # noqa: E402  (tests/ is on sys.path)
+from utils import TOL, assert_close, largest_allocation  # noqa: E402  (tests/ is on sys.path)
 from utils import make_batch  # noqa: E402
 
 N, D, C, K = 37, 40, 53, 3
-TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 # id -> (class name, constructor arguments (a function: fresh distance / reducer objects), accelerated)
 CASES = {

@@ -85,8 +85,8 @@ def exponential_triplet_loss(embeddings, labels, num_classes, overlap=1.2, dista
 @upcast
 def center_loss(embeddings, labels, centers, margin=0.0, anchors=None):
     """Center loss with margin (Urtans et al. eq. 9): ``L = mean_i [ ||x_i - c_{y_i}||² - margin ]₊``
-    (``margin`` = c_d / 2; 0 gives Wen's center loss). No gradient reaches the centres (they are detached; update
-    them with ``update_centers``).
+    (``margin`` = c_d / 2; 0 gives Wen's center loss). No gradient reaches the centres (they are detached;
+    move them with ``updated_centers``, as CenterLoss does in training mode).
 
     Args: embeddings [N, D]; labels [N] int64; centers [C, D]; anchors: `Anchors` or None (the rows this call
     sums). Returns a scalar.
@@ -115,9 +115,3 @@ def updated_centers(centers, embeddings, labels, alpha=0.5):
     c = centers.to(acc)
     moved = c - alpha * (c - sums / counts.clamp_min(1)[:, None])
     return torch.where((counts > 0)[:, None], moved, c).to(centers.dtype)
-
-
-@torch.no_grad()
-def update_centers(centers, embeddings, labels, alpha=0.5):
-    """In-place centre update (`updated_centers` written into `centers`). Returns ``centers``."""
-    return centers.copy_(updated_centers(centers, embeddings, labels, alpha))
