@@ -23,6 +23,7 @@ import json
 import math
 import os
 import socket
+import statistics
 import sys
 
 import torch
@@ -123,7 +124,7 @@ def measure(rank, world, args, impls, queue):
         if args.rounds:
             times = harness.time_interleaved({impl: s[0] for impl, s in steps.items()}, args.rounds)
             for row in rows[-len(steps):]:
-                t = torch.tensor(sorted(times[row["impl"]])[len(times[row["impl"]]) // 2])
+                t = torch.tensor(statistics.median(times[row["impl"]]))
                 if group is not None:
                     dist.all_reduce(t, dist.ReduceOp.MAX, group=group)
                 row["median_step_s"] = float(t)

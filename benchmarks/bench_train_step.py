@@ -113,9 +113,9 @@ def main():
     torch.set_num_threads(args.threads)
     results = []
     for case in args.cases or list(CASES):
-        load = os.getloadavg()[0]
+        load = harness.load_average()
         row = run_case(case, args)
-        row["loadavg_1min"] = [load, os.getloadavg()[0]]
+        row["loadavg_1min"] = [load, harness.load_average()]
         results.append(row)
         med = row["median_steps_per_s"]
         print(f"{case:24s} eager {med['eager']:7.1f} steps/s  compiled {med['compiled']:7.1f} steps/s  "

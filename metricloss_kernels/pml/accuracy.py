@@ -97,27 +97,23 @@ class SklearnKMeans:
 # ------------------------------------------------------------------ PML's ranking metrics, one value per query
 # relevant: bool [b, k] (PML's k neighbours); counts: long [b], PML's R_q (reference items with the query's label,
 # less one with ref_includes_query). Values in float64, as PML computes them.
-def _ranks(relevant):
-    return torch.arange(1, relevant.shape[1] + 1, device=relevant.device)
-
-
 def _precision_at_1(relevant, counts):
     return relevant[:, 0].to(torch.float64)
 
 
 def _r_precision(relevant, counts):
-    within = _ranks(relevant) <= counts[:, None]  # the first min(R_q, k) neighbours
+    within = metrics._ranks(relevant) <= counts[:, None]  # the first min(R_q, k) neighbours
     return (relevant & within).sum(dim=1).to(torch.float64) / within.sum(dim=1)
 
 
 def _average_precision(relevant, counts):
     """sum_{i <= k} P(i) rel(i) / R_q (PML divides by R_q even when k < R_q)."""
     hits = relevant.cumsum(dim=1) * relevant
-    return (hits.to(torch.float64) / _ranks(relevant)).sum(dim=1) / counts
+    return (hits.to(torch.float64) / metrics._ranks(relevant)).sum(dim=1) / counts
 
 
 def _map_at_r(relevant, counts):
-    return _average_precision(relevant & (_ranks(relevant) <= counts[:, None]), counts)
+    return _average_precision(relevant & (metrics._ranks(relevant) <= counts[:, None]), counts)
 
 
 def _reciprocal_rank(relevant, counts):
