@@ -163,7 +163,7 @@ class _PSum(torch.autograd.Function):
 class _GatherStack(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, group):
-        world, ctx.rank = group_rank(group)
+        ctx.rank = dist.get_rank(group)
         return _all_gather(t.unsqueeze(0), group)
 
     @staticmethod

@@ -100,10 +100,8 @@ def _proxy_loss(reference_fn, fused_fn, backend, logits: int, embeddings, labels
     if process_group is not None:
         logits *= dist.get_world_size(process_group)  # the gathered batch against this rank's classes
     chosen = resolve(backend, embeddings.device, logits)
-    if process_group is None and sample_rate == 1:
-        if chosen == "reference":
-            return reference_fn(embeddings, labels, *args, **kwargs)
-        return fused_fn(embeddings, labels, *args, **kwargs, lse=functools.partial(class_lse, impl=chosen))
+    if chosen == "reference" and process_group is None and sample_rate == 1:
+        return reference_fn(embeddings, labels, *args, **kwargs)
     lse = reference.class_lse if chosen == "reference" else functools.partial(class_lse, impl=chosen)
     part = distributed.LOCAL
     if process_group is not None:

@@ -91,10 +91,16 @@ def _masked_lse(z, mask):
     return torch.logsumexp(z.masked_fill(~mask, float("-inf")).masked_fill(empty, 0), dim=1)
 
 
+def _total_and_count(total, count, anchors):
+    """(total, count) summed over the anchors' calls (one collective for both)."""
+    if anchors is None:
+        return total, count
+    return anchors.sum(torch.stack([total, count.to(total.dtype)])).unbind()
+
+
 def _mean(total, count, zero, anchors):
     """total / count, both summed over the anchors' calls first; `zero` (a 0 carrying a graph) when count is 0."""
-    if anchors is not None:
-        total, count = anchors.sum(torch.stack([total, count.to(total.dtype)])).unbind()
+    total, count = _total_and_count(total, count, anchors)
     return torch.where(count > 0, total / count.clamp_min(1), zero)
 
 
@@ -312,7 +318,5 @@ def multi_similarity_loss(embeddings, labels, alpha=2.0, beta=50.0, base=0.5, ep
     keep = pos_keep.any(dim=1) & neg_keep.any(dim=1)
     pos_term = F.softplus(_masked_lse(-alpha * (s - base), pos_keep)) / alpha
     neg_term = F.softplus(_masked_lse(beta * (s - base), neg_keep)) / beta
-    total, kept = torch.where(keep, pos_term + neg_term, 0).sum(), keep.sum()
-    if anchors is not None:
-        total, kept = anchors.sum(torch.stack([total, kept.to(total.dtype)])).unbind()
+    total, kept = _total_and_count(torch.where(keep, pos_term + neg_term, 0).sum(), keep.sum(), anchors)
     return torch.where(kept > 0, total / len(labels), _zero(embeddings))

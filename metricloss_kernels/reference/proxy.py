@@ -59,7 +59,11 @@ def class_similarity(embeddings: torch.Tensor, proxies: torch.Tensor, centers_pe
     Returns:
         S [N, C] (equals the cosines l when K = 1).
     """
-    l = _cosines(embeddings, proxies).unflatten(1, (-1, centers_per_class))  # [N, C, K]
+    return _softmax_weighted(_cosines(embeddings, proxies).unflatten(1, (-1, centers_per_class)), gamma)
+
+
+def _softmax_weighted(l: torch.Tensor, gamma: float) -> torch.Tensor:
+    """sum_k softmax_k(l / gamma) l over the last dim: [N, C, K] -> [N, C]."""
     return (torch.softmax(l / gamma, dim=-1) * l).sum(dim=-1)
 
 
@@ -75,8 +79,7 @@ def class_lse(x, w, labels, *, bias=None, centers_per_class=1, gamma=0.1, scale=
     cd = compute_dtype(x.dtype, w.dtype)
     x, w = x.to(cd), w.to(cd)
     l = ((normalize(x, dim=1) if normalize_x else x) @ (normalize(w, dim=1) if normalize_w else w).T)
-    l = l.unflatten(1, (-1, centers_per_class))
-    z = scale * (torch.softmax(l / gamma, dim=-1) * l).sum(dim=-1) + shift
+    z = scale * _softmax_weighted(l.unflatten(1, (-1, centers_per_class)), gamma) + shift
     if bias is not None:
         z = z + bias.to(cd)
     dim = 1 if reduce == "row" else 0
