@@ -1,5 +1,5 @@
-"""CPU contention: a SoftTriple training step (forward + backward of the loss) on the chunked and reference backends,
-on a quiet machine and under a controlled competing load, interleaved.
+"""CPU contention: a loss's training step (forward + backward; SoftTriple, or ProxyAnchor with --loss proxy_anchor) on
+the chunked and reference backends, on a quiet machine and under a controlled competing load, interleaved.
 
 The load is one busy-loop process per core (`--load`, default the core count), started once and paused / resumed
 with SIGSTOP / SIGCONT around each "loaded" call (microseconds, inside the timed region), so that the four
@@ -9,6 +9,7 @@ backend, the median seconds per step quiet and loaded and their ratio (the slowd
 and the machine facts. Other processes on the machine add load to both columns: read the ratios, not the times.
 
     python benchmarks/bench_contention.py --threads 2 --output benchmarks/results/contention_cpu.json  # N=256, C=2e4, K=10
+    python benchmarks/bench_contention.py --loss proxy_anchor --output ...  # N=256, C=1e5, K=1
     python benchmarks/bench_contention.py --classes 500 --rounds 2 --output /tmp/contention.json       # a quick check
 """
 import argparse
@@ -62,10 +63,16 @@ class Load:
             p.join()
 
 
-def step(backend, x, labels, proxies, k):
+LOSSES = {"soft_triple": (20000, 10), "proxy_anchor": (100000, 1)}  # default classes, centers per class
+
+
+def step(loss_name, backend, x, labels, proxies, k):
     """One loss forward + backward (the gradients of the embeddings and proxies)."""
     def run():
-        loss = F.soft_triple_loss(x, labels, proxies, centers_per_class=k, backend=backend)
+        if loss_name == "soft_triple":
+            loss = F.soft_triple_loss(x, labels, proxies, centers_per_class=k, backend=backend)
+        else:
+            loss = F.proxy_anchor_loss(x, labels, proxies, backend=backend)
         torch.autograd.grad(loss, (x, proxies))
     return run
 
@@ -82,9 +89,10 @@ def loaded(fn, load):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--loss", choices=sorted(LOSSES), default="soft_triple")
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--classes", type=int, default=20000)
-    parser.add_argument("--centers", type=int, default=10)
+    parser.add_argument("--classes", type=int, default=None, help="default: 2e4 (SoftTriple), 1e5 (ProxyAnchor)")
+    parser.add_argument("--centers", type=int, default=None, help="SoftTriple's K (default 10)")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--load", type=int, default=os.cpu_count(), help="busy-loop processes (default: one a core)")
@@ -93,6 +101,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    classes, centers = LOSSES[args.loss]
+    args.classes = args.classes or classes
+    args.centers = centers if args.loss == "proxy_anchor" else args.centers or centers
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, args.dim, generator=g).requires_grad_()
@@ -102,7 +113,7 @@ def main(argv=None):
     try:
         runs = {}
         for backend in BACKENDS:
-            fn = step(backend, x, labels, proxies, args.centers)
+            fn = step(args.loss, backend, x, labels, proxies, args.centers)
             runs[f"{backend}/quiet"], runs[f"{backend}/loaded"] = fn, loaded(fn, load)
         times = harness.time_interleaved(runs, args.rounds)
     finally:

@@ -1,26 +1,10 @@
-// Schema of the exact k-nearest-neighbour op and the Python module that loads it.
+// Schema of the exact k-nearest-neighbour op (registered when metricloss_kernels._C is imported: csrc/module.cpp).
 //
 // The kernels register themselves next to their code: csrc/cpu/knn_kernel.cpp (CPU) and
 // csrc/cuda/knn_kernel.cu (CUDA, built only when a CUDA toolkit is found).  The fake (meta) kernel used by
 // torch.compile lives in metricloss_kernels/retrieval.py (torch.library.register_fake).
 
-#include <Python.h>
 #include <torch/library.h>
-
-extern "C" {
-// `import metricloss_kernels._C` loads this shared library, which runs the TORCH_LIBRARY static initialisers
-// below; the module itself is empty (the op is reached through torch.ops.metricloss_kernels.knn).
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT,
-      "_C",     // name
-      nullptr,  // documentation
-      -1,       // per-interpreter state size: the module has none
-      nullptr,  // methods
-  };
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(metricloss_kernels, m) {
   // queries [Q, D], reference [R, D] (same floating dtype and device), 1 <= k <= R (R - 1 with exclude_self).

@@ -14,24 +14,36 @@ Design notes (CPU first, device-agnostic torch ops):
   proxies are thus converted to fp32 one tile at a time. Scalars are folded into the small [N, D] operand: for
   K == 1 the scale (a tile's logits are one GEMM), for K > 1 the 1/gamma (exp needs no extra pass). Constants of an
   LSE (the shift; the bias of a column reduction) are added to the result instead of to every logit.
-- Every tile-sized temporary lives in a workspace allocated once per call: fresh multi-MB allocations per tile cost
-  page faults on CPU that rival the arithmetic.
+- Every tile-sized temporary lives in a workspace allocated once per call (and worker): fresh multi-MB allocations
+  per tile cost page faults on CPU that rival the arithmetic.
+- On CPU, from two tiles a thread on, the tiles are tasks of the intra-op threads, each tile's ops single-threaded
+  (metricloss_kernels._parallel: a tile's dozens of small ops split over every thread would each wait for the
+  slowest, which on a shared machine is the one just descheduled). The tiles form contiguous groups, each with its own accumulators of what
+  sums over classes (a row LSE's [N] partials, dX [N, D]), added in group order at the end: the result does not
+  depend on which thread ran which group.
 - All arithmetic is in the compute dtype (_numerics.compute_dtype); gradients come back in the input dtypes.
 """
 
+import math
+
 import torch
 
+from . import _parallel
 from ._numerics import compute_dtype, normalize_backward_, unit_rows
 
 __all__ = ["forward", "backward"]
 
-# Bytes of logits per tile (classes*K x rows). On CPU small enough that a tile's elementwise passes stay in L2
-# (1-4 MB measured equally fast on 2 cores), and no smaller: every tile costs ~20 parallel regions, which a loaded
-# machine makes expensive. On GPUs large enough to fill the device.
+# Bytes of logits per tile (classes*K x rows). On CPU about a core's L2 for a tile's elementwise passes, and no
+# smaller: each tile costs a few dozen ops of Python, and a fresh workspace per thread (2-6 MB measured best on 2
+# cores). On GPUs large enough to fill the device.
 _TILE_BYTES = {"cpu": 4 * 2**20}
 _TILE_BYTES_DEFAULT = 64 * 2**20
 # Rows per tile: the batch is normally processed whole; only row-heavy calls (e.g. proxies as rows) are split.
 _MAX_ROWS = 4096
+# Threads (CPU, metricloss_kernels._parallel.plan): a thread's unit of work is a group of tiles with its own dX
+# accumulator: a group per tile as long as the accumulators fit in this many bytes (the finest balance on a loaded
+# machine), several tiles a group beyond.
+_GROUP_BYTES = 32 * 2**20
 # With both sides normalised |l| <= 1, so exp(l / gamma) cannot overflow while 1/gamma is at most this: the
 # intra-class softmax then skips its max-subtraction pass.
 _MAX_UNSHIFTED_INV_GAMMA = 60.0
@@ -62,7 +74,7 @@ class _Workspace:
 
 class _Tiling:
     """Everything a pass over the tiles needs, recomputed identically in forward and backward; the plan (tile
-    bounds) depends on the shapes only.
+    bounds, groups) depends on the shapes and the thread count only.
 
     Tile layout: for K > 1 a block's proxies are reordered proxy-major ([K, B] rows instead of the class-major
     [B, K]), so the logits come out as [K, B, R] and the reductions over K add K contiguous [B, R] slabs."""
@@ -76,7 +88,7 @@ class _Tiling:
         self.bias = bias if spec.row else None
         self.normalize_w = spec.normalize_w
         self.bounded = spec.normalize_x and spec.normalize_w and 1.0 / spec.gamma <= _MAX_UNSHIFTED_INV_GAMMA
-        self.ws = _Workspace(self.cdtype, x.device)
+        self.device, self.workspaces = x.device, {}
 
         xc = x.to(self.cdtype)
         # x_grad: the normalisation's backward factor per row (_numerics.unit_rows)
@@ -85,19 +97,35 @@ class _Tiling:
         self.x_in = self.x_hat * (spec.scale if k == 1 else 1.0 / spec.gamma)
 
         self.rows = min(self.n, spec.block_rows or _MAX_ROWS)
+        itemsize = self.x_in.element_size()
         budget = _TILE_BYTES.get(x.device.type, _TILE_BYTES_DEFAULT)
-        per_tile = max(1, budget // (self.rows * k * self.x_in.element_size()))
-        self.block = min(self.num_classes, spec.block_classes or per_tile)
+        fixed = spec.block_classes
+        tiles = math.ceil(self.num_classes / fixed) if fixed else math.ceil(
+            self.rows * self.num_classes * k * itemsize / budget)
+        tiles, groups = _parallel.plan(max(1, tiles), self.x_in, _GROUP_BYTES // max(1, self.x_in.numel() * itemsize))
+        self.block = max(1, min(self.num_classes, fixed or math.ceil(self.num_classes / tiles)))
+        self.tiles = math.ceil(self.num_classes / self.block)
+        self.groups = max(1, min(self.tiles, groups))
 
-    def class_blocks(self):
-        for c0 in range(0, self.num_classes, self.block):
+    def run(self, fn):
+        """fn(group, workspace) for every group in range(self.groups), spread over the threads; a workspace is
+        one worker's own."""
+        def task(group, worker):
+            ws = self.workspaces.setdefault(worker, _Workspace(self.cdtype, self.device))
+            fn(group, ws)
+        _parallel.run(self.groups, task, self.x_in)
+
+    def class_blocks(self, group):
+        """The class tiles [c0, c1) of `group`: a contiguous share of the tiles."""
+        for tile in _parallel.share(group, self.groups, self.tiles):
+            c0 = tile * self.block
             yield c0, min(c0 + self.block, self.num_classes)
 
     def row_chunks(self):
         for r0 in range(0, self.n, self.rows):
             yield r0, min(r0 + self.rows, self.n)
 
-    def w_block(self, c0, c1):
+    def w_block(self, c0, c1, ws):
         """Proxies of classes [c0, c1) in compute dtype, proxy-major, normalised if asked:
         (w_hat [K*B, D], the normalisation's backward factors [K*B] (_numerics.unit_rows) or None)."""
         wb = self.w[c0 * self.k:c1 * self.k]
@@ -106,8 +134,8 @@ class _Tiling:
         if not self.normalize_w:
             if wb.dtype == self.cdtype and self.k == 1:
                 return wb, None
-            return self.ws.get("w", *wb.shape).copy_(wb).flatten(0, -2), None
-        w_hat, grad_scale = unit_rows(wb, self.cdtype, out=self.ws.get("w", *wb.shape))
+            return ws.get("w", *wb.shape).copy_(wb).flatten(0, -2), None
+        w_hat, grad_scale = unit_rows(wb, self.cdtype, out=ws.get("w", *wb.shape))
         return w_hat.flatten(0, -2), grad_scale.flatten()
 
     def mask_(self, z, c0, r0, r1):
@@ -118,13 +146,13 @@ class _Tiling:
         index = rel.clamp(0, z.shape[0] - 1).unsqueeze(0)
         z.scatter_(0, index, z.gather(0, index).masked_fill_(inside.unsqueeze(0), float("-inf")))
 
-    def logits(self, c0, c1, w_hat, r0, r1, backward=False):
+    def logits(self, c0, c1, w_hat, r0, r1, ws, backward=False):
         """Masked tile z [B, R] (in workspace; scale * S (+ bias for a row reduction), without the shift), and for
         K > 1 the pieces of S the backward needs.
 
         K > 1: l' = l / gamma [K, B, R], e = exp(l' - max_k l') (max taken as 0 when bounded), den = sum_k e,
         S' = S / gamma = sum_k e l' / den. Forward only: l' is overwritten by e * l' (not needed afterwards)."""
-        ws, b, r = self.ws, c1 - c0, r1 - r0
+        b, r = c1 - c0, r1 - r0
         xt = self.x_in[r0:r1].t()
         if self.k == 1:
             z = torch.mm(w_hat, xt, out=ws.get("l", b, r))
@@ -157,14 +185,21 @@ def _offset(shift, bias, spec, dtype):
 def forward(x, w, labels, bias, spec):
     """class_lse (metricloss_kernels.lse) of x [N, D], w [C*K, D], labels [N], bias [C] or None under `spec`:
     [N] (row) or [C] (col) in the compute dtype."""
-    t = _Tiling(x, w, labels, bias, spec)
-    out = torch.full((t.n if spec.row else t.num_classes,), float("-inf"), dtype=t.cdtype, device=x.device)
-    for c0, c1 in t.class_blocks():
-        w_hat, _ = t.w_block(c0, c1)
-        for r0, r1 in t.row_chunks():
-            z, _ = t.logits(c0, c1, w_hat, r0, r1)
-            seg = out[r0:r1] if spec.row else out[c0:c1]
-            seg.copy_(torch.logaddexp(seg, _lse_(z, 0 if spec.row else 1)))
+    t, row = _Tiling(x, w, labels, bias, spec), spec.row
+    # A row LSE runs over every class: one partial per group, merged at the end. A column's classes are one tile's.
+    out = torch.full((t.groups, t.n) if row else (1, t.num_classes), float("-inf"), dtype=t.cdtype, device=x.device)
+
+    def group(g, ws):
+        acc = out[g if row else 0]
+        for c0, c1 in t.class_blocks(g):
+            w_hat, _ = t.w_block(c0, c1, ws)
+            for r0, r1 in t.row_chunks():
+                z, _ = t.logits(c0, c1, w_hat, r0, r1, ws)
+                seg = acc[r0:r1] if row else acc[c0:c1]
+                seg.copy_(torch.logaddexp(seg, _lse_(z, 0 if row else 1)))
+
+    t.run(group)
+    out = out.logsumexp(0) if out.shape[0] > 1 else out[0]
     return out.add_(_offset(spec.shift, bias, spec, t.cdtype))
 
 
@@ -173,61 +208,65 @@ def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b):
     input's dtype, or None when not needed."""
     k, row = spec.centers_per_class, spec.row
     t = _Tiling(x, w, labels, bias, spec)
-    cd, ws = t.cdtype, t.ws
+    cd = t.cdtype
     empty = out == float("-inf")
     # An empty LSE has no term for its upstream gradient (whatever it is, NaN included) to flow into.
     g = grad.to(cd).masked_fill(empty, 0)
     # The tiles' z leave out _offset; an empty LSE (-inf) has all its z = -inf, and any finite stand-in makes
     # exp(z - lse) = 0 there, never NaN.
     lse = (out - _offset(spec.shift, bias, spec, cd)).masked_fill_(empty, 0)
-    dx_hat = torch.zeros_like(t.x_hat) if need_x else None
+    # dX sums over every class: one accumulator per group, added at the end. dW and dbias are a tile's own.
+    dx_parts = torch.zeros((t.groups, *t.x_hat.shape), dtype=cd, device=x.device) if need_x else None
     dw = torch.empty_like(w) if need_w else None
     db = None
     if need_b:  # a column reduction's bias is outside the LSE: d lse_c / d b_c = 1 (0 when empty)
         db = torch.zeros(t.num_classes, dtype=cd, device=w.device) if row else g.clone()
 
-    for c0, c1 in t.class_blocks():
-        w_hat, w_grad = t.w_block(c0, c1)
-        dw_hat = None
-        if need_w:  # K == 1 in the weight's dtype: dW is computed in place
-            direct = k == 1 and dw.dtype == cd
-            dw_hat = dw[c0:c1] if direct else ws.get("dw", *w_hat.shape)
-        for r0, r1 in t.row_chunks():
-            z, parts = t.logits(c0, c1, w_hat, r0, r1, backward=True)
-            if row:
-                p = z.sub_(lse[None, r0:r1]).exp_().mul_(g[None, r0:r1])
-            else:
-                p = z.sub_(lse[c0:c1, None]).exp_().mul_(g[c0:c1, None])
-            if need_b and row:
-                db[c0:c1] += p.sum(1)
-            if k == 1:
-                grad_l, x_w = p, t.x_in  # scale folded into x_in (for dW); dx_hat gets it at the end
-            else:
-                # dz/dl_k = scale * p_k (1 + (l_k - S) / gamma) = coef * e_k (1 + l'_k - S'),
-                # coef = scale * P / den, p_k = e_k / den
-                l3, e, den, s = parts
-                coef = p.mul_(spec.scale).div_(den)
-                grad_l = torch.addcmul(torch.addcmul(coef, coef, s, value=-1), coef, l3,
-                                       out=ws.get("g", *l3.shape)).mul_(e).view(-1, r1 - r0)
-                x_w = t.x_hat
-            if need_x:
-                dx_hat[r0:r1].addmm_(grad_l.t(), w_hat)
-            if need_w:
-                if r0 == 0:
-                    torch.mm(grad_l, x_w[r0:r1], out=dw_hat)
+    def group(gi, ws):
+        for c0, c1 in t.class_blocks(gi):
+            w_hat, w_grad = t.w_block(c0, c1, ws)
+            dw_hat = None
+            if need_w:  # K == 1 in the weight's dtype: dW is computed in place
+                direct = k == 1 and dw.dtype == cd
+                dw_hat = dw[c0:c1] if direct else ws.get("dw", *w_hat.shape)
+            for r0, r1 in t.row_chunks():
+                z, parts = t.logits(c0, c1, w_hat, r0, r1, ws, backward=True)
+                if row:
+                    p = z.sub_(lse[None, r0:r1]).exp_().mul_(g[None, r0:r1])
                 else:
-                    dw_hat.addmm_(grad_l, x_w[r0:r1])
-        if need_w:
-            if spec.normalize_w:
-                normalize_backward_(dw_hat, w_hat, w_grad, ws.get("tmp", *w_hat.shape))
-            if k > 1:  # back from proxy-major to class-major
-                dw_block = dw[c0 * k:c1 * k].unflatten(0, (c1 - c0, k))
-                dw_block.copy_(dw_hat.unflatten(0, (k, c1 - c0)).transpose(0, 1))
-            elif not direct:
-                dw[c0:c1] = dw_hat
+                    p = z.sub_(lse[c0:c1, None]).exp_().mul_(g[c0:c1, None])
+                if need_b and row:
+                    db[c0:c1] += p.sum(1)
+                if k == 1:
+                    grad_l, x_w = p, t.x_in  # scale folded into x_in (for dW); dx_hat gets it at the end
+                else:
+                    # dz/dl_k = scale * p_k (1 + (l_k - S) / gamma) = coef * e_k (1 + l'_k - S'),
+                    # coef = scale * P / den, p_k = e_k / den
+                    l3, e, den, s = parts
+                    coef = p.mul_(spec.scale).div_(den)
+                    grad_l = torch.addcmul(torch.addcmul(coef, coef, s, value=-1), coef, l3,
+                                           out=ws.get("g", *l3.shape)).mul_(e).view(-1, r1 - r0)
+                    x_w = t.x_hat
+                if need_x:
+                    dx_parts[gi, r0:r1].addmm_(grad_l.t(), w_hat)
+                if need_w:
+                    if r0 == 0:
+                        torch.mm(grad_l, x_w[r0:r1], out=dw_hat)
+                    else:
+                        dw_hat.addmm_(grad_l, x_w[r0:r1])
+            if need_w:
+                if spec.normalize_w:
+                    normalize_backward_(dw_hat, w_hat, w_grad, ws.get("tmp", *w_hat.shape))
+                if k > 1:  # back from proxy-major to class-major
+                    dw_block = dw[c0 * k:c1 * k].unflatten(0, (c1 - c0, k))
+                    dw_block.copy_(dw_hat.unflatten(0, (k, c1 - c0)).transpose(0, 1))
+                elif not direct:
+                    dw[c0:c1] = dw_hat
 
+    t.run(group)
     dx = None
     if need_x:
+        dx_hat = dx_parts.sum(0) if t.groups > 1 else dx_parts[0]
         if k == 1:
             dx_hat.mul_(spec.scale)
         if spec.normalize_x:

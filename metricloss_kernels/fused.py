@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from metricloss_kernels import polytopes
+from metricloss_kernels import _parallel, polytopes
 from metricloss_kernels._math import arcface_target, softplus
 from metricloss_kernels._numerics import compute_dtype, normalize, normalize_backward_, unit_rows, upcast
 from metricloss_kernels.distributed import LOCAL
@@ -76,37 +76,57 @@ class _ProxyRegularizer(torch.autograd.Function):
     """R(W) = sum_c sum_{t<s} sqrt(2 + 1e-5 - 2 w^_{c,t} . w^_{c,s}) / (C*K*(K-1)) (as reference.proxy_regularizer),
     streamed over blocks of classes: [B, K, K] Gram matrices by bmm, only W saved, each block recomputed in
     backward. Autograd through the whole-W version holds ~5 W-sized temporaries and costs as much time as the
-    streamed logits of SoftTriple; this holds block-sized ones."""
+    streamed logits of SoftTriple; this holds block-sized ones. The blocks are spread over the threads like the
+    tiles of class_lse (metricloss_kernels._parallel)."""
 
     @staticmethod
-    def _blocks(w, k, dtype):
-        w3 = w.unflatten(0, (-1, k))
-        step = max(1, _REGULARIZER_BLOCK_BYTES // (k * w.shape[1] * 4))
+    def _plan(w, k):
+        """(step, blocks, tasks): classes per block, number of blocks, tasks of the threads (_parallel.plan)."""
+        classes = w.shape[0] // k
+        blocks, tasks = _parallel.plan(math.ceil(classes * k * w.shape[1] * 4 / _REGULARIZER_BLOCK_BYTES), w)
+        step = math.ceil(classes / blocks)
+        return step, math.ceil(classes / step), tasks
+
+    @staticmethod
+    def _block(w, k, dtype, c0, step):
+        """w^ [B, K, D], its backward factors [B, K], the pair distances [B, pairs] and the pairs (t, s) of the
+        classes [c0, c0 + step)."""
+        w_hat, grad_scale = unit_rows(w.unflatten(0, (-1, k))[c0:c0 + step], dtype)
         t, s = torch.triu_indices(k, k, offset=1, device=w.device)
-        for c0 in range(0, w3.shape[0], step):
-            wb = w3[c0:c0 + step]
-            w_hat, grad_scale = unit_rows(wb, dtype)  # [B, K, D], [B, K]
-            dist = torch.sqrt(2.0 + 1e-5 - 2.0 * torch.bmm(w_hat, w_hat.transpose(1, 2))[:, t, s])  # [B, pairs]
-            yield c0, w_hat, grad_scale, dist, (t, s)
+        dist = torch.sqrt(2.0 + 1e-5 - 2.0 * torch.bmm(w_hat, w_hat.transpose(1, 2))[:, t, s])
+        return w_hat, grad_scale, dist, (t, s)
 
     @staticmethod
     def forward(ctx, w, k, dtype):
         ctx.save_for_backward(w)
         ctx.k, ctx.dtype = k, dtype
-        total = sum(dist.sum() for *_, dist, _ in _ProxyRegularizer._blocks(w, k, dtype))
-        return total / (w.shape[0] * (k - 1))
+        step, blocks, tasks = _ProxyRegularizer._plan(w, k)
+        sums = torch.empty(blocks, dtype=dtype, device=w.device)
+
+        def task(i, _):
+            for b in _parallel.share(i, tasks, blocks):
+                sums[b] = _ProxyRegularizer._block(w, k, dtype, b * step, step)[2].sum()
+
+        _parallel.run(tasks, task, w)
+        return sums.sum() / (w.shape[0] * (k - 1))
 
     @staticmethod
     def backward(ctx, grad):
         (w,), k = ctx.saved_tensors, ctx.k
         dw = torch.empty_like(w).unflatten(0, (-1, k))
         scale = grad / (w.shape[0] * (k - 1))
-        for c0, w_hat, grad_scale, dist, (t, s) in _ProxyRegularizer._blocks(w, k, ctx.dtype):
-            # d dist_ts / d (w^_t . w^_s) = -1 / dist_ts, for both proxies of the pair
-            coef = torch.zeros(w_hat.shape[0], k, k, dtype=w_hat.dtype, device=w.device)
-            coef[:, t, s] = -scale / dist
-            grad_hat = torch.bmm(coef + coef.transpose(1, 2), w_hat)
-            dw[c0:c0 + w_hat.shape[0]] = normalize_backward_(grad_hat, w_hat, grad_scale)
+        step, blocks, tasks = _ProxyRegularizer._plan(w, k)
+
+        def task(i, _):
+            for b in _parallel.share(i, tasks, blocks):
+                w_hat, grad_scale, dist, (t, s) = _ProxyRegularizer._block(w, k, ctx.dtype, b * step, step)
+                # d dist_ts / d (w^_t . w^_s) = -1 / dist_ts, for both proxies of the pair
+                coef = torch.zeros(w_hat.shape[0], k, k, dtype=w_hat.dtype, device=w.device)
+                coef[:, t, s] = -scale / dist
+                grad_hat = torch.bmm(coef + coef.transpose(1, 2), w_hat)
+                dw[b * step:b * step + w_hat.shape[0]] = normalize_backward_(grad_hat, w_hat, grad_scale)
+
+        _parallel.run(tasks, task, w)
         return dw.flatten(0, 1), None, None
 
 
