@@ -1,8 +1,8 @@
 // Schema of the exact k-nearest-neighbour op (registered when metricloss_kernels._C is imported: csrc/module.cpp).
 //
-// The kernels register themselves next to their code: csrc/cpu/knn_kernel.cpp (CPU) and
-// csrc/cuda/knn_kernel.cu (CUDA, built only when a CUDA toolkit is found).  The fake (meta) kernel used by
-// torch.compile lives in metricloss_kernels/retrieval.py (torch.library.register_fake).
+// The kernel registers itself next to its code: csrc/cpu/knn_kernel.cpp (CPU; CUDA tensors take the torch path of
+// metricloss_kernels/retrieval.py).  The fake (meta) kernel used by torch.compile lives in retrieval.py
+// (torch.library.register_fake).
 
 #include <torch/library.h>
 

@@ -16,11 +16,11 @@ Design notes (CPU first, device-agnostic torch ops):
   LSE (the shift; the bias of a column reduction) are added to the result instead of to every logit.
 - Every tile-sized temporary lives in a workspace allocated once per call (and worker): fresh multi-MB allocations
   per tile cost page faults on CPU that rival the arithmetic.
-- On CPU, from two tiles a thread on, the tiles are tasks of the intra-op threads, each tile's ops single-threaded
-  (metricloss_kernels._parallel: a tile's dozens of small ops split over every thread would each wait for the
-  slowest, which on a shared machine is the one just descheduled). The tiles form contiguous groups, each with its own accumulators of what
-  sums over classes (a row LSE's [N] partials, dX [N, D]), added in group order at the end: the result does not
-  depend on which thread ran which group.
+- On CPU, from two tiles a thread on, the tiles are tasks of the intra-op threads, each tile's ops
+  single-threaded (metricloss_kernels._parallel: a tile's dozens of small ops split over every thread would each
+  wait for the slowest, which on a shared machine is the one just descheduled). The tiles form contiguous groups,
+  each with its own accumulators of what sums over classes (a row LSE's [N] partials, dX [N, D]), added in group
+  order at the end: the result does not depend on which thread ran which group.
 - All arithmetic is in the compute dtype (_numerics.compute_dtype); gradients come back in the input dtypes.
 """
 
@@ -40,9 +40,9 @@ _TILE_BYTES = {"cpu": 4 * 2**20}
 _TILE_BYTES_DEFAULT = 64 * 2**20
 # Rows per tile: the batch is normally processed whole; only row-heavy calls (e.g. proxies as rows) are split.
 _MAX_ROWS = 4096
-# Threads (CPU, metricloss_kernels._parallel.plan): a thread's unit of work is a group of tiles with its own dX
-# accumulator: a group per tile as long as the accumulators fit in this many bytes (the finest balance on a loaded
-# machine), several tiles a group beyond.
+# Threads (CPU, metricloss_kernels._parallel.plan): a thread's unit of work is a group of tiles. The backward gives
+# each group its own dX accumulator: a group per tile as long as a thread's accumulators fit in this many bytes (the
+# finest balance on a loaded machine), several tiles a group beyond, tiles in order when one does not fit.
 _GROUP_BYTES = 32 * 2**20
 # With both sides normalised |l| <= 1, so exp(l / gamma) cannot overflow while 1/gamma is at most this: the
 # intra-class softmax then skips its max-subtraction pass.
@@ -73,13 +73,13 @@ class _Workspace:
 
 
 class _Tiling:
-    """Everything a pass over the tiles needs, recomputed identically in forward and backward; the plan (tile
-    bounds, groups) depends on the shapes and the thread count only.
+    """Everything a pass over the tiles needs, recomputed in forward and backward; the plan (tile bounds, groups)
+    depends on the shapes, the thread count and whether dX is accumulated (`accumulate_x`) only.
 
     Tile layout: for K > 1 a block's proxies are reordered proxy-major ([K, B] rows instead of the class-major
     [B, K]), so the logits come out as [K, B, R] and the reductions over K add K contiguous [B, R] slabs."""
 
-    def __init__(self, x, w, labels, bias, spec):
+    def __init__(self, x, w, labels, bias, spec, accumulate_x=False):
         k = spec.centers_per_class
         self.cdtype = compute_dtype(x.dtype, w.dtype)
         self.n, self.num_classes, self.k = x.shape[0], w.shape[0] // k, k
@@ -98,21 +98,20 @@ class _Tiling:
 
         self.rows = min(self.n, spec.block_rows or _MAX_ROWS)
         itemsize = self.x_in.element_size()
-        budget = _TILE_BYTES.get(x.device.type, _TILE_BYTES_DEFAULT)
         fixed = spec.block_classes
+        budget = _TILE_BYTES.get(x.device.type, _TILE_BYTES_DEFAULT)
         tiles = math.ceil(self.num_classes / fixed) if fixed else math.ceil(
             self.rows * self.num_classes * k * itemsize / budget)
-        tiles, groups = _parallel.plan(max(1, tiles), self.x_in, _GROUP_BYTES // max(1, self.x_in.numel() * itemsize))
-        self.block = max(1, min(self.num_classes, fixed or math.ceil(self.num_classes / tiles)))
-        self.tiles = math.ceil(self.num_classes / self.block)
-        self.groups = max(1, min(self.tiles, groups))
+        per_worker = _GROUP_BYTES // max(1, self.x_in.numel() * itemsize) if accumulate_x else None
+        self.block, self.tiles, self.groups = _parallel.plan(self.num_classes, tiles, self.x_in, per_worker, fixed)
 
     def run(self, fn):
         """fn(group, workspace) for every group in range(self.groups), spread over the threads; a workspace is
         one worker's own."""
         def task(group, worker):
-            ws = self.workspaces.setdefault(worker, _Workspace(self.cdtype, self.device))
-            fn(group, ws)
+            if worker not in self.workspaces:
+                self.workspaces[worker] = _Workspace(self.cdtype, self.device)
+            fn(group, self.workspaces[worker])
         _parallel.run(self.groups, task, self.x_in)
 
     def class_blocks(self, group):
@@ -207,7 +206,7 @@ def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b):
     """(dx, dw, dbias) of class_lse for the upstream gradient `grad` and the forward result `out`, each in its
     input's dtype, or None when not needed."""
     k, row = spec.centers_per_class, spec.row
-    t = _Tiling(x, w, labels, bias, spec)
+    t = _Tiling(x, w, labels, bias, spec, accumulate_x=need_x)
     cd = t.cdtype
     empty = out == float("-inf")
     # An empty LSE has no term for its upstream gradient (whatever it is, NaN included) to flow into.
@@ -236,7 +235,7 @@ def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b):
                 else:
                     p = z.sub_(lse[c0:c1, None]).exp_().mul_(g[c0:c1, None])
                 if need_b and row:
-                    db[c0:c1] += p.sum(1)
+                    db[c0:c1].add_(p.sum(1))
                 if k == 1:
                     grad_l, x_w = p, t.x_in  # scale folded into x_in (for dW); dx_hat gets it at the end
                 else:
@@ -260,8 +259,8 @@ def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b):
                 if k > 1:  # back from proxy-major to class-major
                     dw_block = dw[c0 * k:c1 * k].unflatten(0, (c1 - c0, k))
                     dw_block.copy_(dw_hat.unflatten(0, (k, c1 - c0)).transpose(0, 1))
-                elif not direct:
-                    dw[c0:c1] = dw_hat
+                elif not direct:  # (copy_ runs without the GIL, unlike a slice assignment)
+                    dw[c0:c1].copy_(dw_hat)
 
     t.run(group)
     dx = None

@@ -81,11 +81,9 @@ class _ProxyRegularizer(torch.autograd.Function):
 
     @staticmethod
     def _plan(w, k):
-        """(step, blocks, tasks): classes per block, number of blocks, tasks of the threads (_parallel.plan)."""
+        """(classes per block, blocks, tasks of the threads): _parallel.plan."""
         classes = w.shape[0] // k
-        blocks, tasks = _parallel.plan(math.ceil(classes * k * w.shape[1] * 4 / _REGULARIZER_BLOCK_BYTES), w)
-        step = math.ceil(classes / blocks)
-        return step, math.ceil(classes / step), tasks
+        return _parallel.plan(classes, math.ceil(classes * k * w.shape[1] * 4 / _REGULARIZER_BLOCK_BYTES), w)
 
     @staticmethod
     def _block(w, k, dtype, c0, step):
@@ -124,7 +122,7 @@ class _ProxyRegularizer(torch.autograd.Function):
                 coef = torch.zeros(w_hat.shape[0], k, k, dtype=w_hat.dtype, device=w.device)
                 coef[:, t, s] = -scale / dist
                 grad_hat = torch.bmm(coef + coef.transpose(1, 2), w_hat)
-                dw[b * step:b * step + w_hat.shape[0]] = normalize_backward_(grad_hat, w_hat, grad_scale)
+                dw[b * step:b * step + w_hat.shape[0]].copy_(normalize_backward_(grad_hat, w_hat, grad_scale))
 
         _parallel.run(tasks, task, w)
         return dw.flatten(0, 1), None, None

@@ -44,17 +44,30 @@ def calls(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ parallel_tasks
+def first_tasks_meet(barrier):
+    """fn's prologue: the first THREADS tasks wait for each other (without the GIL), so every worker runs one."""
+    def meet(task):
+        if task < THREADS:
+            barrier.wait()
+    return meet
+
+
 @pytest.mark.parametrize("count", [0, 1, 5, 64])
 def test_every_task_runs_once(count):
     seen, lock = [], threading.Lock()
+    meet = first_tasks_meet(threading.Barrier(THREADS, timeout=30))
 
     def fn(task, worker):
+        if count >= THREADS:
+            meet(task)
         with lock:
-            seen.append((task, worker))
+            seen.append((task, worker, threading.get_ident()))
 
     parallel_tasks(count, fn)
-    assert sorted(task for task, _ in seen) == list(range(count))
-    assert all(0 <= worker < THREADS for _, worker in seen)
+    assert sorted(task for task, *_ in seen) == list(range(count))
+    if count >= THREADS:  # every thread took part, each under its own worker id
+        assert {worker for _, worker, _ in seen} == set(range(THREADS))
+        assert len({ident for *_, ident in seen}) == THREADS
 
 
 def test_the_first_error_is_raised_in_the_caller():
@@ -67,13 +80,25 @@ def test_the_first_error_is_raised_in_the_caller():
     with pytest.raises(TypeError, match="fn must be callable"):
         parallel_tasks(3, None)
 
+    def interrupted(task, worker):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        parallel_tasks(4, interrupted)
+
 
 def test_tasks_see_the_callers_thread_state():
     def modes():
         seen = []
-        parallel_tasks(8, lambda task, worker: seen.append((torch.is_grad_enabled(),
-                                                            torch.is_inference_mode_enabled())))
-        return set(seen)
+        meet = first_tasks_meet(threading.Barrier(THREADS, timeout=30))
+
+        def fn(task, worker):
+            meet(task)
+            seen.append((worker, torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
+
+        parallel_tasks(THREADS, fn)
+        assert {worker for worker, *_ in seen} == set(range(THREADS))
+        return {tuple(modes) for _, *modes in seen}
 
     assert modes() == {(True, False)}
     with torch.no_grad():
@@ -82,9 +107,29 @@ def test_tasks_see_the_callers_thread_state():
         assert modes() == {(False, True)}
 
 
+def test_a_task_calling_parallel_tasks_runs_them_in_order():
+    """Inside the parallel region there are no threads to spare: nested tasks run in the calling thread."""
+    inner = []
+
+    def fn(task, worker):
+        here = threading.get_ident()
+        parallel_tasks(3, lambda t, w: inner.append((task, t, w, threading.get_ident() == here)))
+
+    parallel_tasks(4, fn)
+    assert sorted(inner) == [(task, t, 0, True) for task in range(4) for t in range(3)]
+
+
 # ---------------------------------------------------------------------------------------- the chunked op
 N, C, D = 45, 61, 24
 SERIAL = {torch.float32: 1e-5, torch.float64: 1e-12}  # parallel vs in order: only the summation order differs
+
+
+def inputs(dtype, k, bias, w_dtype=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g, dtype=dtype).requires_grad_()
+    w = torch.randn(C * k, D, generator=g, dtype=dtype).to(w_dtype or dtype).requires_grad_()
+    b = torch.randn(C, generator=g, dtype=dtype).requires_grad_() if bias else None
+    return x, w, b, torch.randint(0, C, (N,), generator=g)
 
 
 def op_and_grads(x, w, b, labels, **kw):
@@ -94,18 +139,15 @@ def op_and_grads(x, w, b, labels, **kw):
     return (out, *torch.autograd.grad(out, leaves, upstream))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype, w_dtype", [(torch.float32, None), (torch.float64, None),
+                                            (torch.float32, torch.float16)])
 @pytest.mark.parametrize("reduce", ["row", "col"])
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("bias", [False, True])
-def test_contention_tiles_are_tasks_of_the_threads(calls, monkeypatch, dtype, reduce, k, bias):
+def test_contention_tiles_are_tasks_of_the_threads(calls, monkeypatch, dtype, w_dtype, reduce, k, bias):
     """One parallel region per pass (forward, backward), a task per tile; the result is that of the tiles in order
-    (to the summation order), and the same to the bit on every call."""
-    g = torch.Generator().manual_seed(k + 2 * bias)
-    x = torch.randn(N, D, generator=g, dtype=dtype).requires_grad_()
-    w = torch.randn(C * k, D, generator=g, dtype=dtype).requires_grad_()
-    b = torch.randn(C, generator=g, dtype=dtype).requires_grad_() if bias else None
-    labels = torch.randint(0, C, (N,), generator=g)
+    (to the summation order), and the same to the bit on every call. fp16 proxies: dW goes through scratch."""
+    x, w, b, labels = inputs(dtype, k, bias, w_dtype, seed=k + 2 * bias)
     kw = dict(centers_per_class=k, scale=7.0, shift=0.5, reduce=reduce, block_rows=16, block_classes=9)
 
     first = op_and_grads(x, w, b, labels, **kw)
@@ -115,7 +157,45 @@ def test_contention_tiles_are_tasks_of_the_threads(calls, monkeypatch, dtype, re
     in_order = op_and_grads(x, w, b, labels, **kw)
     for got, same, expected in zip(first, again, in_order):
         assert torch.equal(got, same)
-        assert_close(got, expected, SERIAL[dtype])
+        assert_close(got, expected, TOL[torch.float16] if got.dtype == torch.float16 else SERIAL[dtype])
+
+
+def test_several_tiles_a_group(calls, monkeypatch):
+    """dX accumulators over budget: one group a thread in the backward, several tiles each; the forward, which
+    accumulates no dX, keeps a task per tile."""
+    monkeypatch.setattr(chunked, "_GROUP_BYTES", N * D * 8)  # one fp64 [N, D] accumulator a thread
+    x, w, _, labels = inputs(torch.float64, 1, False)
+    first = op_and_grads(x, w, None, labels, scale=3.0, block_classes=9)
+    assert calls == [7, THREADS]
+    monkeypatch.setattr(_parallel, "_parallel_tasks", None)
+    for got, expected in zip(first, op_and_grads(x, w, None, labels, scale=3.0, block_classes=9)):
+        assert_close(got, expected, SERIAL[torch.float64])
+
+
+def test_tiles_from_the_byte_budget(calls, monkeypatch):
+    """Without block_classes the tile count comes from the byte budget, rounded up to a multiple of the threads."""
+    monkeypatch.setattr(chunked, "_TILE_BYTES", {"cpu": N * C * 8 // 5})  # 5 tiles by the budget -> 6
+    x, w, _, labels = inputs(torch.float64, 1, False)
+    first = op_and_grads(x, w, None, labels, scale=3.0)
+    assert calls == [6, 6]
+    monkeypatch.setattr(_parallel, "_parallel_tasks", None)
+    for got, expected in zip(first, op_and_grads(x, w, None, labels, scale=3.0)):
+        assert_close(got, expected, SERIAL[torch.float64])
+
+
+def test_results_do_not_depend_on_the_schedule(monkeypatch):
+    """Tasks run last to first, each under another worker id (so with another worker's scratch): the same bits."""
+    x, w, b, labels = inputs(torch.float32, 3, True)
+    kw = dict(centers_per_class=3, scale=7.0, block_classes=5)
+    expected = op_and_grads(x, w, b, labels, **kw)
+
+    def backwards(count, fn):
+        for task in reversed(range(count)):
+            fn(task, (count - 1 - task) % THREADS)
+
+    monkeypatch.setattr(_parallel, "_parallel_tasks", backwards)
+    for got, same in zip(op_and_grads(x, w, b, labels, **kw), expected):
+        assert torch.equal(got, same)
 
 
 def test_small_problems_run_in_order(calls):
@@ -149,18 +229,22 @@ def test_concurrent_callers_get_their_own_results():
     problems = [(torch.randn(N, D, generator=g), torch.randn(C, D, generator=g), torch.randint(0, C, (N,),
                  generator=g)) for _ in range(2)]
     alone = [class_lse(x, w, y, impl="chunked", block_classes=4) for x, w, y in problems]
-    results = [None, None]
+    results, errors = [None, None], []
 
     def work(i):
-        x, w, y = problems[i]
-        for _ in range(20):
-            results[i] = class_lse(x, w, y, impl="chunked", block_classes=4)
+        try:
+            x, w, y = problems[i]
+            for _ in range(20):
+                results[i] = class_lse(x, w, y, impl="chunked", block_classes=4)
+        except Exception as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
 
-    workers = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for t in workers:
+    callers = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(2)]
+    for t in callers:
         t.start()
-    for t in workers:
+    for t in callers:
         t.join(timeout=120)
+    assert not any(t.is_alive() for t in callers) and not errors
     assert all(torch.equal(r, a) for r, a in zip(results, alone))
 
 
@@ -184,3 +268,18 @@ def test_contention_regularizer_blocks_are_tasks_of_the_threads(calls, monkeypat
         assert_close(got, expected, SERIAL[torch.float64])
     reference = F.soft_triple_loss(x, labels, w, centers_per_class=3, tau=0.5, backend="reference")
     assert_close(first[0], reference, TOL[torch.float64])
+
+
+def test_create_graph_runs_the_regularizer_backward_in_order(calls, monkeypatch):
+    """Under create_graph=True the regulariser's backward records autograd ops (on views of one dW, which threads
+    must not share): its blocks run in order, in the caller, with the gradient of the plain backward."""
+    monkeypatch.setattr(fused, "_REGULARIZER_BLOCK_BYTES", 4 * 3 * D * 4)
+    w = torch.randn(C * 3, D, generator=torch.Generator().manual_seed(8), dtype=torch.float64).requires_grad_()
+
+    def grad(create_graph):
+        return torch.autograd.grad(fused._ProxyRegularizer.apply(w, 3, torch.float64), w, create_graph=create_graph)[0]
+
+    recorded = grad(create_graph=True)
+    assert calls == [16] and recorded.requires_grad  # tasks for the forward only
+    assert_close(recorded, grad(create_graph=False), SERIAL[torch.float64])
+    assert calls == [16, 16, 16]
