@@ -34,8 +34,8 @@ from ._numerics import compute_dtype, normalize_backward_, unit_rows
 __all__ = ["forward", "backward"]
 
 # Bytes of logits per tile (classes*K x rows). On CPU about a core's L2 for a tile's elementwise passes, and no
-# smaller: each tile costs a few dozen ops of Python, and a fresh workspace per thread (2-6 MB measured best on 2
-# cores). On GPUs large enough to fill the device.
+# smaller: each tile costs a few dozen ops of Python, and a fresh workspace per thread (of 2, 3, 4 and 6 MB, 4 MB
+# measured best overall on 2 cores). On GPUs large enough to fill the device.
 _TILE_BYTES = {"cpu": 4 * 2**20}
 _TILE_BYTES_DEFAULT = 64 * 2**20
 # Rows per tile: the batch is normally processed whole; only row-heavy calls (e.g. proxies as rows) are split.
