@@ -22,7 +22,7 @@ try:
 except ImportError:  # the extension is not built: tasks run in order
     _parallel_tasks = None
 
-__all__ = ["workers", "plan", "share", "run"]
+__all__ = ["workers", "plan", "share", "run", "serial"]
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # tensor types without Python overrides of torch functions
 # Tasks are used from this many chunks a thread on: with fewer, their fixed costs (fresh scratch for every thread,
@@ -74,3 +74,14 @@ def run(tasks: int, fn, t: torch.Tensor) -> None:
     else:
         for task in range(tasks):
             fn(task, 0)
+
+
+def serial(fn, t: torch.Tensor):
+    """fn()'s result, fn's torch ops run single-threaded inside one parallel region (the other thread idles): for a
+    run of ops too small to split over threads, which on a loaded machine would each wait for a descheduled thread.
+    In order in the caller, ops multi-threaded, where `run` would run tasks in order."""
+    if workers(t) == 1:
+        return fn()
+    result = []
+    _parallel_tasks(2, lambda task, worker: result.append(fn()) if task == 0 else None)
+    return result[0]

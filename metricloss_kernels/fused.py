@@ -36,15 +36,50 @@ def _unit_rows(embeddings: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
     return normalize(embeddings.to(compute_dtype(embeddings.dtype, proxies.dtype)), dim=1)
 
 
+class _TargetCosines(torch.autograd.Function):
+    """l [N, K] = x^ [N, D] . w^ of the proxies at `rows` [N, K] of W [C*K, D] (w^ = w if not normalize_w; the
+    normalisation of _numerics, its rules included). Forward and backward each run single-threaded inside one
+    parallel region (_parallel.serial): a dozen [N, K, D] ops, too small to split over threads, each of which would
+    wait for a descheduled thread on a loaded machine."""
+
+    @staticmethod
+    def forward(ctx, x_hat, proxies, rows, normalize_w):
+        def run():
+            w = proxies[rows].to(x_hat.dtype)  # [N, K, D]
+            w_hat, grad_scale = unit_rows(w, x_hat.dtype) if normalize_w else (w, None)
+            return w_hat, grad_scale, torch.bmm(w_hat, x_hat.unsqueeze(-1)).squeeze(-1)
+
+        w_hat, grad_scale, l = _parallel.serial(run, proxies)
+        ctx.save_for_backward(x_hat, w_hat, grad_scale, rows)
+        ctx.proxies = (proxies.shape, proxies.dtype)
+        return l
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_hat, w_hat, grad_scale, rows = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        shape, dtype = ctx.proxies
+        dw = torch.zeros(shape, dtype=dtype, device=grad.device) if need_w else None  # W-sized: multi-threaded
+
+        def run():
+            dx = torch.bmm(grad.unsqueeze(1), w_hat).squeeze(1) if need_x else None
+            if need_w:
+                dw_hat = grad.unsqueeze(-1) * x_hat.unsqueeze(1)  # [N, K, D]
+                if grad_scale is not None:
+                    normalize_backward_(dw_hat, w_hat, grad_scale)
+                dw.index_put_((rows,), dw_hat.to(dtype), accumulate=True)
+            return dx
+
+        return _parallel.serial(run, x_hat), dw, None, None
+
+
 def _target_cosines(x_hat: torch.Tensor, proxies: torch.Tensor, labels: torch.Tensor, k: int,
                     normalize_w: bool = True) -> torch.Tensor:
     """l_{i, y_i, k} = x^_i . w^_{y_i, k} -> [N, K] (w^ = w if not normalize_w), gathering only the N*K target
     proxies. Labels outside the classes of `proxies` (another rank's) read a valid row whose value is not used."""
     c = proxies.shape[0] // k
-    w = proxies.unflatten(0, (c, k))[labels.clamp(0, c - 1)].to(x_hat.dtype)  # [N, K, D]
-    if normalize_w:
-        w = normalize(w, dim=-1)
-    return (w @ x_hat.unsqueeze(-1)).squeeze(-1)
+    rows = labels.clamp(0, c - 1)[:, None] * k + torch.arange(k, device=labels.device)
+    return _TargetCosines.apply(x_hat, proxies, rows, normalize_w)
 
 
 def _target_similarity(x_hat, proxies, labels, k, gamma):
@@ -111,7 +146,10 @@ class _ProxyRegularizer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (w,), k = ctx.saved_tensors, ctx.k
-        dw = torch.empty_like(w).unflatten(0, (-1, k))
+        # dW is returned whole, not as a view of a [C, K, D] tensor: autograd then adds the other gradients of W
+        # into it in place (a view shares its storage, which makes autograd allocate a fresh W-sized sum).
+        dw = torch.empty_like(w)
+        dw3 = dw.unflatten(0, (-1, k))
         scale = grad / (w.shape[0] * (k - 1))
         step, blocks, tasks = _ProxyRegularizer._plan(w, k)
 
@@ -122,10 +160,10 @@ class _ProxyRegularizer(torch.autograd.Function):
                 coef = torch.zeros(w_hat.shape[0], k, k, dtype=w_hat.dtype, device=w.device)
                 coef[:, t, s] = -scale / dist
                 grad_hat = torch.bmm(coef + coef.transpose(1, 2), w_hat)
-                dw[b * step:b * step + w_hat.shape[0]].copy_(normalize_backward_(grad_hat, w_hat, grad_scale))
+                dw3[b * step:b * step + w_hat.shape[0]].copy_(normalize_backward_(grad_hat, w_hat, grad_scale))
 
         _parallel.run(tasks, task, w)
-        return dw.flatten(0, 1), None, None
+        return dw, None, None
 
 
 def _with_regularizer(loss, proxies, k, tau, part):

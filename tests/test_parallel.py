@@ -189,13 +189,17 @@ def test_results_do_not_depend_on_the_schedule(monkeypatch):
     kw = dict(centers_per_class=3, scale=7.0, block_classes=5)
     expected = op_and_grads(x, w, b, labels, **kw)
 
+    counts = []
+
     def backwards(count, fn):
+        counts.append(count)
         for task in reversed(range(count)):
             fn(task, (count - 1 - task) % THREADS)
 
     monkeypatch.setattr(_parallel, "_parallel_tasks", backwards)
     for got, same in zip(op_and_grads(x, w, b, labels, **kw), expected):
         assert torch.equal(got, same)
+    assert counts == [13, 13]  # a task per tile: ceil(61 / 5)
 
 
 def test_small_problems_run_in_order(calls):
@@ -262,7 +266,8 @@ def test_contention_regularizer_blocks_are_tasks_of_the_threads(calls, monkeypat
         return (loss, *torch.autograd.grad(loss, (x, w)))
 
     first = loss_and_grads()
-    assert 16 in calls and calls.count(16) == 2  # the regulariser's forward and backward
+    # the target cosines' forward and backward (one region each, _parallel.serial), the regulariser's 16 blocks
+    assert sorted(calls) == [2, 2, 16, 16]
     monkeypatch.setattr(_parallel, "_parallel_tasks", None)
     for got, expected in zip(first, loss_and_grads()):
         assert_close(got, expected, SERIAL[torch.float64])
@@ -283,3 +288,22 @@ def test_create_graph_runs_the_regularizer_backward_in_order(calls, monkeypatch)
     assert calls == [16] and recorded.requires_grad  # tasks for the forward only
     assert_close(recorded, grad(create_graph=False), SERIAL[torch.float64])
     assert calls == [16, 16, 16]
+
+
+# ------------------------------------------------------------------------------------------ the target cosines
+def test_contention_target_cosines_run_in_one_region_each(calls, monkeypatch):
+    """The [N, K, D] ops of the target similarities (too small to split over threads, each of which would wait for
+    a descheduled thread) run single-threaded in one parallel region per pass, with the gradients of the reference."""
+    x, w, _, labels = inputs(torch.float64, 3, False, seed=9)
+    loss = F.soft_triple_loss(x, labels, w, centers_per_class=3, tau=0.0, backend="chunked")
+    got = torch.autograd.grad(loss, (x, w))
+    assert calls == [2, 2]  # class_lse itself is one tile here
+    reference = F.soft_triple_loss(x, labels, w, centers_per_class=3, tau=0.0, backend="reference")
+    for g, r in zip(got, torch.autograd.grad(reference, (x, w))):
+        assert_close(g, r, TOL[torch.float64])
+
+
+def test_serial_returns_and_raises():
+    assert _parallel.serial(lambda: torch.arange(3).sum(), torch.ones(1)) == 3
+    with pytest.raises(ZeroDivisionError):
+        _parallel.serial(lambda: 1 / 0, torch.ones(1))
