@@ -116,29 +116,32 @@ class _ProxyRegularizer(torch.autograd.Function):
 
     @staticmethod
     def _plan(w, k):
-        """(classes per block, blocks, tasks of the threads): _parallel.plan."""
+        """(classes per block, blocks, tasks of the threads: _parallel.plan; the pairs (t, s), t < s, of a class's
+        K proxies)."""
         classes = w.shape[0] // k
-        return _parallel.plan(classes, math.ceil(classes * k * w.shape[1] * 4 / _REGULARIZER_BLOCK_BYTES), w)
+        chunks = math.ceil(classes * k * w.shape[1] * 4 / _REGULARIZER_BLOCK_BYTES)
+        step, blocks, tasks = _parallel.plan(classes, chunks, w)
+        return step, blocks, tasks, tuple(torch.triu_indices(k, k, offset=1, device=w.device))
 
     @staticmethod
-    def _block(w, k, dtype, c0, step):
-        """w^ [B, K, D], its backward factors [B, K], the pair distances [B, pairs] and the pairs (t, s) of the
+    def _block(w, k, dtype, c0, step, pairs):
+        """w^ [B, K, D], its backward factors [B, K] and the distances [B, pairs] of the `pairs` (t, s) of the
         classes [c0, c0 + step)."""
         w_hat, grad_scale = unit_rows(w.unflatten(0, (-1, k))[c0:c0 + step], dtype)
-        t, s = torch.triu_indices(k, k, offset=1, device=w.device)
+        t, s = pairs
         dist = torch.sqrt(2.0 + 1e-5 - 2.0 * torch.bmm(w_hat, w_hat.transpose(1, 2))[:, t, s])
-        return w_hat, grad_scale, dist, (t, s)
+        return w_hat, grad_scale, dist
 
     @staticmethod
     def forward(ctx, w, k, dtype):
         ctx.save_for_backward(w)
         ctx.k, ctx.dtype = k, dtype
-        step, blocks, tasks = _ProxyRegularizer._plan(w, k)
+        step, blocks, tasks, pairs = _ProxyRegularizer._plan(w, k)
         sums = torch.empty(blocks, dtype=dtype, device=w.device)
 
         def task(i, _):
             for b in _parallel.share(i, tasks, blocks):
-                sums[b] = _ProxyRegularizer._block(w, k, dtype, b * step, step)[2].sum()
+                sums[b] = _ProxyRegularizer._block(w, k, dtype, b * step, step, pairs)[2].sum()
 
         _parallel.run(tasks, task, w)
         return sums.sum() / (w.shape[0] * (k - 1))
@@ -151,11 +154,11 @@ class _ProxyRegularizer(torch.autograd.Function):
         dw = torch.empty_like(w)
         dw3 = dw.unflatten(0, (-1, k))
         scale = grad / (w.shape[0] * (k - 1))
-        step, blocks, tasks = _ProxyRegularizer._plan(w, k)
+        step, blocks, tasks, (t, s) = _ProxyRegularizer._plan(w, k)
 
         def task(i, _):
             for b in _parallel.share(i, tasks, blocks):
-                w_hat, grad_scale, dist, (t, s) = _ProxyRegularizer._block(w, k, ctx.dtype, b * step, step)
+                w_hat, grad_scale, dist = _ProxyRegularizer._block(w, k, ctx.dtype, b * step, step, (t, s))
                 # d dist_ts / d (w^_t . w^_s) = -1 / dist_ts, for both proxies of the pair
                 coef = torch.zeros(w_hat.shape[0], k, k, dtype=w_hat.dtype, device=w.device)
                 coef[:, t, s] = -scale / dist
