@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from metricloss_kernels import functional as F  # noqa: E402
-from metricloss_kernels import harness  # noqa: E402
+from metricloss_kernels.experiments import harness  # noqa: E402
 
 BACKENDS = ("chunked", "reference")
 

@@ -1,7 +1,7 @@
 """Exact top-k retrieval on CPU: mlk.knn (the C++ op) vs faiss-cpu IndexFlatIP vs chunked torch.mm + topk.
 
-A thin entry point of `python -m metricloss_kernels bench --family knn` (metricloss_kernels/bench.py; the timing
-and memory method is metricloss_kernels/harness.py); every option of that command applies:
+A thin entry point of `python -m metricloss_kernels bench --family knn` (metricloss_kernels/experiments/bench.py; the timing
+and memory method is metricloss_kernels/experiments/harness.py); every option of that command applies:
 
     python benchmarks/bench_knn.py --out benchmarks/results/knn_cpu                     # Q=20,000, R up to 1e5
     python benchmarks/bench_knn.py --queries 2000 --references 20000 --ks 1 16 --out /tmp/knn

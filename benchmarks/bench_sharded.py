@@ -11,7 +11,7 @@ Memory: "peak_step_bytes" = the harness's torch-allocation peak of one step beyo
 proxies' gradient included), "weights_bytes" = the proxies this rank holds; the maximum over the ranks. Bytes: every
 collective of a step, from its tensors' shapes (`distributed.CommunicationLog`; for PML the all-gathers its wrapper
 makes and the gradient's all-reduce), as payload (the bytes handed to the collectives) and as the bytes a rank
-sends with ring algorithms. Step times only with --rounds > 0 (interleaved rounds, metricloss_kernels/harness.py):
+sends with ring algorithms. Step times only with --rounds > 0 (interleaved rounds, metricloss_kernels/experiments/harness.py):
 
     python benchmarks/bench_sharded.py --out benchmarks/results/sharded_cpu.json              # memory and bytes
     python benchmarks/bench_sharded.py --rounds 5 --out sharded_cpu_timed.json               # + step times
@@ -33,7 +33,8 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import metricloss_kernels as mlk  # noqa: E402
-from metricloss_kernels import distributed, harness  # noqa: E402
+from metricloss_kernels import distributed  # noqa: E402
+from metricloss_kernels.experiments import harness  # noqa: E402
 
 
 def _pml():

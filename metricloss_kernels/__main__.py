@@ -1,6 +1,10 @@
-"""Command line: `python -m metricloss_kernels {demo, eval, backends, tournament, bench}`."""
+"""Command line: `python -m metricloss_kernels {demo, eval, backends, tournament, bench, claims}`. The applications
+behind demo, tournament, bench and claims live in `metricloss_kernels.experiments`."""
 import argparse
+import importlib
 import sys
+
+APPLICATIONS = ("demo", "tournament", "bench", "claims")
 
 
 def _load(path: str):
@@ -40,17 +44,11 @@ def evaluate_files(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     command, rest = (argv[0], argv[1:]) if argv else ("--help", [])
-    if command == "demo":
-        from .demo import main as demo
-        return demo(rest)
+    if command in APPLICATIONS:
+        module = importlib.import_module(f".experiments.{command}", __package__)
+        return module.main(rest)
     if command == "eval":
         return evaluate_files(rest)
-    if command == "tournament":
-        from .tournament import main as tournament
-        return tournament(rest)
-    if command == "bench":
-        from .bench import main as bench
-        return bench(rest)
     if command == "backends":
         from . import backends
         for name, (ok, why) in backends().items():
@@ -58,7 +56,8 @@ def main(argv=None):
         return 0
     print("usage: python -m metricloss_kernels {demo [--loss NAME] [--epochs N], "
           "eval EMBEDDINGS LABELS [--reference E L] [--ks K ...], backends, "
-          "tournament [--quick] [--out DIR], bench [--quick] [--out DIR]}  (COMMAND --help for the options)")
+          "tournament [--quick] [--out DIR], bench [--quick] [--out DIR], "
+          "claims {exp_triplet,mpa,polytope,all} [--quick] [--out DIR]}  (COMMAND --help for the options)")
     return 0 if command in ("-h", "--help") else 2
 
 

@@ -60,7 +60,7 @@ def device_name(device) -> str:
 
 def machine_info(device) -> dict:
     """Device, thread count, versions, date, command and load of this run."""
-    from . import __version__, has_extension
+    from .. import __version__, has_extension
 
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -7,7 +7,7 @@ for the polytope loss (a simplex of C classes needs C - 1 dimensions), semi-hard
 """
 import torch
 
-from . import losses as L
+from .. import losses as L
 
 # name -> (module class, constructor takes (num_classes, embedding_size) "cd", (num_classes,) "c" or nothing "",
 #          keyword settings)

@@ -4,7 +4,7 @@ Every figure is small (6.4 x 4 inches at 100 dpi) so that the committed PNGs sta
 """
 import os
 
-INSTALL_HINT = ("matplotlib is needed for the PNG plots: pip install 'metricloss_kernels[plot]' "
+INSTALL_HINT = ("matplotlib is needed for the PNG plots: pip install 'metricloss_kernels[apps]' "
                 "(or pip install matplotlib); or pass --no-plots")
 
 

@@ -1,4 +1,4 @@
-"""The benchmark harness (metricloss_kernels/harness.py) and the bench command (metricloss_kernels/bench.py): what
+"""The benchmark harness (metricloss_kernels/experiments/harness.py) and the bench command (metricloss_kernels/experiments/bench.py): what
 is measured and the results' schema, on tiny sizes. No timing is asserted."""
 import csv
 import json
@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from metricloss_kernels import bench, harness
+from metricloss_kernels.experiments import bench, harness
 
 
 def test_time_interleaved_warms_up_then_rotates_the_order():
@@ -115,7 +115,7 @@ def _script(name):
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -6,8 +6,20 @@ import statistics
 
 import torch
 
-from .tournament import REPORTED, summary_table
 from .training import RECALL_KS, mean_std, std
+
+# the test metrics the tournament ranks by, with their short names
+REPORTED = (("recall@1", "R@1"), ("map@r", "MAP@R"), ("ndcg@10", "nDCG@10"))
+
+
+def summary_table(rows: list) -> str:
+    """Markdown table of summarize()'s rows; metrics x100 as mean +- std."""
+    head = "| loss | total ranking | average ranking | std | " + " | ".join(s for _, s in REPORTED) + " |"
+    lines = [head, "|" + " --- |" * (4 + len(REPORTED))]
+    for row in rows:
+        metrics = " | ".join(f"{100 * row[f'{key}_mean']:.2f} ± {100 * row[f'{key}_std']:.2f}" for key, _ in REPORTED)
+        lines.append(f"| {row['loss']} | {row['total']:g} | {row['average']:.2f} | {row['std']:.2f} | {metrics} |")
+    return "\n".join(lines)
 
 
 def _padded(values, length):

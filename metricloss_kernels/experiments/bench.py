@@ -10,7 +10,7 @@
 
 Writes results.json (machine facts, configuration, one row per case and implementation), results.csv (the same
 rows) and PNG plots of time and peak memory (log scales) into --out. Timing method and memory definitions:
-metricloss_kernels/harness.py; docs/benchmarks.md.
+metricloss_kernels/experiments/harness.py; docs/benchmarks.md.
 """
 import argparse
 import csv
@@ -21,9 +21,9 @@ from typing import NamedTuple
 
 import torch
 
-from . import functional as F
+from .. import functional as F
 from . import harness
-from .retrieval import knn
+from ..retrieval import knn
 
 # name -> (functional name, pytorch-metric-learning class or None, keyword arguments shared by both, K)
 PROXY_LOSSES = {
@@ -409,7 +409,7 @@ def main(argv=None):
                          "proxy_impls": proxy_impls, "knn_impls": knn_impls, "memory": not args.no_memory},
               "notes": "time: median/min over rounds after a warm-up round, implementations interleaved; ratios: "
                        "median over rounds of time(impl)/time(ours); peak_mb: torch_alloc (proxy) or rss_growth "
-                       "(knn), see metricloss_kernels/harness.py; load_average_1min: before/after each case.",
+                       "(knn), see metricloss_kernels/experiments/harness.py; load_average_1min: before/after each case.",
               "rows": rows}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)

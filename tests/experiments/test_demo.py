@@ -4,7 +4,7 @@ import sys
 
 import torch
 
-from metricloss_kernels import demo
+from metricloss_kernels.experiments import demo
 
 
 def test_split_is_class_disjoint_and_oriented():

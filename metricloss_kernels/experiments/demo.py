@@ -13,7 +13,7 @@ import torch
 from . import zoo
 from .datasets import ORIENTATIONS, TRAIN_DIGITS, load_digits_split, random_shift
 from .datasets import digits_net as embedding_net
-from .metrics import evaluate
+from ..metrics import evaluate
 
 EMBEDDING = 32
 TRAIN_CLASSES = TRAIN_DIGITS * ORIENTATIONS

@@ -27,9 +27,8 @@ from typing import NamedTuple
 import torch
 
 from . import datasets, zoo
+from .tournament_report import REPORTED, write_csv, write_markdown, write_plots
 from .training import initial_network, machine_summary, std, test_metrics, train_run
-
-REPORTED = (("recall@1", "R@1"), ("map@r", "MAP@R"), ("ndcg@10", "nDCG@10"))
 
 
 class Config(NamedTuple):
@@ -97,16 +96,6 @@ def summarize(rankings: list, metrics: list) -> list:
             row[f"{name}_mean"], row[f"{name}_std"] = statistics.fmean(values), std(values)
         rows.append(row)
     return sorted(rows, key=lambda row: (row["total"], row["loss"]))
-
-
-def summary_table(rows: list) -> str:
-    """Markdown table of summarize()'s rows; metrics x100 as mean +- std."""
-    head = "| loss | total ranking | average ranking | std | " + " | ".join(s for _, s in REPORTED) + " |"
-    lines = [head, "|" + " --- |" * (4 + len(REPORTED))]
-    for row in rows:
-        metrics = " | ".join(f"{100 * row[f'{key}_mean']:.2f} ± {100 * row[f'{key}_std']:.2f}" for key, _ in REPORTED)
-        lines.append(f"| {row['loss']} | {row['total']:g} | {row['average']:.2f} | {row['std']:.2f} | {metrics} |")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------- search
@@ -263,7 +252,6 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     results = run_tournament(config, progress_bar=not args.no_progress)
     results["machine"] = machine_summary()
-    from .tournament_report import write_csv, write_markdown, write_plots
 
     os.makedirs(args.out, exist_ok=True)
     command = "python -m metricloss_kernels tournament " + " ".join(argv if argv is not None else sys.argv[2:])

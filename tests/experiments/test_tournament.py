@@ -1,4 +1,4 @@
-"""The tournament (metricloss_kernels/tournament.py, training.py, tournament_report.py) and its datasets: ranking
+"""The tournament (metricloss_kernels/experiments/tournament.py, training.py, tournament_report.py) and its datasets: ranking
 and summary math on hand-made tables, class-disjoint splits, the fairness of the training protocol, and the command
 on a tiny configuration."""
 import csv
@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from metricloss_kernels import _plots, datasets, tournament, training, zoo
+from metricloss_kernels.experiments import _plots, datasets, tournament, tournament_report, training, zoo
 
 
 def tiny_task(name="tiny", seed_test=1):
@@ -39,7 +39,7 @@ def test_summary_is_the_thesis_total_average_and_std_of_ranks():
     assert a["std"] == pytest.approx(math.sqrt(((1 - 4 / 3) ** 2 * 2 + (2 - 4 / 3) ** 2) / 2))  # sample std
     assert b["recall@1_mean"] == pytest.approx(0.2) and b["recall@1_std"] == pytest.approx(0.1)
     assert a["map@r_std"] == 0 and a["experiments"] == 3
-    table = tournament.summary_table(rows).splitlines()
+    table = tournament_report.summary_table(rows).splitlines()
     assert table[0].startswith("| loss | total ranking | average ranking | std | R@1")
     assert table[2] == "| a | 4 | 1.33 | 0.58 | 13.33 ± 5.77 | 50.00 ± 0.00 | 25.00 ± 0.00 |"
 
@@ -182,7 +182,7 @@ def test_plots_are_written(tiny_tasks, tmp_path):
 
 def test_missing_matplotlib_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(SystemExit, match=r"pip install 'metricloss_kernels\[plot\]'"):
+    with pytest.raises(SystemExit, match=r"pip install 'metricloss_kernels\[apps\]'"):
         _plots.require_matplotlib()
 
 

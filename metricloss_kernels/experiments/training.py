@@ -15,8 +15,8 @@ from typing import NamedTuple
 import torch
 
 from . import zoo
-from .metrics import evaluate, map_at_r, recall_at_k
-from .retrieval import knn
+from ..metrics import evaluate, map_at_r, recall_at_k
+from ..retrieval import knn
 
 RECALL_KS = (1, 2, 4, 8)
 
