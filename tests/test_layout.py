@@ -4,6 +4,7 @@ the sources with `ast`) has no circle."""
 import ast
 import importlib
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -143,3 +144,19 @@ def test_library_import_loads_no_application_dependency():
 def test_claims_command(argv):
     out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "exp_triplet" in out.stdout
+
+
+def test_documentation_links_stay_inside_the_repository():
+    """README.md and docs/: every link and image is a relative path to a file of the repository."""
+    root = PACKAGE.parent
+    bad = []
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for match in re.finditer(r"\]\(([^)\s]+)\)|src=\"([^\"]+)\"", page.read_text()):
+            target = (match.group(1) or match.group(2)).split("#")[0]
+            if "://" in target or target.startswith("//") or (target and not (page.parent / target).exists()):
+                bad.append(f"{page.name}: {target}")
+    assert not bad
+
+
+def test_readme_is_short():
+    assert len((PACKAGE.parent / "README.md").read_text().splitlines()) <= 250
