@@ -13,7 +13,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==2.13.0
 	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/pip install triton
-	$(BIN)/pip install setuptools wheel
+	$(BIN)/pip install setuptools wheel ninja
 	$(BIN)/pip install --no-build-isolation -e ".[test,apps]"
 	touch $(STAMP)
 

@@ -8,15 +8,14 @@ import torch
 import metricloss_kernels as mlk
 from metricloss_kernels import functional as F
 from metricloss_kernels import reference
+from utils import proxy_inputs
 
 N, C, K, D = 37, 53, 3, 40
 
 
 def data(n=N, c=C, k=1, d=D, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g, dtype=dtype)
-    y = torch.randint(0, c, (n,), generator=g)
-    w = torch.randn(c * k, d, generator=g, dtype=dtype)
+    """(embeddings, labels, proxies) of utils.proxy_inputs, in this file's order."""
+    x, w, _, y = proxy_inputs(n, c, k, d, seed=seed, dtype=dtype)
     return x, y, w
 
 

@@ -21,13 +21,13 @@ from metricloss_kernels import chunked, fused, reference
 from metricloss_kernels._numerics import compute_dtype
 from metricloss_kernels.lse import LSESpec, class_lse
 from metricloss_kernels.polytopes import regular_polytope
-from utils import TOL, assert_close, largest_allocation
+from utils import TOL, assert_close, largest_allocation, proxy_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["chunked", "triton"]
 N, C, K, D = 37, 53, 3, 40
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+cuda_only = pytest.mark.cuda
 
 
 def tol(backend, dtype):
@@ -59,14 +59,7 @@ def oracle(x, w, labels, bias=None, *, centers_per_class=1, gamma=0.1, scale=1.0
     return out.masked_fill(empty, float("-inf"))
 
 
-def make_inputs(n=N, c=C, k=K, d=D, *, dtype=F64, bias=False, seed=0, labels=None):
-    g = gen(seed)
-    x = torch.randn(n, d, generator=g, dtype=F64).to(DEVICE, dtype).requires_grad_()
-    w = torch.randn(c * k, d, generator=g, dtype=F64).to(DEVICE, dtype).requires_grad_()
-    b = torch.randn(c, generator=g, dtype=F64).to(DEVICE, dtype).requires_grad_() if bias else None
-    if labels is None:
-        labels = torch.randint(0, c, (n,), generator=g)
-    return x, w, b, labels.to(DEVICE)
+make_inputs = functools.partial(proxy_inputs, n=N, c=C, k=K, d=D, device=DEVICE, requires_grad=True)
 
 
 def check_op(backend, x, w, b, labels, rtol=None, seed=1, **kw):

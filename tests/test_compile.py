@@ -204,7 +204,7 @@ def test_margin_loss_with_a_generator_is_the_documented_exception():
     assert torch._dynamo.explain(module)(x.float(), labels).graph_break_count > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 @pytest.mark.parametrize("name", sorted(PROXY_MODULES))
 def test_compiled_triton_step_equals_eager_on_cuda(name):
     """The Triton backend under the default compiler, on a GPU (the CPU suite covers reference and chunked)."""
@@ -214,7 +214,7 @@ def test_compiled_triton_step_equals_eager_on_cuda(name):
     assert_same_step(step(compiled, x, labels), step(module, x, labels), rtol=1e-9)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 @pytest.mark.parametrize("name", sorted(set(PROXY_MODULES) | set(PAIR_MODULES)))
 def test_no_device_synchronisation_on_cuda(name):
     """A training step of every loss module on CUDA ("auto": Triton for the proxy losses) with the CUDA sync

@@ -14,7 +14,7 @@ from metricloss_kernels.retrieval import knn
 
 METRICS = ("cosine", "dot", "euclidean")
 needs_extension = pytest.mark.skipif(not retrieval.has_extension(), reason="metricloss_kernels._C is not built")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cuda = pytest.mark.cuda
 
 
 def _torch_path(queries, reference=None, k=10, metric="cosine"):

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from metricloss_kernels import _parallel, chunked, fused
 from metricloss_kernels import functional as F
 from metricloss_kernels.lse import class_lse
-from utils import TOL, assert_close
+from utils import TOL, assert_close, proxy_inputs
 
 parallel_tasks = _parallel._parallel_tasks
 pytestmark = pytest.mark.skipif(parallel_tasks is None, reason="needs the C++ extension metricloss_kernels._C")
@@ -124,14 +124,6 @@ N, C, D = 45, 61, 24
 SERIAL = {torch.float32: 1e-5, torch.float64: 1e-12}  # parallel vs in order: only the summation order differs
 
 
-def inputs(dtype, k, bias, w_dtype=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, D, generator=g, dtype=dtype).requires_grad_()
-    w = torch.randn(C * k, D, generator=g, dtype=dtype).to(w_dtype or dtype).requires_grad_()
-    b = torch.randn(C, generator=g, dtype=dtype).requires_grad_() if bias else None
-    return x, w, b, torch.randint(0, C, (N,), generator=g)
-
-
 def op_and_grads(x, w, b, labels, **kw):
     out = class_lse(x, w, labels, bias=b, impl="chunked", **kw)
     leaves = [t for t in (x, w, b) if t is not None]
@@ -147,7 +139,7 @@ def op_and_grads(x, w, b, labels, **kw):
 def test_contention_tiles_are_tasks_of_the_threads(calls, monkeypatch, dtype, w_dtype, reduce, k, bias):
     """One parallel region per pass (forward, backward), a task per tile; the result is that of the tiles in order
     (to the summation order), and the same to the bit on every call. fp16 proxies: dW goes through scratch."""
-    x, w, b, labels = inputs(dtype, k, bias, w_dtype, seed=k + 2 * bias)
+    x, w, b, labels = proxy_inputs(N, C, k, D, dtype=dtype, w_dtype=w_dtype, bias=bias, seed=k + 2 * bias, requires_grad=True)
     kw = dict(centers_per_class=k, scale=7.0, shift=0.5, reduce=reduce, block_rows=16, block_classes=9)
 
     first = op_and_grads(x, w, b, labels, **kw)
@@ -164,7 +156,7 @@ def test_several_tiles_a_group(calls, monkeypatch):
     """dX accumulators over budget: one group a thread in the backward, several tiles each; the forward, which
     accumulates no dX, keeps a task per tile."""
     monkeypatch.setattr(chunked, "_GROUP_BYTES", N * D * 8)  # one fp64 [N, D] accumulator a thread
-    x, w, _, labels = inputs(torch.float64, 1, False)
+    x, w, _, labels = proxy_inputs(N, C, 1, D, requires_grad=True)
     first = op_and_grads(x, w, None, labels, scale=3.0, block_classes=9)
     assert calls == [7, THREADS]
     monkeypatch.setattr(_parallel, "_parallel_tasks", None)
@@ -175,7 +167,7 @@ def test_several_tiles_a_group(calls, monkeypatch):
 def test_tiles_from_the_byte_budget(calls, monkeypatch):
     """Without block_classes the tile count comes from the byte budget, rounded up to a multiple of the threads."""
     monkeypatch.setattr(chunked, "_TILE_BYTES", {"cpu": N * C * 8 // 5})  # 5 tiles by the budget -> 6
-    x, w, _, labels = inputs(torch.float64, 1, False)
+    x, w, _, labels = proxy_inputs(N, C, 1, D, requires_grad=True)
     first = op_and_grads(x, w, None, labels, scale=3.0)
     assert calls == [6, 6]
     monkeypatch.setattr(_parallel, "_parallel_tasks", None)
@@ -185,7 +177,7 @@ def test_tiles_from_the_byte_budget(calls, monkeypatch):
 
 def test_results_do_not_depend_on_the_schedule(monkeypatch):
     """Tasks run last to first, each under another worker id (so with another worker's scratch): the same bits."""
-    x, w, b, labels = inputs(torch.float32, 3, True)
+    x, w, b, labels = proxy_inputs(N, C, 3, D, dtype=torch.float32, bias=True, requires_grad=True)
     kw = dict(centers_per_class=3, scale=7.0, block_classes=5)
     expected = op_and_grads(x, w, b, labels, **kw)
 
@@ -294,7 +286,7 @@ def test_create_graph_runs_the_regularizer_backward_in_order(calls, monkeypatch)
 def test_contention_target_cosines_run_in_one_region_each(calls, monkeypatch):
     """The [N, K, D] ops of the target similarities (too small to split over threads, each of which would wait for
     a descheduled thread) run single-threaded in one parallel region per pass, with the gradients of the reference."""
-    x, w, _, labels = inputs(torch.float64, 3, False, seed=9)
+    x, w, _, labels = proxy_inputs(N, C, 3, D, seed=9, requires_grad=True)
     loss = F.soft_triple_loss(x, labels, w, centers_per_class=3, tau=0.0, backend="chunked")
     got = torch.autograd.grad(loss, (x, w))
     assert calls == [2, 2]  # class_lse itself is one tile here

@@ -12,6 +12,7 @@ from metricloss_kernels.polytopes import polytope_dim, polytope_margin, regular_
 from metricloss_kernels.reference.proxy import (arcface_loss, class_similarity, cosface_loss, l2_softmax_loss,
                                                 mpa_loss, proxy_anchor_loss, proxy_nca_loss, proxy_regularizer,
                                                 proxy_repel_loss, regular_polytope_loss, soft_triple_loss)
+from utils import proxy_inputs
 
 N, C, K, D = 37, 53, 3, 40
 NEG_INF = float("-inf")
@@ -179,12 +180,9 @@ def _gen(seed):
 
 
 def _data(seed, n=N, num_classes=C, k=K, d=D, num_labels=20, dtype=torch.float64):
-    """Embeddings [n, d], labels [n] drawn from the first `num_labels` classes (so some classes repeat and some are
-    absent), proxies [num_classes * k, d]."""
-    g = _gen(seed)
-    x = torch.randn(n, d, generator=g, dtype=dtype)
-    y = torch.randint(0, num_labels, (n,), generator=g)
-    w = torch.randn(num_classes * k, d, generator=g, dtype=dtype)
+    """(embeddings, labels, proxies) of utils.proxy_inputs, labels drawn from the first `num_labels` classes (so some
+    classes repeat and some are absent)."""
+    x, w, _, y = proxy_inputs(n, num_classes, k, d, seed=seed, dtype=dtype, num_labels=num_labels)
     return x, y, w
 
 

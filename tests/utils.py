@@ -9,6 +9,23 @@ from torch.profiler import ProfilerActivity, profile
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 
+def proxy_inputs(n, c, k, d, *, seed=0, dtype=torch.float64, w_dtype=None, bias=False, labels=None, num_labels=None,
+                 device="cpu", requires_grad=False):
+    """A proxy-loss problem: embeddings x [n, d], proxies w [c * k, d] (class-major), a bias [c] (or None) and labels
+    [n] in [0, num_labels or c) unless given; drawn in float64 from one generator in that order, then cast (w to
+    w_dtype, default dtype) and moved to device."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(c * k, d, generator=g, dtype=torch.float64)
+    b = torch.randn(c, generator=g, dtype=torch.float64) if bias else None
+    if labels is None:
+        labels = torch.randint(0, num_labels or c, (n,), generator=g)
+    x, w = x.to(device, dtype), w.to(device, w_dtype or dtype)
+    b = b.to(device, dtype) if bias else None
+    leaves = [t.requires_grad_(requires_grad) for t in (x, w, b) if t is not None]
+    return leaves[0], leaves[1], b, labels.to(device)
+
+
 def make_batch(n=37, d=40, c=9, seed=0, dtype=torch.float64):
     """Random embeddings [n, d] and labels [n] in [0, c); the last sample gets a class of its own."""
     g = torch.Generator().manual_seed(seed)
