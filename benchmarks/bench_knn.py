@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from metricloss_kernels import bench, harness  # noqa: E402
+from metricloss_kernels.experiments import bench, harness  # noqa: E402
 
 
 def tune(argv):
@@ -33,9 +33,7 @@ def tune(argv):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     case = bench.KnnCase(args.queries, args.references, args.dim, 16)
-    g = torch.Generator().manual_seed(0)
-    queries, reference = bench.unit_rows(case.queries, case.dim, g), bench.unit_rows(case.references, case.dim, g)
-    run = bench.knn_runs(case, ["mlk.knn"], queries, reference)["mlk.knn"]
+    run = bench.knn_runs(case, ["mlk.knn"])["mlk.knn"]
     for block_q in (64, 128, 256, 512):
         for block_r in (512, 1024, 2048, 4096):
             os.environ["METRICLOSS_KNN_BLOCK_Q"], os.environ["METRICLOSS_KNN_BLOCK_R"] = str(block_q), str(block_r)

@@ -10,7 +10,8 @@
 
 Writes results.json (machine facts, configuration, one row per case and implementation), results.csv (the same
 rows) and PNG plots of time and peak memory (log scales) into --out. Timing method and memory definitions:
-metricloss_kernels/experiments/harness.py; docs/benchmarks.md.
+metricloss_kernels/experiments/harness.py; docs/benchmarks.md. The pytest-benchmark suite (benchmarks/, `pytest
+benchmarks --benchmark-only`) runs the same cases (`cases`) and implementations (`implementations`, `case_runs`).
 """
 import argparse
 import csv
@@ -35,12 +36,18 @@ PROXY_LOSSES = {
     "mpa": ("mpa_loss", None, {"alpha": 32.0, "margin": 0.1, "gamma": 0.1}, 10),
 }
 PROXY_IMPLS = ("reference", "chunked", "triton", "pml")
+CUDA_ONLY = ("triton", "torch.mm")  # the Triton interpreter is a correctness tool; torch.mm is the CUDA GEMM floor
 # per kNN metric: our op, faiss's exact index, the chunked torch baseline; euclidean also times our op with
 # metric="dot" on the same data: that row's ratio_to_mlk.knn is time(dot) / time(euclidean), the inverse of the
 # cost of the exact euclidean search (centring, error-bounded candidate window, fp64 re-rank) under the same load
 KNN_IMPLS_BY_METRIC = {"dot": ("mlk.knn", "faiss.IndexFlatIP", "torch.mm+topk"),
                        "euclidean": ("mlk.knn", "faiss.IndexFlatL2", "torch.cdist+topk", "mlk.knn[dot]")}
 KNN_IMPLS = tuple(dict.fromkeys(i for impls in KNN_IMPLS_BY_METRIC.values() for i in impls))
+# implementation -> the optional module it needs (harness.OPTIONAL)
+NEEDS = {"pml": "pytorch_metric_learning", "faiss.IndexFlatIP": "faiss", "faiss.IndexFlatL2": "faiss"}
+FAMILIES = ("proxy", "knn")
+ROUNDS = {False: 5, True: 3}  # timed rounds after the warm-up, by `quick`
+THREADS = 2  # CPU threads of torch and faiss: the design's CPU setting
 MB = 2 ** 20
 
 
@@ -59,6 +66,12 @@ class ProxyCase(NamedTuple):
     def name(self) -> str:
         return f"{self.loss}_N{self.n}_D{self.d}_C{self.c}_K{self.k}_{self.dtype}"
 
+    @property
+    def fields(self) -> dict:
+        """The case and its problem size, as a result row names them."""
+        return {"family": "proxy", "case": self.name, "loss": self.loss, "N": self.n, "D": self.d, "C": self.c,
+                "K": self.k, "dtype": self.dtype}
+
 
 class KnnCase(NamedTuple):
     queries: int
@@ -71,6 +84,12 @@ class KnnCase(NamedTuple):
     def name(self) -> str:
         suffix = "" if self.metric == "dot" else f"_{self.metric}"
         return f"knn_Q{self.queries}_R{self.references}_D{self.dim}_k{self.k}{suffix}"
+
+    @property
+    def fields(self) -> dict:
+        """The case and its problem size, as a result row names them."""
+        return {"family": "knn", "case": self.name, "Q": self.queries, "R": self.references, "D": self.dim,
+                "k": self.k, "metric": self.metric}
 
 
 # CPU sizes: classes C per (quick, K); the K = 10 losses get a tenth of the classes (the same C*K proxies)
@@ -102,6 +121,40 @@ def knn_grid(quick: bool, queries=None, references=None, dim=None, ks=None, metr
     references = references or ((10_000, 30_000) if quick else (10_000, 30_000, 100_000))
     dim = dim or (64 if quick else 128)
     return [KnnCase(queries, r, dim, k, metric) for k in (ks or (16,)) for r in references]
+
+
+def cases(device="cpu", quick=False, families=FAMILIES, losses=None, **knn_sizes) -> list:
+    """The one table of cases, read by the bench command and by the pytest-benchmark suite
+    (benchmarks/test_bench_cases.py): the proxy cases on `device`, then the kNN cases (CPU). knn_sizes: knn_grid's
+    queries, references, dim, ks and metric."""
+    grid = proxy_grid(device, quick, losses) if "proxy" in families else []
+    return grid + (knn_grid(quick, **knn_sizes) if "knn" in families else [])
+
+
+def implementations(case, device="cpu") -> dict:
+    """{implementation: None, or why it cannot run here} for every implementation `case` has on `device`, in the
+    rows' order: Triton and the torch.mm floor on CUDA only, pytorch-metric-learning where it has the loss, for kNN
+    the implementations of the case's metric; those whose optional module is not installed say so."""
+    if isinstance(case, KnnCase):
+        impls = KNN_IMPLS_BY_METRIC[case.metric]
+    else:
+        impls = [i for i in PROXY_IMPLS + ("torch.mm",) if (device == "cuda" or i not in CUDA_ONLY)
+                 and (i != "pml" or PROXY_LOSSES[case.loss][1] is not None)]
+    return {i: f"{NEEDS[i]} is not installed" if i in NEEDS and harness.version(NEEDS[i]) is None else None
+            for i in impls}
+
+
+def case_runs(case, impls, device="cpu") -> dict:
+    """{impl: closure running the case once} (proxy_runs or knn_runs)."""
+    return proxy_runs(case, impls, device) if isinstance(case, ProxyCase) else knn_runs(case, impls)
+
+
+def set_threads(threads: int) -> None:
+    """CPU threads of torch and, when it is installed, faiss."""
+    torch.set_num_threads(threads)
+    if harness.version("faiss") is not None:
+        import faiss
+        faiss.omp_set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------------ proxy cases
@@ -160,7 +213,7 @@ def measure_proxy(case: ProxyCase, impls, device, rounds, memory=True) -> list:
             out = run()
             values[impl] = out.item() if impl != "torch.mm" else None
         except (RuntimeError, ValueError, TypeError) as error:
-            rows.append({**_proxy_fields(case), "impl": impl, "error": f"{type(error).__name__}: {error}"})
+            rows.append({**case.fields, "impl": impl, "error": f"{type(error).__name__}: {error}"})
             del runs[impl]
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -168,7 +221,7 @@ def measure_proxy(case: ProxyCase, impls, device, rounds, memory=True) -> list:
     ours = next((i for i in ("triton", "chunked") if i in times), None)  # what backend="auto" picks here
     flops = 8 * case.n * case.d * case.c * case.k
     for impl, ts in times.items():
-        row = {**_proxy_fields(case), "impl": impl, **_time_fields(ts), "loss_value": values[impl], "flops": flops,
+        row = {**case.fields, "impl": impl, **_time_fields(ts), "loss_value": values[impl], "flops": flops,
                "tflops": flops / min(ts) / 1e12}
         if ours is not None:
             row["ratio_to_" + ours] = statistics.median(t / b for t, b in zip(ts, times[ours]))
@@ -176,11 +229,6 @@ def measure_proxy(case: ProxyCase, impls, device, rounds, memory=True) -> list:
             row["peak_mb"], row["memory"] = harness.peak_torch_bytes(runs[impl], device) / MB, "torch_alloc"
         rows.append(row)
     return rows
-
-
-def _proxy_fields(case):
-    return {"family": "proxy", "case": case.name, "loss": case.loss, "N": case.n, "D": case.d, "C": case.c,
-            "K": case.k, "dtype": case.dtype}
 
 
 def _time_fields(seconds):
@@ -202,9 +250,11 @@ def chunked_torch_topk(queries, reference, k, metric="dot", block_elements=1 << 
     return values, indices
 
 
-def knn_runs(case: KnnCase, impls, queries, reference) -> dict:
-    """{impl: closure returning (scores, indices)}; search by case.metric on unit vectors (faiss's index is built
-    here, outside the measurements)."""
+def knn_runs(case: KnnCase, impls) -> dict:
+    """{impl: closure returning (scores, indices)}; search by case.metric on the case's unit vectors (faiss's index
+    is built here, outside the measurements)."""
+    g = torch.Generator().manual_seed(0)
+    queries, reference = unit_rows(case.queries, case.dim, g), unit_rows(case.references, case.dim, g)
     runs = {}
     for impl in impls:
         if impl in ("mlk.knn", "mlk.knn[dot]"):
@@ -227,17 +277,14 @@ def knn_runs(case: KnnCase, impls, queries, reference) -> dict:
 def measure_knn(case: KnnCase, impls, rounds, memory=True) -> list:
     """One row per implementation: times, peak RSS growth of the first call, agreement of the neighbour indices with
     mlk.knn's."""
-    g = torch.Generator().manual_seed(0)
-    queries, reference = unit_rows(case.queries, case.dim, g), unit_rows(case.references, case.dim, g)
-    runs = knn_runs(case, impls, queries, reference)
+    runs = knn_runs(case, impls)
     indices, peak = {}, {}
     for impl, run in runs.items():  # the first, cold call: memory (RSS growth) and the neighbours
         peak[impl], (_, indices[impl]) = harness.peak_rss_growth(run) if memory else (None, run())
     times = harness.time_interleaved(runs, rounds)
     rows = []
     for impl, ts in times.items():
-        row = {"family": "knn", "case": case.name, "impl": impl, "Q": case.queries, "R": case.references,
-               "D": case.dim, "k": case.k, "metric": case.metric, **_time_fields(ts),
+        row = {**case.fields, "impl": impl, **_time_fields(ts),
                "gflops": 2 * case.queries * case.references * case.dim / min(ts) / 1e9}
         if "mlk.knn" in times:
             row["ratio_to_mlk.knn"] = statistics.median(t / b for t, b in zip(ts, times["mlk.knn"]))
@@ -303,28 +350,18 @@ def write_plots(rows, out) -> list:
 
 
 # ------------------------------------------------------------------------------------------------------- main
-def _available_proxy_impls(requested, device):
-    impls = []
-    for impl in requested:
-        if impl == "triton" and device != "cuda":
-            continue  # the interpreter is not a speed benchmark
-        if impl == "pml" and harness.version("pytorch_metric_learning") is None:
-            continue
-        impls.append(impl)
-    if device == "cuda":
-        impls.append("torch.mm")
-    return impls
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m metricloss_kernels bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, 3 rounds: about a minute on 2 cores")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"small sizes, {ROUNDS[True]} rounds: about a minute on 2 cores")
     parser.add_argument("--out", default="bench_out", help="output folder (default: %(default)s)")
-    parser.add_argument("--family", nargs="+", choices=("proxy", "knn"), default=["proxy", "knn"])
+    parser.add_argument("--family", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device of the proxy family (kNN runs on the CPU)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads of torch and faiss (default: 2)")
-    parser.add_argument("--rounds", type=int, help="timed rounds after one warm-up (default 5; quick 3)")
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help="CPU threads of torch and faiss (default: %(default)s)")
+    parser.add_argument("--rounds", type=int,
+                        help=f"timed rounds after one warm-up (default {ROUNDS[False]}; quick {ROUNDS[True]})")
     parser.add_argument("--losses", nargs="+", choices=tuple(PROXY_LOSSES))
     parser.add_argument("--impls", nargs="+", choices=PROXY_IMPLS + KNN_IMPLS,
                         help="subset of the implementations (default: every one that can run here)")
@@ -342,7 +379,7 @@ def main(argv=None):
     parser.add_argument("--plot-only", nargs="+", metavar="RESULTS_JSON",
                         help="no measurement: the plots of these results files (merged) into --out")
     args = parser.parse_args(argv)
-    rounds = args.rounds or (3 if args.quick else 5)
+    rounds = args.rounds or ROUNDS[args.quick]
     if rounds < 1 or args.threads < 1:
         parser.error("--rounds and --threads must be >= 1")
     if args.plot_only:
@@ -350,11 +387,8 @@ def main(argv=None):
         print("wrote", ", ".join(write_plots(rows, args.out)))
         return 0
 
-    grid = []
-    if "proxy" in args.family:
-        grid += proxy_grid(args.device, args.quick, args.losses)
-    if "knn" in args.family:
-        grid += knn_grid(args.quick, args.queries, args.references, args.dim, args.ks, args.metric)
+    grid = cases(args.device, args.quick, args.family, args.losses, queries=args.queries,
+                 references=args.references, dim=args.dim, ks=args.ks, metric=args.metric)
     if args.cases:
         by_name = {case.name: case for case in grid}
         unknown = [name for name in args.cases if name not in by_name]
@@ -372,13 +406,12 @@ def main(argv=None):
 
     from tqdm import tqdm
 
-    torch.set_num_threads(args.threads)
-    if harness.version("faiss") is not None:
-        import faiss
-        faiss.omp_set_num_threads(args.threads)
-    proxy_impls = _available_proxy_impls([i for i in args.impls or PROXY_IMPLS if i in PROXY_IMPLS], args.device)
-    knn_impls = [i for i in (args.impls or KNN_IMPLS) if i in KNN_IMPLS_BY_METRIC[args.metric]
-                 and (not i.startswith("faiss.") or harness.version("faiss") is not None)]
+    set_threads(args.threads)
+    requested = {*(args.impls or PROXY_IMPLS + KNN_IMPLS), "torch.mm"}  # the floor runs wherever it can
+    plan = {case: [i for i, why in implementations(case, args.device).items() if why is None and i in requested]
+            for case in grid}
+    proxy_impls = [*dict.fromkeys(i for case in grid if isinstance(case, ProxyCase) for i in plan[case])]
+    knn_impls = [*dict.fromkeys(i for case in grid if isinstance(case, KnnCase) for i in plan[case])]
     rows = []
     bar = tqdm(grid, unit="case", disable=args.no_progress)
     for case in bar:
@@ -386,13 +419,11 @@ def main(argv=None):
         load = harness.load_average()
         try:
             if isinstance(case, ProxyCase):
-                impls = [i for i in proxy_impls if i != "pml" or PROXY_LOSSES[case.loss][1] is not None]
-                new = measure_proxy(case, impls, args.device, rounds, not args.no_memory)
+                new = measure_proxy(case, plan[case], args.device, rounds, not args.no_memory)
             else:
-                new = measure_knn(case, knn_impls, rounds, not args.no_memory)
+                new = measure_knn(case, plan[case], rounds, not args.no_memory)
         except (RuntimeError, ValueError, ImportError) as error:  # recorded; the next case still runs
-            new = [{"family": "proxy" if isinstance(case, ProxyCase) else "knn", "case": case.name,
-                    "impl": "all", "error": f"{type(error).__name__}: {error}"}]
+            new = [{**case.fields, "impl": "all", "error": f"{type(error).__name__}: {error}"}]
             if args.device == "cuda":
                 torch.cuda.empty_cache()
         for row in new:

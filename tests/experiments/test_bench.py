@@ -139,3 +139,28 @@ def test_bench_train_step_compiled_and_eager_train_alike():
     row = bench_train_step.run_case("multi_similarity", args)
     assert set(row["steps_per_s"]) == {"eager", "compiled"} and row["compile_s"] > 0
     assert row["loss_difference_after_training"] < 1e-4  # same weights, same batches: the same model after training
+
+
+def test_pytest_benchmark_suite_runs_the_command_cases_side_by_side(tmp_path):
+    """benchmarks/ (pytest-benchmark) on the smallest quick SoftTriple case: one group, the eager reference and
+    chunked in it, the problem size and peak memory in every entry."""
+    pytest.importorskip("pytest_benchmark")
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    case = min((c for c in bench.cases(device, quick=True) if getattr(c, "loss", None) == "soft_triple"),
+               key=lambda c: c.c)
+    root, out = pathlib.Path(__file__).resolve().parents[2], tmp_path / "out.json"
+    done = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "-p", "no:cacheprovider",
+                           "-k", f"{case.name} and (reference or chunked)", "--benchmark-json", str(out)],
+                          cwd=root, env={**os.environ, "METRICLOSS_BENCH": "quick"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    entries = json.loads(out.read_text())["benchmarks"]
+    assert sorted(e["extra_info"]["impl"] for e in entries) == ["chunked", "reference"]
+    for entry in entries:
+        assert entry["group"] == case.name and entry["stats"]["rounds"] == bench.ROUNDS[True]
+        assert entry["extra_info"]["peak_mb"] > 0 and entry["extra_info"]["memory"] == "torch_alloc"
+        assert {k: entry["extra_info"][k] for k in case.fields} == case.fields
