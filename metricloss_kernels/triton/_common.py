@@ -119,7 +119,8 @@ def constexprs(fn, cfg: TileConfig, k: int, row: bool, op: torch.dtype, precisio
     dot operands of dtype `op` at `precision`, the accumulation dtype and the features; launchers and
     compile_cases both build them here."""
     values = dict(K=k, K_PAD=triton.next_power_of_2(k), ROW_REDUCE=row, HAS_BIAS=has_bias, NORM_X=norm_x,
-                  RAW_X=norm_x and op == torch.float16, NORM_W=norm_w, ACC=_TL_DTYPES[acc], OP=_TL_DTYPES[op], PRECISION=precision,
+                  RAW_X=norm_x and op == torch.float16, NORM_W=norm_w, ACC=_TL_DTYPES[acc], OP=_TL_DTYPES[op],
+                  PRECISION=precision,
                   SPLIT_FP16=op == torch.float16, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d,
                   BLOCK_OUT=cfg.block_out)
     return {name: value for name, value in values.items() if name in fn.arg_names}
