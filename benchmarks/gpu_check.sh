@@ -7,6 +7,7 @@
 #   info        nvidia-smi, python/torch/triton/CUDA versions, mlk.backends()         -> device.txt
 #   install     pip install --no-build-isolation --no-deps -e .  (the C++ op; on failure the tree is used via
 #               PYTHONPATH, knn then takes its torch fallback)                          -> logs/install.log
+#   kernel_report  tools/kernel_report.py: registers, spills, MMA of every kernel config -> kernel_report.json
 #   pytest_gpu  the test files with CUDA tests, without TRITON_INTERPRET               -> pytest_gpu.xml, logs/
 #   bench_time  `python -m metricloss_kernels bench --device cuda --family proxy`, one process per case of its
 #               GPU grid (N=1024, D=512, P=1e4..1e6, fp32 and bf16): times, TFLOP/s, the torch.mm floor; no
@@ -101,6 +102,10 @@ RESERVE=300 step install 150 20 "$PY" -m pip install --no-build-isolation --no-d
     || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import metricloss_kernels as m; print('backends', m.backends()); print('knn C++ op', m.has_extension())" \
     >> "$OUT/device.txt" 2>&1
+
+# ------------------------------------------------------------------------- offline compile report (sm_80, sm_90a)
+# Registers, spills and MMA of every Triton kernel at every configuration its launcher picks (tools/kernel_report.py).
+RESERVE=300 step kernel_report 120 30 "$PY" tools/kernel_report.py --out "$OUT/kernel_report.json" --jobs 8
 
 # ------------------------------------------------------------------------------------------- tests with CUDA
 GPU_TESTS="tests/test_class_lse.py tests/test_compile.py tests/test_autocast.py tests/test_knn.py tests/test_api.py"

@@ -1,5 +1,5 @@
 """Launch plumbing shared by the row- and column-reduce kernels: tile configuration, dtypes, normalisations."""
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import triton
@@ -10,40 +10,91 @@ from .._numerics import NORM_EPS, compute_dtype, unit_rows
 # Kernels are decorated at import time, so this is the mode they run in (CPU tensors need the interpreter).
 INTERPRET = bool(triton.knobs.runtime.interpret)
 
-# Upper bound on the fp32 scratch that split reductions / half-precision dW accumulation may allocate.
+# Upper bound on the fp32 partial dX of the splits of the dX kernel (FlashDecoding style).
 SCRATCH_BYTES = 64 * 2**20
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
               torch.float64: tl.float64}
 
 
+def input_precision(op: torch.dtype) -> str:
+    """tl.dot's input_precision for operands of dtype `op`, the one place it is chosen: fp32 operands run on the
+    tensor cores as TF32, split in three ("tf32x3", fp32-accurate) under torch's default
+    float32_matmul_precision("highest") and plain "tf32" under "high"/"medium", so that a Triton/torch comparison
+    in one process compares like with like. Other dtypes ignore it ("ieee")."""
+    if op != torch.float32:
+        return "ieee"
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
 @dataclass(frozen=True)
 class TileConfig:
-    """Tile sizes and launch parameters of one class_lse call.
+    """Tile sizes and launch parameters of one kernel launch.
 
-    block_n x block_c is the logit tile (rows x classes; each class brings its K proxies, one tl.dot each),
-    block_d the chunk of the embedding dimension streamed through each dot."""
+    block_n x block_c is the logit tile (rows x classes, each class with its K proxies), block_d the chunk of the
+    embedding dimension streamed through the logit dots. The backward kernels hold the gradient of a
+    block_out-wide slice of D on chip (the whole of D up to 256 columns; wider D is split over programs, each
+    recomputing the logits)."""
     block_n: int
     block_c: int
     block_d: int
     num_warps: int
     num_stages: int
+    block_out: int = 0
 
 
-def tile_config(x: torch.Tensor, block_n=None, block_c=None, block_d=None) -> TileConfig:
-    """Default tiles. Interpreter: small fixed tiles (its cost is per op, not per element). GPU: 64 x 64 logit
-    tiles over 8 warps, D streamed in 64-element chunks (32 for fp32/fp64, whose chunks take twice the shared
-    memory) through a 3-stage pipeline. The intra-class softmax keeps four 64 x 64 fp32 tiles live besides the
-    MMA accumulator: compiled offline for sm_90a this gives wgmma, no register spills in the forward and at most
-    a few hundred bytes in the backward for K = 10, where 4 warps or 64 x 128 tiles spill kilobytes.
-    Not timed: no GPU was available when these were chosen."""
-    d = x.shape[1]
+# GPU tiles per (kernel, dot operand dtype, arch): (block_n, block_c x K_PAD proxy slots, block_d, warps, stages,
+# widest block_out). Every entry compiles for its architecture with MMA and without spills for D <= 256
+# (tools/kernel_report.py; benchmarks/results/kernel_report.json): fp32 on sm_80 runs tf32x3 as mma.sync with the
+# split operands in registers, and fp16's gradient GEMMs hold a hi + lo pair (_tiles._grad_dot), hence their
+# narrower tiles. Not timed: no GPU was available.
+_BF16, _FP16, _FP32 = torch.bfloat16, torch.float16, torch.float32
+_GPU_TILES = {
+    ("fwd", _BF16, 90): (64, 64, 64, 8, 3, 0), ("fwd", _FP16, 90): (64, 64, 64, 8, 3, 0),
+    ("fwd", _FP32, 90): (64, 64, 32, 8, 3, 0),
+    ("dx", _BF16, 90): (64, 64, 64, 8, 2, 256), ("dx", _FP16, 90): (64, 64, 64, 8, 2, 128),
+    ("dx", _FP32, 90): (64, 64, 32, 8, 2, 128),
+    ("dw", _BF16, 90): (64, 64, 64, 8, 2, 256), ("dw", _FP16, 90): (64, 64, 64, 8, 2, 128),
+    ("dw", _FP32, 90): (64, 64, 16, 8, 1, 128),
+    ("fwd", _BF16, 80): (64, 64, 64, 8, 3, 0), ("fwd", _FP16, 80): (64, 64, 64, 8, 3, 0),
+    ("fwd", _FP32, 80): (64, 32, 16, 8, 3, 0),
+    ("dx", _BF16, 80): (64, 64, 64, 8, 2, 256), ("dx", _FP16, 80): (64, 64, 64, 8, 2, 128),
+    ("dx", _FP32, 80): (64, 32, 32, 8, 2, 64),
+    ("dw", _BF16, 80): (64, 64, 64, 8, 2, 256), ("dw", _FP16, 80): (64, 64, 64, 8, 2, 128),
+    ("dw", _FP32, 80): (64, 32, 32, 8, 2, 64),
+}
+# bf16 with D > 256: the backward kernels hold all of D on chip over 16 warps (within the 1 KiB of spills allowed
+# there) rather than split D over programs that each recompute the logits. fp16 (a hi + lo pair) and fp32 (tf32x3)
+# spill 10-16 KiB that way: they split D.
+_GPU_TILES_WIDE = {(kernel, _BF16, arch): (64, 64, 64, 16, 2, 512) for kernel in ("dx", "dw") for arch in (80, 90)}
+
+
+def device_arch(device) -> int | None:
+    """The architecture the tile table is keyed on: 90 (Hopper and later) or 80; None under the interpreter."""
     if INTERPRET:
-        bn, bc, bd, warps, stages = 16, 16, 64, 1, 1
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+def tile_config(kernel: str, arch: int | None, dtype: torch.dtype, d: int, k: int, block_n=None, block_c=None,
+                block_d=None) -> TileConfig:
+    """Tiles of `kernel` ("fwd", "dx" or "dw") for dot operands of `dtype`, embedding width d and K proxies a
+    class, on `arch` (None: the interpreter, whose cost is per op: small fixed tiles). The backward kernels compute
+    the logits of all K proxies of a class at once, padded to K_PAD = next_power_of_2(K) slots: the default tile
+    holds 64 proxy slots (64 // K_PAD classes). The overrides (LSESpec's block_rows, block_classes, block_d)
+    replace the table's values."""
+    k_pad = triton.next_power_of_2(k)
+    if arch is None:
+        bn, bc, bd, warps, stages, out = 16, 16, 64, 1, 1, 1 << 30
     else:
-        bn, bc, bd, warps, stages = 64, 64, (32 if x.element_size() >= 4 else 64), 8, 3
+        key = (kernel, dtype if dtype in (_BF16, _FP16) else _FP32, arch)
+        wide = triton.next_power_of_2(d) > 256 and key in _GPU_TILES_WIDE
+        bn, slots, bd, warps, stages, out = (_GPU_TILES_WIDE if wide else _GPU_TILES)[key]
+        bc = slots if kernel == "fwd" else max(1, slots // k_pad)
     bd = min(bd, max(16, triton.next_power_of_2(d)))  # tl.dot needs every tile dimension >= 16
-    return TileConfig(block_n or bn, block_c or bc, block_d or bd, warps, stages)
+    out = min(out, max(16, triton.next_power_of_2(d))) if kernel != "fwd" else 0
+    return TileConfig(block_n or bn, block_c or bc, block_d or bd, warps, stages, out)
 
 
 def num_splits(parallel_tiles: int, streamed_tiles: int, device, requested=None, cap=None) -> int:
@@ -62,16 +113,55 @@ def num_splits(parallel_tiles: int, streamed_tiles: int, device, requested=None,
     return triton.cdiv(streamed_tiles, triton.cdiv(streamed_tiles, splits))
 
 
+def constexprs(fn, cfg: TileConfig, k: int, row: bool, op: torch.dtype, precision: str, acc=torch.float32,
+               has_bias=True, norm_x=True, norm_w=True) -> dict:
+    """The constexpr arguments of class_lse kernel `fn` for tiles `cfg`, K proxies a class, the reduction (row),
+    dot operands of dtype `op` at `precision`, the accumulation dtype and the features; launchers and
+    compile_cases both build them here."""
+    values = dict(K=k, K_PAD=triton.next_power_of_2(k), ROW_REDUCE=row, HAS_BIAS=has_bias, NORM_X=norm_x,
+                  RAW_X=norm_x and op == torch.float16, NORM_W=norm_w, ACC=_TL_DTYPES[acc], OP=_TL_DTYPES[op],
+                  PRECISION=precision,
+                  SPLIT_FP16=op == torch.float16, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d,
+                  BLOCK_OUT=cfg.block_out)
+    return {name: value for name, value in values.items() if name in fn.arg_names}
+
+
+_SIGNATURE_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+                     torch.int64: "i64"}
+
+
+def compile_case(fn, consts: dict, cfg: TileConfig, pointers: dict, has_dot=True, **config) -> dict:
+    """One entry of a module's compile_cases (tools/kernel_report.py): kernel `fn` with the constexprs `consts`
+    as its launcher specialises it. pointers: {argument: torch dtype} for the pointer arguments that are not fp32;
+    the scalars scale, shift, inv_gamma and eps are fp32, the other integers i32, and the strides along D
+    (stride_*d) are 1, which the launcher passes as the constant 1. `config`: extra JSON-able launch facts."""
+    consts = dict(consts, **{a: 1 for a in fn.arg_names if a.startswith("stride_") and a.endswith("d")})
+
+    def arg_type(name):
+        if name in consts:
+            return "constexpr"
+        if name.endswith("_ptr"):
+            return "*" + _SIGNATURE_DTYPES[pointers.get(name, torch.float32)]
+        return "fp32" if name in ("scale", "shift", "inv_gamma", "eps") else "i32"
+
+    return {"kernel": fn.__name__, "fn": fn, "signature": {a: arg_type(a) for a in fn.arg_names},
+            "constexprs": consts, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+            "config": dict(asdict(cfg), **config), "has_dot": has_dot}
+
+
+def case_precision(precision: str) -> str:
+    """The PRECISION constexpr for compile_cases' `precision` ("native" for half types: not an input_precision)."""
+    return "ieee" if precision == "native" else precision
+
+
 def dtypes(x: torch.Tensor, w: torch.Tensor):
-    """(accumulation torch dtype, the same as a tl dtype, tl.dot operand dtype, input_precision) for x, w.
+    """(accumulation torch dtype, the same as a tl dtype, dot operand torch dtype, input_precision) for x, w.
 
     Accumulation is fp32 (fp64 for fp64 inputs). Operands keep the input dtype when x and w share it (tensor cores
-    for fp16/bf16), else both are upcast. fp32 dots follow torch's matmul precision setting, so that a Triton/torch
-    comparison in one process compares like with like: "highest" -> exact fp32 ("ieee"), otherwise TF32."""
+    for fp16/bf16), else both are upcast."""
     acc = compute_dtype(x.dtype, w.dtype)
     op = x.dtype if x.dtype == w.dtype else acc
-    precision = "ieee" if op != torch.float32 or torch.get_float32_matmul_precision() == "highest" else "tf32"
-    return acc, _TL_DTYPES[acc], _TL_DTYPES[op], precision
+    return acc, _TL_DTYPES[acc], op, input_precision(op)
 
 
 @triton.jit
@@ -128,26 +218,59 @@ def inv_norms(t: torch.Tensor, acc: torch.dtype):
 class Problem:
     """One class_lse call prepared for the kernels: inputs, the spec (metricloss_kernels.lse.LSESpec), dtypes,
     tiles, and the normalisations (recomputed by the backward rather than saved): x^ = x normalised, O(N*D), in the
-    dot operand dtype (the kernels read it as x: `x_in`), with its backward factors gx [N]; for W only its inverse
-    norms rw and backward factors gw [C*K] (never a normalised copy of W)."""
+    dot operand dtype (the kernels read it as x: `x_in`; fp16: x itself and its inverse norms rx [N]), with its
+    backward factors gx [N]; for W only its inverse norms rw and backward factors gw [C*K] (never a normalised
+    copy of W)."""
 
     def __init__(self, x, w, labels, bias, spec):
         self.x, self.w, self.labels, self.bias, self.spec = x, w, labels.contiguous(), bias, spec
         self.n, self.d = x.shape
         self.k = spec.centers_per_class
         self.c = w.shape[0] // self.k
-        self.acc, self.acc_tl, self.op_tl, self.precision = dtypes(x, w)
+        self.acc, self.acc_tl, self.op, self.precision = dtypes(x, w)
+        self.op_tl = _TL_DTYPES[self.op]
         self.normalize_x, self.normalize_w = spec.normalize_x, spec.normalize_w
         self.scale, self.shift, self.inv_gamma = spec.scale, spec.shift, 1.0 / spec.gamma
-        self.cfg = tile_config(x, spec.block_rows or None, spec.block_classes or None, spec.block_d or None)
+        self.arch = device_arch(x.device)
         self.splits = spec.num_splits or None
-        if self.normalize_x:
-            self.x_hat, self.gx = unit_rows(x, self.acc)
-            self.x_in = self.x_hat.to(x.dtype if x.dtype == w.dtype else self.acc)  # the dot operand dtype
+        # fp16 rows go into the dots as they are (exact), their inverse norms rx applied to the logits in fp32 like
+        # W's: x^ rounded to fp16 is off by 2^-11 relative, and where x^ ~ w^ the gradient, a difference of two such
+        # terms, is all rounding. (No product of fp16 values overflows the fp32 accumulator; bf16 and fp32 rows
+        # could, so they go in normalised.)
+        self.raw_x = self.normalize_x and self.op == torch.float16
+        self.rx = None
+        if self.raw_x:
+            self.x_in = x
+            self.rx, self.gx = inv_norms(x, self.acc)
+        elif self.normalize_x:
+            x_hat, self.gx = unit_rows(x, self.acc)
+            self.x_in = x_hat.to(self.op)
         else:
-            self.x_hat = self.gx = None
+            self.gx = None
             self.x_in = x
         self.rw, self.gw = inv_norms(w, self.acc) if self.normalize_w else (None, None)
         # Kernels ignore the pointers of disabled features; x stands in for them.
-        self.bias_arg, self.gx_arg, self.rw_arg, self.gw_arg = (
-            x if t is None else t for t in (bias, self.gx, self.rw, self.gw))
+        self.bias_arg, self.gx_arg, self.rx_arg, self.rw_arg, self.gw_arg = (
+            x if t is None else t for t in (bias, self.gx, self.rx, self.rw, self.gw))
+
+    def config(self, kernel: str) -> TileConfig:
+        """The tiles of `kernel` ("fwd", "dx", "dw") for this problem, with the spec's overrides."""
+        s = self.spec
+        return tile_config(kernel, self.arch, self.op, self.d, self.k, s.block_rows or None,
+                           s.block_classes or None, s.block_d or None)
+
+    def launch_meta(self, fn, cfg: TileConfig) -> dict:
+        """The constexprs and launch options of kernel `fn` with tiles `cfg` for this problem."""
+        return dict(constexprs(fn, cfg, self.k, self.spec.row, self.op, self.precision, self.acc,
+                               self.bias is not None, self.normalize_x, self.normalize_w),
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def compile_cases(D: int, K: int, reduce: str, dtype: torch.dtype, precision: str, arch: int) -> list[dict]:
+    """tools/kernel_report.py's cases of this module: the inverse-norm kernel (no dot) as inv_norms launches it on
+    W of `dtype` (it does not depend on K, reduce or precision: served for K = 1, reduce="row" only)."""
+    if K != 1 or reduce != "row":
+        return []
+    cfg = TileConfig(32, 0, min(256, max(16, triton.next_power_of_2(D))), 4, 3)
+    consts = dict(ACC=tl.float32, BLOCK_R=cfg.block_n, BLOCK_D=cfg.block_d)
+    return [compile_case(_inv_norm_kernel, consts, cfg, {"t_ptr": dtype}, has_dot=False)]

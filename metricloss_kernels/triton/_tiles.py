@@ -2,85 +2,105 @@
 backward.
 
 For rows i (embeddings x) and classes c of the tile, with K proxies per class (row c*K + k of W):
-    l[i, c, k] = rw_{cK+k} * <x_i, w_{cK+k}>        (rw: inverse norms, or 1 when W is not normalised)
-x arrives normalised when the op normalises it (x^, computed by _numerics.unit_rows): |<x^, w>| <= ||w||, so no dot
-overflows while the proxies' norms are finite.
+    l[i, c, k] = rx_i * rw_{cK+k} * <x_i, w_{cK+k}>   (rx, rw: inverse norms, or 1 when not normalised)
+x arrives normalised when the op normalises it (x^, computed by _numerics.unit_rows; rx = 1): |<x^, w>| <= ||w||, so
+no dot overflows while the proxies' norms are finite. fp16 x arrives as it is, with its inverse norms rx: exact
+operands, and no product of fp16 values overflows the fp32 accumulator.
     S[i, c]    = sum_k softmax_k(l / gamma) * l            (S = l when K == 1)
     z[i, c]    = scale * S + shift (+ bias_c)
-The softmax over k is an online loop, one tl.dot per proxy slot k on the rows c*K + k, so a tile never holds more
-than three BLOCK_N x BLOCK_C accumulators whatever K is.
+The forward's softmax over k is an online loop, one tl.dot per proxy slot k on the rows c*K + k, so a tile never
+holds more than three BLOCK_N x BLOCK_C accumulators whatever K is. The backward (_tile_grads) needs every slot's
+logits at once (dS/dl_k takes the softmax's final max and sum): one tl.dot over the tile's K_PAD * BLOCK_C proxy
+slots (K padded to a power of two), viewed as [BLOCK_N, K_PAD, BLOCK_C] for the softmax.
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _load_inv(ptr, offs, n, ENABLED: tl.constexpr, ACC: tl.constexpr):
-    """Inverse norms at offs (1 outside [0, n) and when normalisation is off)."""
+def _load_inv(ptr, offs, mask, ENABLED: tl.constexpr, ACC: tl.constexpr):
+    """Inverse norms at offs (1 where ~mask and when normalisation is off)."""
     if ENABLED:
-        inv = tl.load(ptr + offs, mask=offs < n, other=1.0).to(ACC)
+        inv = tl.load(ptr + offs, mask=mask, other=1.0).to(ACC)
     else:
         inv = tl.full(offs.shape, 1.0, ACC)
     return inv
 
 
 @triton.jit
-def _proxy_logits(
+def _dots(
     x_ptr, w_ptr,  # [N, D] embeddings (normalised if the op normalises them), [C*K, D] proxies
-    rw_ptr,  # [C*K] inverse norms of the proxies (read only if NORM_W)
+    offs_n, p,  # the tile's rows [BLOCK_N] and proxy rows [BLOCK_P] (int64)
+    n_ok, p_ok,  # their masks
+    D, stride_xn, stride_xd, stride_wp, stride_wd,
+    ACC: tl.constexpr,  # accumulation dtype (fp32, fp64 for fp64 inputs)
+    OP: tl.constexpr,  # tl.dot operand dtype
+    PRECISION: tl.constexpr,  # tl.dot input_precision (_common.input_precision)
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """<x_i, w_p>: [BLOCK_N, BLOCK_P], D streamed in BLOCK_D chunks (0 outside the masks)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    x_ptrs = x_ptr + offs_n.to(tl.int64)[:, None] * stride_xn + offs_d[None, :] * stride_xd
+    w_ptrs = w_ptr + p[:, None] * stride_wp + offs_d[None, :] * stride_wd
+    acc = tl.zeros((BLOCK_N, BLOCK_P), dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        d_ok = (d0 + offs_d) < D
+        xt = tl.load(x_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(OP)
+        wt = tl.load(w_ptrs, mask=p_ok[:, None] & d_ok[None, :], other=0.0).to(OP)
+        acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION, out_dtype=ACC)
+        x_ptrs += BLOCK_D * stride_xd
+        w_ptrs += BLOCK_D * stride_wd
+    return acc
+
+
+@triton.jit
+def _proxy_logits(
+    x_ptr, w_ptr,  # [N, D] embeddings (normalised if the op normalises them, unless RAW_X), [C*K, D] proxies
+    rx_ptr, rw_ptr,  # [N] inverse norms of x (read only if RAW_X), [C*K] of the proxies (read only if NORM_W)
     offs_n, offs_c,  # the tile's rows and classes
     k,  # proxy slot: the tile uses proxy rows c*K + k
     N, C, D,
     stride_xn, stride_xd, stride_wp, stride_wd,
-    K: tl.constexpr, NORM_W: tl.constexpr,
-    ACC: tl.constexpr,  # accumulation dtype (fp32, fp64 for fp64 inputs)
-    OP: tl.constexpr,  # tl.dot operand dtype
-    PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 operands
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    K: tl.constexpr, RAW_X: tl.constexpr, NORM_W: tl.constexpr, ACC: tl.constexpr, OP: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """l[i, c] = rw_p * <x_i, w_p>, p = c*K + k: [BLOCK_N, BLOCK_C], D streamed in BLOCK_D chunks."""
-    offs_d = tl.arange(0, BLOCK_D)
+    """l[i, c] = rx_i * rw_p * <x_i, w_p>, p = c*K + k: [BLOCK_N, BLOCK_C]."""
     p = offs_c.to(tl.int64) * K + k
-    n_ok = offs_n < N
     c_ok = offs_c < C
-    x_ptrs = x_ptr + offs_n.to(tl.int64)[:, None] * stride_xn + offs_d[None, :] * stride_xd
-    w_ptrs = w_ptr + p[:, None] * stride_wp + offs_d[None, :] * stride_wd
-    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=ACC)
-    for d0 in range(0, D, BLOCK_D):
-        d_ok = (d0 + offs_d) < D
-        xt = tl.load(x_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(OP)
-        wt = tl.load(w_ptrs, mask=c_ok[:, None] & d_ok[None, :], other=0.0).to(OP)
-        acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION, out_dtype=ACC)
-        x_ptrs += BLOCK_D * stride_xd
-        w_ptrs += BLOCK_D * stride_wd
+    acc = _dots(x_ptr, w_ptr, offs_n, p, offs_n < N, c_ok, D, stride_xn, stride_xd, stride_wp, stride_wd,
+                ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
     # Scaling the logits by the inverse norms is O(BLOCK_N * BLOCK_C); a normalised copy of W would be O(C*K*D).
-    rw = _load_inv(rw_ptr, p, C * K, NORM_W, ACC)
-    return acc * rw[None, :]
+    return _scale_logits(acc, rx_ptr, rw_ptr, offs_n, p, offs_n < N, c_ok, RAW_X, NORM_W, ACC)
+
+
+@triton.jit
+def _scale_logits(acc, rx_ptr, rw_ptr, offs_n, p, n_ok, p_ok, RAW_X: tl.constexpr, NORM_W: tl.constexpr,
+                  ACC: tl.constexpr):
+    """The dots <x_i, w_p> [BLOCK_N, BLOCK_P] times the inverse norms that were not applied to the operands."""
+    return acc * _load_inv(rx_ptr, offs_n, n_ok, RAW_X, ACC)[:, None] * _load_inv(rw_ptr, p, p_ok, NORM_W, ACC)[None, :]
 
 
 @triton.jit
 def _class_similarity(
-    x_ptr, w_ptr, rw_ptr, offs_n, offs_c, N, C, D,
+    x_ptr, w_ptr, rx_ptr, rw_ptr, offs_n, offs_c, N, C, D,
     stride_xn, stride_xd, stride_wp, stride_wd,
     inv_gamma,  # 1 / gamma
-    K: tl.constexpr, NORM_W: tl.constexpr, ACC: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    K: tl.constexpr, RAW_X: tl.constexpr, NORM_W: tl.constexpr, ACC: tl.constexpr, OP: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """(S, m, den) for the tile: S = sum_k softmax_k(l / gamma) l by an online softmax over k, m = max_k l / gamma,
-    den = sum_k exp(l / gamma - m); the backward rebuilds softmax_k = exp(l_k / gamma - m) / den from them.
-    For K == 1, S = l and m, den are unused."""
-    s_cls = _proxy_logits(x_ptr, w_ptr, rw_ptr, offs_n, offs_c, 0, N, C, D,
+    """S = sum_k softmax_k(l / gamma) l for the tile, by an online softmax over k (S = l for K == 1)."""
+    s_cls = _proxy_logits(x_ptr, w_ptr, rx_ptr, rw_ptr, offs_n, offs_c, 0, N, C, D,
                           stride_xn, stride_xd, stride_wp, stride_wd,
-                          K, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
-    # Seeding the running max with slot 0 keeps every exp() argument finite (no -inf - -inf).
-    m = s_cls * inv_gamma
-    den = tl.full((BLOCK_N, BLOCK_C), 1.0, ACC)
+                          K, RAW_X, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
     if K > 1:
+        # Seeding the running max with slot 0 keeps every exp() argument finite (no -inf - -inf).
+        m = s_cls * inv_gamma
+        den = tl.full((BLOCK_N, BLOCK_C), 1.0, ACC)
         num = s_cls  # sum_k exp(l_k / gamma - m) * l_k
         for k in range(1, K):
-            l = _proxy_logits(x_ptr, w_ptr, rw_ptr, offs_n, offs_c, k, N, C, D,
+            l = _proxy_logits(x_ptr, w_ptr, rx_ptr, rw_ptr, offs_n, offs_c, k, N, C, D,
                               stride_xn, stride_xd, stride_wp, stride_wd,
-                              K, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
+                              K, RAW_X, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
             m_new = tl.maximum(m, l * inv_gamma)
             alpha = tl.exp(m - m_new)
             e = tl.exp(l * inv_gamma - m_new)
@@ -88,7 +108,7 @@ def _class_similarity(
             num = num * alpha + e * l
             m = m_new
         s_cls = num / den
-    return s_cls, m, den
+    return s_cls
 
 
 @triton.jit
@@ -115,26 +135,74 @@ def _grad_z(z, terms, lse, g):
 
 
 @triton.jit
-def _slot_logits_grad(
-    x_ptr, w_ptr, rw_ptr, offs_n, offs_c,
-    k,  # proxy slot
-    s_cls, m, den,  # the tile's (S, m, den) from _class_similarity
-    d_s,  # dL/dS on the tile
+def _tile_proxies(c0, C, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The proxy slots of the class tile starting at class c0, slot-major: slot j is proxy j // BLOCK_C of class
+    c0 + j % BLOCK_C. (its row of W [K_PAD * BLOCK_C] int64, in bounds and k < K [K_PAD * BLOCK_C])."""
+    j = tl.arange(0, K_PAD * BLOCK_C)
+    cls = c0 + j % BLOCK_C
+    k = j // BLOCK_C
+    return cls.to(tl.int64) * K + k, (cls < C) & (k < K)
+
+
+@triton.jit
+def _tile_grads(
+    x_ptr, w_ptr, bias_ptr, rx_ptr, rw_ptr,
+    offs_n,  # [BLOCK_N] the tile's rows
+    c0,  # its first class (classes c0 .. c0 + BLOCK_C - 1)
+    labels,  # [BLOCK_N] the rows' labels
+    lse, g,  # the saved LSE and the upstream gradient: [BLOCK_N, 1] (row reduce) or [1, BLOCK_C] (col reduce)
     N, C, D,
     stride_xn, stride_xd, stride_wp, stride_wd,
-    inv_gamma,  # 1 / gamma
-    K: tl.constexpr, NORM_W: tl.constexpr, ACC: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr,
+    scale, shift, inv_gamma,  # z = scale * S + shift (+ bias); 1 / gamma
+    K: tl.constexpr, K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, RAW_X: tl.constexpr, NORM_W: tl.constexpr,
+    ACC: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """(l_k, dL/dl_k) of proxy slot k on the tile, from dL/dS: dS/dl_k = p_k * (1 + (l_k - S) / gamma) with
-    p_k = softmax_k(l / gamma). For K > 1 the slot's logits are recomputed (a second pass over the slots: the
-    softmax weights need the final (m, den) of the first); for K == 1, l = S and dl = dL/dS."""
-    l = s_cls
-    dl = d_s
+    """The tile's logits recomputed from the inputs and their gradient, all K slots in one pass:
+    (l, dl, dz): l and dl = dL/dl [BLOCK_N, K_PAD * BLOCK_C] on the slots of _tile_proxies (0 on padding),
+    dz = dL/dz [BLOCK_N, BLOCK_C]. dS/dl_k = p_k * (1 + (l_k - S) / gamma), p_k = softmax_k(l / gamma)."""
+    BLOCK_P: tl.constexpr = K_PAD * BLOCK_C
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    p, p_ok = _tile_proxies(c0, C, K, K_PAD, BLOCK_C)
+    l = _dots(x_ptr, w_ptr, offs_n, p, offs_n < N, p_ok, D, stride_xn, stride_xd, stride_wp, stride_wd,
+              ACC, OP, PRECISION, BLOCK_N, BLOCK_P, BLOCK_D)
+    l = _scale_logits(l, rx_ptr, rw_ptr, offs_n, p, offs_n < N, p_ok, RAW_X, NORM_W, ACC)
     if K > 1:
-        l = _proxy_logits(x_ptr, w_ptr, rw_ptr, offs_n, offs_c, k, N, C, D,
-                          stride_xn, stride_xd, stride_wp, stride_wd,
-                          K, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
-        p = tl.exp(l * inv_gamma - m) / den
-        dl = d_s * p * (1.0 + (l - s_cls) * inv_gamma)
-    return l, dl
+        l3 = tl.reshape(l, (BLOCK_N, K_PAD, BLOCK_C))
+        t = tl.where((tl.arange(0, K_PAD) < K)[None, :, None], l3 * inv_gamma, float("-inf"))
+        e = tl.exp(t - tl.max(t, axis=1)[:, None, :])  # 0 on the padding slots
+        prob = e / tl.sum(e, axis=1)[:, None, :]
+        s_cls = tl.sum(prob * l3, axis=1)
+    else:
+        s_cls = l
+    z = _logits_z(s_cls, offs_c, bias_ptr, C, scale, shift, HAS_BIAS)
+    dz = _grad_z(z, _lse_terms(offs_n, offs_c, labels, N, C), lse, g)
+    if K > 1:
+        dl = tl.reshape((dz * scale)[:, None, :] * prob * (1.0 + (l3 - s_cls[:, None, :]) * inv_gamma),
+                        (BLOCK_N, BLOCK_P))
+    else:
+        dl = dz * scale
+    return l, dl, dz
+
+
+@triton.jit
+def _grad_dot(a, b, acc, OP: tl.constexpr, PRECISION: tl.constexpr, SPLIT_FP16: tl.constexpr):
+    """acc + a @ b for a gradient GEMM, a [M, R] in the accumulation dtype, b [R, S] already in OP.
+
+    SPLIT_FP16 (fp16 operands): each row of a is prescaled by a power of two to a maximum in [1, 2) (small entries,
+    dL/dl times an inverse proxy norm, would otherwise be fp16 subnormals of a few bits), then split into two fp16
+    terms, hi + lo (22 bits, two MMAs), and the product scaled back in fp32. Where x ~ w a gradient is the
+    difference of two nearly equal terms, one of them this product: rounded to fp16's 11 bits, the difference is
+    rounding, of the order of 2^-11 * scale (the fused fp16 ArcFace gradients were several percent off)."""
+    if SPLIT_FP16:
+        amax = tl.max(tl.abs(a), axis=1)
+        # (a row below 1e-30 keeps its scale: 2^100 and more would overflow, and its products are 0 in fp16 anyway)
+        e = tl.floor(tl.log2(tl.where(amax > 1e-30, amax, 1.0)))[:, None]
+        a = a * tl.exp2(-e)
+        hi = a.to(OP)
+        prod = tl.dot(hi, b, input_precision=PRECISION, out_dtype=acc.dtype)
+        prod = tl.dot((a - hi.to(a.dtype)).to(OP), b, prod, input_precision=PRECISION, out_dtype=acc.dtype)
+        acc += prod * tl.exp2(e)
+    else:
+        acc = tl.dot(a.to(OP), b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+    return acc

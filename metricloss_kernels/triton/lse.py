@@ -2,17 +2,13 @@
 
 reduce="row" (ROW_REDUCE): out_i = LSE_{c != labels_i} z[i, c] over classes, per row of x (the row-wise losses).
 One program per (row tile, split of the class tiles) streams its classes with a running (max, sum) per row.
-Backward (_backward.py): _dx_kernel (row tiles own dX) and _dw_kernel (class tiles own dW and dbias, looping over
-the rows); no atomics, at the price of recomputing the logits once per gradient. The row reduce has few row tiles
-and many class tiles, so dX by atomics from the class-tile programs would add O(C/BLOCK_C * N * D) atomic traffic
-for that one saved pass.
 
 reduce="col": out_c = LSE_{i : labels_i != c} z[i, c] over rows, per class (the class-wise losses). One program per
-(class tile, split of the row tiles) loops over its rows with a running (max, sum) per class. Backward: _dw_kernel
-per class tile, looping over the batch: dW and dbias are tile-local, and dX, which sums over every class tile, is
-accumulated by atomics from the same programs (one recomputation). Under torch.use_deterministic_algorithms(True)
-dX comes instead from _dx_kernel (row tiles own their dX and loop over the classes in a fixed order): no atomics,
-bit-reproducible, one more recomputation.
+(class tile, split of the row tiles) loops over its rows with a running (max, sum) per class.
+
+The backward of both (_backward.py): _dx_kernel (row tiles own dX, looping over the classes) and _dw_kernel (class
+tiles own dW and dbias, looping over the rows); no atomics, deterministic, at the price of recomputing the logits
+once per gradient.
 
 The splits' partial LSEs ([num_splits, N] or [num_splits, C]) are merged by one logsumexp (FlashDecoding style), so
 that a few output tiles still fill the GPU.
@@ -31,7 +27,7 @@ def _lse_fwd_kernel(
     w_ptr,  # [C*K, D] proxies, class-major
     bias_ptr,  # [C] class bias (read only if HAS_BIAS)
     labels_ptr,  # [N] int64: row i is left out of class labels_i's LSE terms
-    rw_ptr,  # [C*K] inverse norms of w (read only if NORM_W)
+    rx_ptr, rw_ptr,  # [N] inverse norms of x (read only if RAW_X), [C*K] of w (read only if NORM_W)
     lse_ptr,  # [num_splits, N] if ROW_REDUCE else [num_splits, C], out: LSE over the split's terms (-inf if empty)
     N, C, D,
     tiles_per_split,  # streamed tiles (class tiles if ROW_REDUCE, else row tiles) per program
@@ -39,7 +35,9 @@ def _lse_fwd_kernel(
     scale, shift, inv_gamma,  # z = scale * S + shift (+ bias); 1 / gamma
     K: tl.constexpr,  # proxies per class
     ROW_REDUCE: tl.constexpr,  # LSE over classes per row (else over rows per class)
-    HAS_BIAS: tl.constexpr, NORM_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RAW_X: tl.constexpr,  # x comes as it is (fp16), with its inverse norms rx
+    NORM_W: tl.constexpr,
     ACC: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr,  # accumulation / dot operand dtypes
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -67,9 +65,9 @@ def _lse_fwd_kernel(
         else:
             offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
             labels = tl.load(labels_ptr + offs_n, mask=offs_n < N, other=-1)
-        s_cls, _, _ = _class_similarity(x_ptr, w_ptr, rw_ptr, offs_n, offs_c, N, C, D,
-                                        stride_xn, stride_xd, stride_wp, stride_wd, inv_gamma,
-                                        K, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
+        s_cls = _class_similarity(x_ptr, w_ptr, rx_ptr, rw_ptr, offs_n, offs_c, N, C, D,
+                                  stride_xn, stride_xd, stride_wp, stride_wd, inv_gamma,
+                                  K, RAW_X, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
         z = _logits_z(s_cls, offs_c, bias_ptr, C, scale, shift, HAS_BIAS)
         z = tl.where(_lse_terms(offs_n, offs_c, labels, N, C), z, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=AXIS))
@@ -82,25 +80,30 @@ def _lse_fwd_kernel(
     tl.store(lse_ptr + pid_s * n_out + offs_out, lse, mask=offs_out < n_out)
 
 
-def lse_forward(p: "_common.Problem", row_reduce: bool) -> torch.Tensor:
-    """LSE per row ([N], row_reduce) or per class ([C]) in the accumulation dtype."""
-    cfg = p.cfg
+def lse_forward(p: "_common.Problem") -> torch.Tensor:
+    """LSE per row ([N], reduce="row") or per class ([C]) in the accumulation dtype."""
+    cfg, row_reduce = p.config("fwd"), p.spec.row
     row_tiles, class_tiles = triton.cdiv(p.n, cfg.block_n), triton.cdiv(p.c, cfg.block_c)
     out_tiles, streamed_tiles, n_out = (row_tiles, class_tiles, p.n) if row_reduce else (class_tiles, row_tiles, p.c)
     splits = _common.num_splits(out_tiles, streamed_tiles, p.x.device, p.splits)
     partial = torch.empty((splits, n_out), dtype=p.acc, device=p.x.device)
     _lse_fwd_kernel[(out_tiles, splits)](
-        p.x_in, p.w, p.bias_arg, p.labels, p.rw_arg, partial,
+        p.x_in, p.w, p.bias_arg, p.labels, p.rx_arg, p.rw_arg, partial,
         p.n, p.c, p.d, triton.cdiv(streamed_tiles, splits),
         p.x_in.stride(0), p.x_in.stride(1), p.w.stride(0), p.w.stride(1),
-        p.scale, p.shift, p.inv_gamma,
-        K=p.k, ROW_REDUCE=row_reduce, HAS_BIAS=p.bias is not None, NORM_W=p.normalize_w,
-        ACC=p.acc_tl, OP=p.op_tl, PRECISION=p.precision,
-        BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        p.scale, p.shift, p.inv_gamma, **p.launch_meta(_lse_fwd_kernel, cfg))
     return partial[0] if splits == 1 else torch.logsumexp(partial, dim=0)
 
 
 def forward(x, w, labels, bias, spec):
     """The op's forward on the kernels (argument order of metricloss_kernels.lse): [N] or [C], accumulation dtype."""
-    return lse_forward(_common.Problem(x, w, labels, bias, spec), spec.row)
+    return lse_forward(_common.Problem(x, w, labels, bias, spec))
+
+
+def compile_cases(D: int, K: int, reduce: str, dtype: torch.dtype, precision: str, arch: int) -> list[dict]:
+    """tools/kernel_report.py's cases of this module: the forward kernel as lse_forward specialises it for inputs
+    of `dtype` with a bias and normalised proxies."""
+    cfg = _common.tile_config("fwd", arch, dtype, D, K)
+    consts = _common.constexprs(_lse_fwd_kernel, cfg, K, reduce == "row", dtype, _common.case_precision(precision))
+    pointers = {"x_ptr": dtype, "w_ptr": dtype, "bias_ptr": dtype, "labels_ptr": torch.int64}
+    return [_common.compile_case(_lse_fwd_kernel, consts, cfg, pointers)]
