@@ -14,8 +14,9 @@ Signatures are those of `metricloss_kernels.reference` plus the keywords `lse`, 
 process group (then the embeddings and labels are the gathered batch, the proxies this rank's; every class-wise sum,
 count, target logit and row LSE goes through `part`, see metricloss_kernels/distributed.py). Inputs are assumed
 valid (the functional layer validates). No tensor data is read on the host: every shape follows from the inputs'
-shapes. fp16/bf16 inputs are computed in fp32 (W is never copied whole for that: the op converts it tile by tile),
-autocast is off inside, and the loss comes back in `_numerics.result_dtype` of the embeddings.
+shapes. fp16/bf16 inputs are computed in fp32: the op converts W tile by tile; on the chunked backend the functional
+layer casts the inputs on entry all the same, so that their gradient terms are summed in fp32 (`_numerics`). Autocast
+is off inside, and the loss comes back in `_numerics.result_dtype` of the embeddings.
 """
 import math
 
