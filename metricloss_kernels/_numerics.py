@@ -5,7 +5,13 @@ included), and the row normalisation x / max(||x||, NORM_EPS) with its backward.
 - A loss returns the embeddings' dtype, except under an enabled `torch.autocast` for their device, where it
   returns the compute dtype (fp32), as torch's own losses do under autocast (`result_dtype`). Autocast never
   lowers the precision inside a loss: the losses run with it disabled (`upcast`, `fp32_region`).
-- Gradients come back in each input's own dtype (autograd does that through the casts).
+- Gradients come back in each input's own dtype (autograd does that through the casts), summed over the input's
+  uses in the compute dtype and rounded once: autograd adds the gradient terms of a tensor in its own dtype, so a
+  half-precision input used by several terms (the LSE, the target logits, R(W)) would have each term rounded before
+  the sum, and terms that cancel would keep only their rounding errors (3-15% of the gradient, bf16). So every
+  floating input is cast on entry (`to_compute_dtype`) wherever the computation runs in the compute dtype anyway:
+  the reference (`upcast`) and the streamed losses on the chunked op (functional.py). The Triton op reads half
+  inputs as they are (tensor cores); its gradient terms are rounded to the input dtype before they are summed.
 - Inputs made under torch.inference_mode (e.g. embeddings of a frozen backbone) are accepted by every backend.
 - NaN rule: a loss (a scalar result of `upcast`) is NaN, and so is every gradient that flows through it, when any
   floating tensor input holds a NaN or Inf (`propagate_nonfinite`), whatever the loss would have selected or
@@ -47,8 +53,8 @@ def _no_inference(values) -> tuple:
 def upcast(fn=None, *, inputs: bool = True):
     """Decorator for a loss: run `fn` with autocast off and cast its floating tensor result(s) to `result_dtype` of
     the first floating tensor argument (the embeddings). With `inputs` (the reference), every floating tensor
-    argument is first cast to the common compute dtype; without (the fused losses, which never copy W whole), the
-    function handles its inputs' dtypes itself."""
+    argument is first cast to the common compute dtype; without (the fused losses: whether W is copied whole depends
+    on the backend, functional.py), the function handles its inputs' dtypes itself."""
     if fn is None:
         return functools.partial(upcast, inputs=inputs)
 
@@ -64,9 +70,7 @@ def upcast(fn=None, *, inputs: bool = True):
             # (Eager only: dynamo cannot trace is_inference().)
             args, kwargs = _no_inference(args), dict(zip(kwargs, _no_inference(kwargs.values())))
         if inputs:
-            cd = compute_dtype(*(a.dtype for a in floats))
-            cast = lambda a: a.to(cd) if torch.is_tensor(a) and a.is_floating_point() else a  # noqa: E731
-            args, kwargs = tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+            args, kwargs = to_compute_dtype(args, kwargs)
         with fp32_region(floats[0].device):
             out = fn(*args, **kwargs)
             if torch.is_tensor(out) and out.dim() == 0:
@@ -76,6 +80,16 @@ def upcast(fn=None, *, inputs: bool = True):
         return out.to(out_dtype)
 
     return wrapper
+
+
+def to_compute_dtype(args: tuple, kwargs: dict) -> tuple:
+    """(args, kwargs) with every floating tensor among them cast to their common compute dtype (the others as they
+    are). A cast is one autograd node: the gradient terms of every use of the input are summed after it, in the
+    compute dtype, and rounded to the input's dtype once."""
+    floats = [a for a in (*args, *kwargs.values()) if torch.is_tensor(a) and a.is_floating_point()]
+    cd = compute_dtype(*(a.dtype for a in floats))
+    cast = lambda a: a.to(cd) if torch.is_tensor(a) and a.is_floating_point() else a  # noqa: E731
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
 
 def propagate_nonfinite(loss: torch.Tensor, inputs) -> torch.Tensor:

@@ -33,6 +33,9 @@ from ._numerics import compute_dtype, normalize_backward_, unit_rows
 
 __all__ = ["forward", "backward"]
 
+# forward and backward take the op's row offset (metricloss_kernels.lse): subtracted from the logits in the tiles.
+ROW_OFFSET = True
+
 # Bytes of logits per tile (classes*K x rows). On CPU about a core's L2 for a tile's elementwise passes, and no
 # smaller: each tile costs a few dozen ops of Python, and a fresh workspace per thread (of 2, 3, 4 and 6 MB, 4 MB
 # measured best overall on 2 cores). On GPUs large enough to fill the device.
@@ -79,13 +82,15 @@ class _Tiling:
     Tile layout: for K > 1 a block's proxies are reordered proxy-major ([K, B] rows instead of the class-major
     [B, K]), so the logits come out as [K, B, R] and the reductions over K add K contiguous [B, R] slabs."""
 
-    def __init__(self, x, w, labels, bias, spec, accumulate_x=False):
+    def __init__(self, x, w, labels, bias, spec, offset=None, accumulate_x=False):
         k = spec.centers_per_class
         self.cdtype = compute_dtype(x.dtype, w.dtype)
         self.n, self.num_classes, self.k = x.shape[0], w.shape[0] // k, k
         self.w, self.labels, self.gamma, self.scale = w, labels, spec.gamma, spec.scale
         # A per-column constant moves out of a column LSE: only a row reduction needs the bias inside the tiles.
         self.bias = bias if spec.row else None
+        # minus the row offset, added with the GEMM (K == 1) or the scaling (K > 1): no pass of its own
+        self.row_shift = None if offset is None else -offset.to(self.cdtype)
         self.normalize_w = spec.normalize_w
         self.bounded = spec.normalize_x and spec.normalize_w and 1.0 / spec.gamma <= _MAX_UNSHIFTED_INV_GAMMA
         self.device, self.workspaces = x.device, {}
@@ -146,15 +151,19 @@ class _Tiling:
         z.scatter_(0, index, z.gather(0, index).masked_fill_(inside.unsqueeze(0), float("-inf")))
 
     def logits(self, c0, c1, w_hat, r0, r1, ws, backward=False):
-        """Masked tile z [B, R] (in workspace; scale * S (+ bias for a row reduction), without the shift), and for
-        K > 1 the pieces of S the backward needs.
+        """Masked tile z [B, R] (in workspace; scale * S (+ bias for a row reduction) - the row offset, without the
+        shift), and for K > 1 the pieces of S the backward needs.
 
         K > 1: l' = l / gamma [K, B, R], e = exp(l' - max_k l') (max taken as 0 when bounded), den = sum_k e,
         S' = S / gamma = sum_k e l' / den. Forward only: l' is overwritten by e * l' (not needed afterwards)."""
         b, r = c1 - c0, r1 - r0
         xt = self.x_in[r0:r1].t()
+        shift = None if self.row_shift is None else self.row_shift[None, r0:r1]
         if self.k == 1:
-            z = torch.mm(w_hat, xt, out=ws.get("l", b, r))
+            if shift is None:
+                z = torch.mm(w_hat, xt, out=ws.get("l", b, r))
+            else:
+                z = torch.addmm(shift, w_hat, xt, out=ws.get("l", b, r))
             parts = None
         else:
             l3 = torch.mm(w_hat, xt, out=ws.get("l", self.k * b, r)).view(self.k, b, r)
@@ -167,24 +176,27 @@ class _Tiling:
             el = torch.mul(e, l3, out=ws.get("g", self.k, b, r)) if backward else l3.mul_(e)
             s = el.sum(0).div_(den)  # S' = S / gamma
             parts = (l3, e, den, s)
-            z = torch.mul(s, self.scale * self.gamma, out=ws.get("z", b, r))
+            if shift is None:
+                z = torch.mul(s, self.scale * self.gamma, out=ws.get("z", b, r))
+            else:
+                z = torch.add(shift, s, alpha=self.scale * self.gamma, out=ws.get("z", b, r))
         if self.bias is not None:
             z.add_(self.bias[c0:c1, None].to(self.cdtype))
         self.mask_(z, c0, r0, r1)
         return z, parts
 
 
-def _offset(shift, bias, spec, dtype):
+def _left_out(shift, bias, spec, dtype):
     """What the tiles leave out of the result: the shift, and the bias of a column reduction ([C] or scalar)."""
     if not spec.row and bias is not None:
         return bias.to(dtype) + shift
     return shift
 
 
-def forward(x, w, labels, bias, spec):
-    """class_lse (metricloss_kernels.lse) of x [N, D], w [C*K, D], labels [N], bias [C] or None under `spec`:
-    [N] (row) or [C] (col) in the compute dtype."""
-    t, row = _Tiling(x, w, labels, bias, spec), spec.row
+def forward(x, w, labels, bias, spec, offset=None):
+    """class_lse (metricloss_kernels.lse) of x [N, D], w [C*K, D], labels [N], bias [C] or None under `spec`, with
+    the row offset [N] or None: [N] (row) or [C] (col) in the compute dtype."""
+    t, row = _Tiling(x, w, labels, bias, spec, offset), spec.row
     # A row LSE runs over every class: one partial per group, merged at the end. A column's classes are one tile's.
     out = torch.full((t.groups, t.n) if row else (1, t.num_classes), float("-inf"), dtype=t.cdtype, device=x.device)
 
@@ -199,21 +211,21 @@ def forward(x, w, labels, bias, spec):
 
     t.run(group)
     out = out.logsumexp(0) if out.shape[0] > 1 else out[0]
-    return out.add_(_offset(spec.shift, bias, spec, t.cdtype))
+    return out.add_(_left_out(spec.shift, bias, spec, t.cdtype))
 
 
-def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b):
-    """(dx, dw, dbias) of class_lse for the upstream gradient `grad` and the forward result `out`, each in its
-    input's dtype, or None when not needed."""
+def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b, offset=None):
+    """(dx, dw, dbias) of class_lse for the upstream gradient `grad` and the forward result `out` (of the same
+    offset), each in its input's dtype, or None when not needed."""
     k, row = spec.centers_per_class, spec.row
-    t = _Tiling(x, w, labels, bias, spec, accumulate_x=need_x)
+    t = _Tiling(x, w, labels, bias, spec, offset, accumulate_x=need_x)
     cd = t.cdtype
     empty = out == float("-inf")
     # An empty LSE has no term for its upstream gradient (whatever it is, NaN included) to flow into.
     g = grad.to(cd).masked_fill(empty, 0)
-    # The tiles' z leave out _offset; an empty LSE (-inf) has all its z = -inf, and any finite stand-in makes
+    # The tiles' z leave out _left_out; an empty LSE (-inf) has all its z = -inf, and any finite stand-in makes
     # exp(z - lse) = 0 there, never NaN.
-    lse = (out - _offset(spec.shift, bias, spec, cd)).masked_fill_(empty, 0)
+    lse = (out - _left_out(spec.shift, bias, spec, cd)).masked_fill_(empty, 0)
     # dX sums over every class: one accumulator per group, added at the end. dW and dbias are a tile's own.
     dx_parts = torch.zeros((t.groups, *t.x_hat.shape), dtype=cd, device=x.device) if need_x else None
     dw = torch.empty_like(w) if need_w else None

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from . import _validation as V
 from . import distributed, fused, reference
 from ._backend import BACKENDS, resolve
+from ._numerics import result_dtype, to_compute_dtype
 from .lse import class_lse
 from .polytopes import KINDS, polytope_dim
 
@@ -104,10 +105,14 @@ def _proxy_loss(reference_fn, fused_fn, backend, logits: int, embeddings, labels
         return reference_fn(embeddings, labels, *args, **kwargs)
     lse = reference.class_lse if chosen == "reference" else functools.partial(class_lse, impl=chosen)
     part = distributed.LOCAL
+    out_dtype = result_dtype(embeddings)
     if process_group is not None:
         part = distributed.agree(process_group, embeddings, labels, num_local)
         embeddings, labels = part.gather(embeddings, labels)
-    return fused_fn(embeddings, labels, *args, **kwargs, lse=distributed.sampled(lse, sample_rate), part=part)
+    if chosen in ("chunked", "reference"):  # (compute in fp32 anyway: gradient terms summed in fp32, _numerics)
+        (embeddings, *args), kwargs = to_compute_dtype((embeddings, *args), kwargs)
+    lse = distributed.sampled(lse, sample_rate)
+    return fused_fn(embeddings, labels, *args, **kwargs, lse=lse, part=part).to(out_dtype)
 
 
 def _proxy_inputs(embeddings, labels, proxies, centers_per_class=1, name="proxies", process_group=None):

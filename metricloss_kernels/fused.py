@@ -4,7 +4,8 @@ its implementations: chunked.py, triton/), so that no N x C (or N x C*K) tensor 
 Each loss is O(N) / O(C) torch work around one or two `lse` calls:
 - the target-class similarities S_{i,y_i} are gathered in torch: O(N*K*D);
 - row-wise losses (ProxyNCA, SoftTriple, MPA-DW/AP, ArcFace, CosFace, L2-softmax, polytopes) combine the row LSE over
-  the other classes with the target logit t_i: CE_i = logaddexp(lse_i, t_i) - t_i;
+  the other classes with the target logit t_i: CE_i = softplus(r_i), r_i = LSE_{c != y_i} z_ic - t_i taken relative to
+  t_i inside the op (`_relative_row_lse`);
 - class-wise losses (ProxyAnchor, MPA, proxy-repel) take their negative term from the column LSE and their positive
   term from a segment log-sum-exp over the samples of each class (scatters into [C] buffers, O(N + C));
 - R(W) is streamed over blocks of classes too (bmm of [B, K, D] blocks), forward and backward.
@@ -14,8 +15,9 @@ Signatures are those of `metricloss_kernels.reference` plus the keywords `lse`, 
 process group (then the embeddings and labels are the gathered batch, the proxies this rank's; every class-wise sum,
 count, target logit and row LSE goes through `part`, see metricloss_kernels/distributed.py). Inputs are assumed
 valid (the functional layer validates). No tensor data is read on the host: every shape follows from the inputs'
-shapes. fp16/bf16 inputs are computed in fp32 (W is never copied whole for that: the op converts it tile by tile),
-autocast is off inside, and the loss comes back in `_numerics.result_dtype` of the embeddings.
+shapes. fp16/bf16 inputs are computed in fp32: the op converts W tile by tile; on the chunked backend the functional
+layer casts the inputs on entry all the same, so that their gradient terms are summed in fp32 (`_numerics`). Autocast
+is off inside, and the loss comes back in `_numerics.result_dtype` of the embeddings.
 """
 import math
 
@@ -88,9 +90,18 @@ def _target_similarity(x_hat, proxies, labels, k, gamma):
     return l.squeeze(1) if k == 1 else (torch.softmax(l / gamma, dim=-1) * l).sum(-1)
 
 
-def _row_ce(lse: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """mean_i CE_i with CE_i = LSE(all logits) - t_i = logaddexp(lse_i, t_i) - t_i (lse_i over the other classes)."""
-    return (torch.logaddexp(lse, target) - target).mean()
+def _relative_row_lse(lse, part, embeddings, weight, labels, target, **kwargs):
+    """r_i = LSE_{c != y_i} z_ic - t_i [N] for the target logits t [N]: the op subtracts t from the logits inside the
+    LSE (its `offset`), so r is exact at any magnitude of the logits (an LSE taken first keeps nothing of a CE below
+    the last bit of |t|: with |t| = 1e31, log C became 0). t enters the op as a constant and its gradient, -1, is
+    added here, where every rank of a sharded loss has it (`part.row_lse` gathers the ranks' relative LSEs)."""
+    t = target.detach()
+    return part.row_lse(lse(embeddings, weight, labels, reduce="row", offset=t, **kwargs)) + (t - target)
+
+
+def _row_ce(*args, **kwargs) -> torch.Tensor:
+    """mean_i CE_i, CE_i = LSE_c z_ic - t_i = softplus(r_i) (arguments of `_relative_row_lse`)."""
+    return softplus(_relative_row_lse(*args, **kwargs)).mean()
 
 
 def _class_softplus_lse(t: torch.Tensor, labels: torch.Tensor, num_classes: int):
@@ -184,9 +195,8 @@ def _arcface_ce(embeddings, labels, weight, margin_rad, scale, *, lse, part, nor
     [-1 + 1e-7, 1 - 1e-7]. `labels` are the classes' indices in `weight` (`part.local`)."""
     c = weight.shape[0]
     cos = _target_cosines(_unit_rows(embeddings, weight), weight, labels, 1, normalize_w).squeeze(1)
-    phi = arcface_target(part.target(cos, labels, c), margin_rad)
-    row = part.row_lse(lse(embeddings, weight, labels, scale=scale, normalize_w=normalize_w, reduce="row"))
-    return _row_ce(row, scale * phi)
+    t = scale * arcface_target(part.target(cos, labels, c), margin_rad)
+    return _row_ce(lse, part, embeddings, weight, labels, t, scale=scale, normalize_w=normalize_w)
 
 
 @upcast(inputs=False)
@@ -195,8 +205,9 @@ def proxy_nca_loss(embeddings, labels, proxies, scale=2.0, exclude_positive=True
     in the LSE (softmax CE). embeddings [N, D], labels [N], proxies [C, D] -> scalar."""
     y, c = part.local(labels), proxies.shape[0]
     t = scale * part.target(_target_cosines(_unit_rows(embeddings, proxies), proxies, y, 1).squeeze(1), y, c)
-    row = part.row_lse(lse(embeddings, proxies, y, scale=scale, reduce="row"))
-    return (row - t).mean() if exclude_positive else _row_ce(row, t)
+    if exclude_positive:
+        return _relative_row_lse(lse, part, embeddings, proxies, y, t, scale=scale).mean()
+    return _row_ce(lse, part, embeddings, proxies, y, t, scale=scale)
 
 
 @upcast(inputs=False)
@@ -217,8 +228,8 @@ def soft_triple_loss(embeddings, labels, proxies, centers_per_class=10, la=20.0,
     k = centers_per_class
     y, c = part.local(labels), proxies.shape[0] // k
     t = la * (part.target(_target_similarity(_unit_rows(embeddings, proxies), proxies, y, k, gamma), y, c) - margin)
-    row = part.row_lse(lse(embeddings, proxies, y, centers_per_class=k, gamma=gamma, scale=la, reduce="row"))
-    return _with_regularizer(_row_ce(row, t), proxies, k, tau, part)
+    loss = _row_ce(lse, part, embeddings, proxies, y, t, centers_per_class=k, gamma=gamma, scale=la)
+    return _with_regularizer(loss, proxies, k, tau, part)
 
 
 @upcast(inputs=False)
@@ -258,7 +269,7 @@ def cosface_loss(embeddings, labels, weight, margin=0.35, scale=64.0, *, lse=cla
     """CosFace: mean_i CE(s (cos_i - m onehot(y_i)), y_i). weight [C, D] -> scalar."""
     y, c = part.local(labels), weight.shape[0]
     t = scale * (part.target(_target_cosines(_unit_rows(embeddings, weight), weight, y, 1).squeeze(1), y, c) - margin)
-    return _row_ce(part.row_lse(lse(embeddings, weight, y, scale=scale, reduce="row")), t)
+    return _row_ce(lse, part, embeddings, weight, y, t, scale=scale)
 
 
 @upcast(inputs=False)
@@ -270,8 +281,8 @@ def l2_softmax_loss(embeddings, labels, weight, bias=None, scale=16.0, normalize
     t = scale * _target_cosines(_unit_rows(embeddings, weight), weight, y, 1, normalize_weights).squeeze(1)
     if bias is not None:
         t = t + bias[y.clamp(0, c - 1)].to(t.dtype)
-    row = lse(embeddings, weight, y, scale=scale, bias=bias, normalize_w=normalize_weights, reduce="row")
-    return _row_ce(part.row_lse(row), part.target(t, y, c))
+    return _row_ce(lse, part, embeddings, weight, y, part.target(t, y, c), scale=scale, bias=bias,
+                   normalize_w=normalize_weights)
 
 
 @upcast(inputs=False)

@@ -3,8 +3,8 @@
     l_{i,c,k} = x'_i . w'_{cK+k}        (x' = x / max(||x||, 1e-12) if normalize_x, else x; likewise w')
     S_{i,c}   = sum_k softmax_k(l_{i,c,k} / gamma) l_{i,c,k}        (S = l when K = 1)
     z_{i,c}   = scale * S_{i,c} + shift (+ bias_c)
-    reduce="row": out_i = LSE_{c != labels_i} z_{i,c}      -> [N]
-    reduce="col": out_c = LSE_{i : labels_i != c} z_{i,c}  -> [C]
+    reduce="row": out_i = LSE_{c != labels_i} (z_{i,c} - offset_i)      -> [N]   (offset: [N] or None = 0)
+    reduce="col": out_c = LSE_{i : labels_i != c} z_{i,c}                -> [C]
 
 computed without ever holding the N x C (or N x C*K) logits. This file owns the op: its schema, the frozen spec of
 its non-tensor arguments (`LSESpec`), the fake (meta) kernels, the autograd formula (the backward is the registered
@@ -15,6 +15,11 @@ need_w, need_b)``:
   - `metricloss_kernels.triton`: fused Triton kernels; CUDA tensors (CPU tensors under TRITON_INTERPRET=1).
 ``impl="auto"`` picks by device (CUDA -> Triton when it imports, anything else -> chunked); "chunked" or "triton"
 forces one. Under ``torch.compile`` the op is one opaque node of the graph, with the same fake and backward.
+
+The row offset (a cross-entropy passes its target logits t_i) is subtracted from each logit inside the LSE: the
+result LSE_c z_ic - t_i is then exact at any magnitude of the logits, where an LSE computed first and t subtracted
+after keeps nothing below the last bit of |t| (|t| = 1e31: a CE of log C comes out 0). An implementation that
+takes it says so (``ROW_OFFSET = True``; chunked does); for the others (Triton) it is subtracted from their result.
 """
 import dataclasses
 
@@ -91,54 +96,79 @@ def _implementation(spec: LSESpec, device: torch.device):
 
 
 # ------------------------------------------------------------------------------------------------ the op
+_NUM_SPEC = len(dataclasses.fields(LSESpec))
+
+
+def _spec_and_offset(args):
+    """(LSESpec, the arguments between the spec and the offset, offset or None) from the arguments of an op after
+    bias (the offset, last, may be left out)."""
+    rest = args[_NUM_SPEC:]
+    has_offset = len(rest) > 0 and (rest[-1] is None or torch.is_tensor(rest[-1]))
+    return LSESpec(*args[:_NUM_SPEC]), rest[:-1] if has_offset else rest, rest[-1] if has_offset else None
+
+
 @torch.library.custom_op("metricloss_kernels::class_lse", mutates_args=(),
-                         schema=f"(Tensor x, Tensor w, Tensor labels, Tensor? bias, {_SPEC_SCHEMA}) -> Tensor")
-def _class_lse(x, w, labels, bias, *spec_args):
-    spec = LSESpec(*spec_args)
-    return _implementation(spec, x.device).forward(x, w, labels, bias, spec)
+                         schema=f"(Tensor x, Tensor w, Tensor labels, Tensor? bias, {_SPEC_SCHEMA}, "
+                                f"Tensor? offset=None) -> Tensor")
+def _class_lse(x, w, labels, bias, *args):
+    spec, _, offset = _spec_and_offset(args)
+    impl = _implementation(spec, x.device)
+    if offset is None:
+        return impl.forward(x, w, labels, bias, spec)
+    if getattr(impl, "ROW_OFFSET", False):
+        return impl.forward(x, w, labels, bias, spec, offset=offset)
+    return impl.forward(x, w, labels, bias, spec) - offset
 
 
 @_class_lse.register_fake
-def _class_lse_fake(x, w, labels, bias, *spec_args):
-    spec = LSESpec(*spec_args)
+def _class_lse_fake(x, w, labels, bias, *args):
+    spec, _, _ = _spec_and_offset(args)
     size = x.shape[0] if spec.row else w.shape[0] // spec.centers_per_class
     return x.new_empty(size, dtype=compute_dtype(x.dtype, w.dtype))
 
 
 @torch.library.custom_op("metricloss_kernels::class_lse_backward", mutates_args=(),
                          schema=f"(Tensor grad, Tensor out, Tensor x, Tensor w, Tensor labels, Tensor? bias, "
-                                f"{_SPEC_SCHEMA}, bool need_x, bool need_w, bool need_b) -> (Tensor, Tensor, Tensor)")
+                                f"{_SPEC_SCHEMA}, bool need_x, bool need_w, bool need_b, Tensor? offset=None) "
+                                f"-> (Tensor, Tensor, Tensor)")
 def _class_lse_backward(grad, out, x, w, labels, bias, *args):
     """(dx, dw, dbias); a gradient that is not needed (or a bias that is None) comes back as an empty tensor."""
-    *spec_args, need_x, need_w, need_b = args
-    spec = LSESpec(*spec_args)
+    spec, (need_x, need_w, need_b), offset = _spec_and_offset(args)
     need_b = need_b and bias is not None
-    dx, dw, db = _implementation(spec, x.device).backward(grad, out, x, w, labels, bias, spec, need_x, need_w,
-                                                          need_b)
+    impl = _implementation(spec, x.device)
+    needs = (need_x, need_w, need_b)
+    if offset is None:
+        dx, dw, db = impl.backward(grad, out, x, w, labels, bias, spec, *needs)
+    elif getattr(impl, "ROW_OFFSET", False):
+        dx, dw, db = impl.backward(grad, out, x, w, labels, bias, spec, *needs, offset=offset)
+    else:
+        dx, dw, db = impl.backward(grad, out + offset, x, w, labels, bias, spec, *needs)
     return (dx if need_x else x.new_empty(0), dw if need_w else w.new_empty(0),
             db if need_b else x.new_empty(0))
 
 
 @_class_lse_backward.register_fake
 def _class_lse_backward_fake(grad, out, x, w, labels, bias, *args):
-    *_, need_x, need_w, need_b = args
+    _, (need_x, need_w, need_b), _ = _spec_and_offset(args)
     return (torch.empty_like(x) if need_x else x.new_empty(0), torch.empty_like(w) if need_w else w.new_empty(0),
             torch.empty_like(bias) if need_b and bias is not None else x.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, labels, bias, *spec_args = inputs
-    ctx.save_for_backward(x, w, labels, bias, output)
+    x, w, labels, bias, *spec_args, offset = inputs
+    ctx.save_for_backward(x, w, labels, bias, output, offset)
     ctx.spec_args = spec_args
 
 
 def _backward(ctx, grad):
-    x, w, labels, bias, out = ctx.saved_tensors
+    x, w, labels, bias, out, offset = ctx.saved_tensors
     need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
     dx, dw, db = torch.ops.metricloss_kernels.class_lse_backward(grad, out, x, w, labels, bias, *ctx.spec_args,
-                                                                 need_x, need_w, need_b)
+                                                                 need_x, need_w, need_b, offset)
+    # d out_i / d offset_i = -1 (the softmax weights of a row sum to 1); 0 for an empty LSE
+    d_offset = -grad.masked_fill(out == float("-inf"), 0).to(offset.dtype) if ctx.needs_input_grad[-1] else None
     return (dx if need_x else None, dw if need_w else None, None,
-            db if need_b else None) + (None,) * len(ctx.spec_args)
+            db if need_b else None) + (None,) * len(ctx.spec_args) + (d_offset,)
 
 
 _class_lse.register_autograd(_backward, setup_context=_setup_context)
@@ -147,7 +177,7 @@ _class_lse.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------------------------------- Python entry point
 def class_lse(x, w, labels, *, bias=None, centers_per_class=1, gamma=0.1, scale=1.0, shift=0.0, normalize_x=True,
               normalize_w=True, reduce="row", impl="auto", block_rows=0, block_classes=0, block_d=0,
-              num_splits=0):
+              num_splits=0, offset=None):
     """Streaming masked log-sum-exp of the class logits (the formulas of this module's docstring), through the
     registered op ``torch.ops.metricloss_kernels.class_lse``.
 
@@ -156,7 +186,8 @@ def class_lse(x, w, labels, *, bias=None, centers_per_class=1, gamma=0.1, scale=
         labels: [N] int64. z[i, labels_i] is left out of both reductions; a label outside [0, C) leaves nothing
             out: that row's LSE runs over all C classes and it enters every class's column LSE (so that a caller
             holding the classes [s, s + C) of a larger problem passes its rows' labels minus s as they are).
-        bias: [C] or None. The other keywords are the fields of `LSESpec`.
+        bias: [C] or None. offset: [N] or None, reduce="row" only: subtracted from row i's logits inside the LSE
+            (the module docstring), differentiable. The other keywords are the fields of `LSESpec`.
 
     Returns:
         float32 tensor, [N] (reduce="row") or [C] (reduce="col"); float64 for float64 inputs. An empty LSE is -inf
@@ -166,4 +197,6 @@ def class_lse(x, w, labels, *, bias=None, centers_per_class=1, gamma=0.1, scale=
     spec = LSESpec(int(centers_per_class), float(gamma), float(scale), float(shift), bool(normalize_x),
                    bool(normalize_w), reduce, impl, int(block_rows), int(block_classes), int(block_d),
                    int(num_splits))
-    return torch.ops.metricloss_kernels.class_lse(x, w, labels, bias, *spec.args())
+    if offset is not None and not spec.row:
+        raise ValueError("offset applies to reduce='row' only")
+    return torch.ops.metricloss_kernels.class_lse(x, w, labels, bias, *spec.args(), offset)

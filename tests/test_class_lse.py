@@ -241,6 +241,43 @@ def test_opcheck(impl, dtype, k, bias, reduce):
 
 
 @pytest.mark.parametrize("impl", ["auto", "triton"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_opcheck_row_offset(impl, k):
+    """The op and its backward op with the optional row offset (the last argument)."""
+    x, w, b, labels = make_inputs(n=9, c=5, k=k, d=6, dtype=F32, bias=True, seed=15)
+    offset = torch.randn(9, generator=gen(16)).requires_grad_()
+    spec = LSESpec(k, 0.5, 2.0, 0.1, True, True, "row", impl)
+    torch.library.opcheck(torch.ops.metricloss_kernels.class_lse.default, (x, w, labels, b, *spec.args(), offset))
+    out = class_lse(x, w, labels, bias=b, centers_per_class=k, gamma=0.5, scale=2.0, shift=0.1, impl=impl,
+                    offset=offset)
+    torch.library.opcheck(torch.ops.metricloss_kernels.class_lse_backward.default,
+                          (torch.randn_like(out), out.detach(), x.detach(), w.detach(), labels, b.detach(),
+                           *spec.args(), True, True, True, offset.detach()),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("c", [C, 1], ids=["classes", "one_class"])
+def test_row_offset_is_subtracted_inside_the_lse(backend, k, c):
+    """offset [N]: out_i = LSE_{c != y_i} (z_ic - offset_i), forward and every gradient (d out_i / d offset_i = -1;
+    0 for an empty LSE: one class) against the float64 oracle minus the offset."""
+    one_class = torch.zeros(N, dtype=torch.long) if c == 1 else None
+    x, w, b, labels = make_inputs(c=c, k=k, bias=True, seed=17, labels=one_class)
+    offset = torch.randn(N, generator=gen(18), dtype=F64).to(DEVICE).requires_grad_()
+    kw = dict(centers_per_class=k, scale=3.0, shift=0.2)
+    out = class_lse(x, w, labels, bias=b, impl=backend, offset=offset, **kw)
+    leaves = [t.detach().requires_grad_() for t in (x, w, b, offset)]
+    expected = oracle(*leaves[:2], labels, leaves[2], **kw) - leaves[3]
+    assert_close(out, expected, tol(backend, x.dtype), "forward")
+    upstream = torch.randn(N, generator=gen(20), dtype=F64).to(DEVICE)
+    got = torch.autograd.grad(out, (x, w, b, offset), upstream)
+    want = torch.autograd.grad(expected, leaves, upstream.masked_fill(expected == float("-inf"), 0))
+    for name, g, e in zip(("x", "w", "bias", "offset"), got, want):
+        assert_close(g, e, tol(backend, x.dtype), f"grad {name}")
+
+
+@pytest.mark.parametrize("impl", ["auto", "triton"])
 def test_opcheck_backward_op(impl):
     """The backward is a registered op too: its schema and fake kernel (empty tensors for unneeded gradients)."""
     x, w, b, labels = make_inputs(n=9, c=5, k=2, d=6, dtype=F32, bias=True, seed=14)
@@ -636,6 +673,81 @@ def test_mixed_precision_losses_compute_in_the_wider_dtype(backend, x_dtype, w_d
     # each result in its own dtype (the loss in the embeddings'): fp32 ones match up to their final rounding
     for what, got, want in zip(("loss", "d embeddings", "d proxies"), (loss, *grads), (ref, *ref_grads)):
         assert_close(got.double(), want.to(got.dtype).double(), 1e-12 if got.dtype == F64 else 1e-6, what)
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name,kwargs", [("soft_triple_loss", {}), ("mpa_loss", dict(variant="mpa")),
+                                         ("mpa_loss", dict(variant="dw"))], ids=["soft_triple", "mpa", "mpa-dw"])
+def test_half_gradient_terms_are_summed_before_rounding(name, kwargs, dtype):
+    """Half-precision embeddings and proxies on the chunked backend, clustered (embeddings around one direction,
+    proxies around another): each gradient of x and W is the sum of terms of O(scale) from the LSE, the target
+    similarities and R(W) that nearly cancel. Rounded to bf16 term by term before autograd added them, the
+    gradients were up to 68% (x) and 26% (W) off; summed in fp32 and rounded once, they are within the dtype's
+    tolerance of the float64 reference on the same values, relative to their own scale."""
+    g = gen(1)
+    n, c, k, d = 35, 7, 3, 40  # balanced classes: the terms cancel
+    u, v = torch.randn(2, d, generator=g, dtype=F64)
+    x = (u + 0.02 * torch.randn(n, d, generator=g, dtype=F64)).to(dtype)
+    w = (v + 0.02 * torch.randn(c * k, d, generator=g, dtype=F64)).to(dtype)
+    labels = torch.randperm(n, generator=g) % c
+    fn = getattr(mlk.functional, name)
+    grads = {}
+    for backend, t in (("chunked", dtype), ("reference", F64)):
+        leaves = [x.to(t).requires_grad_(), w.to(t).requires_grad_()]
+        loss = fn(*leaves[:1], labels, leaves[1], centers_per_class=k, backend=backend, **kwargs)
+        grads[backend] = torch.autograd.grad(loss, leaves)
+    for what, got, want in zip(("d embeddings", "d proxies"), grads["chunked"], grads["reference"]):
+        assert got.dtype == dtype
+        assert_close(got.double(), want, TOL[dtype], what)
+
+
+def tied_huge_logits(dtype, huge, n=N, c=C, d=D, directions=5, seed=0):
+    """Cross-entropy inputs whose logits are exact and tied at a huge magnitude: unit embeddings e_j and proxies
+    huge * e_k (every norm a power of two: x^ and w^ are exact), j and k among a few directions, each label a class
+    of its row's direction. The logits s x^ . w (s huge * 16 for L2-softmax, `huge` for the proxy losses) are that
+    or 0; row i's target ties with the `ties[i]` classes of its direction. Returns (x, labels, w, ties)."""
+    g = gen(seed)
+    k = torch.randint(0, directions, (c,), generator=g)
+    k[:directions] = torch.arange(directions)  # every direction has a class
+    j = k[torch.randint(0, c, (n,), generator=g)]
+    same = j[:, None] == k[None, :]  # [N, C]: the classes tied with row i's target
+    labels = torch.multinomial(same.double(), 1, generator=g).squeeze(1)
+    x = torch.eye(d, dtype=F64)[j]
+    w = huge * torch.eye(d, dtype=F64)[k]
+    return x.to(DEVICE, dtype), labels.to(DEVICE), w.to(DEVICE, dtype), same.sum(1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", pytest.param("triton", marks=pytest.mark.xfail(
+    strict=True, reason="the Triton kernels do not take the row offset yet: it is subtracted from their LSE"))])
+@pytest.mark.parametrize("dtype,huge", [(F32, 2.0 ** 100), (F64, 2.0 ** 600)], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("name,kwargs", [("l2_softmax_loss", {}), ("proxy_nca_loss", dict(exclude_positive=False)),
+                                         ("proxy_nca_loss", dict(exclude_positive=True))],
+                         ids=["l2_softmax", "proxy_nca-softmax", "proxy_nca"])
+def test_cross_entropy_of_huge_tied_logits(backend, dtype, huge, name, kwargs):
+    """A row-wise CE is LSE_c z_c - t relative to the target logit t. With |t| = 2^104 (fp32) the LSE taken first
+    and t subtracted after keeps nothing below 2^81: the loss came out 0 where it is log(number of classes tied
+    with the target) (minus one without the positive). Loss and gradients against the float64 CE of the same
+    (exact) logits, computed relative to t; both against the count."""
+    x, labels, w, ties = tied_huge_logits(dtype, huge)
+    if name == "proxy_nca_loss":
+        kwargs = dict(kwargs, scale=huge)
+    leaves = [x.requires_grad_(), w.requires_grad_()]
+    loss = getattr(mlk.functional, name)(x, labels, w, backend=backend, **kwargs)
+    grads = torch.autograd.grad(loss, leaves)
+
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    s = kwargs.get("scale", 16.0)
+    w_hat = w64 if name == "l2_softmax_loss" else F.normalize(w64 / huge, dim=1)  # (||w||^2 overflows)
+    z = s * (x64 / x64.norm(dim=1, keepdim=True)) @ w_hat.T
+    own = labels[:, None] == torch.arange(z.shape[1], device=z.device)
+    t = z.gather(1, labels[:, None])
+    exclude = kwargs.get("exclude_positive", False)
+    expected = torch.logsumexp((z - t).masked_fill(own & exclude, float("-inf")), dim=1).mean()
+    assert_close(expected.detach(), (ties - int(exclude)).double().log().mean(), 1e-12, "oracle vs the count")
+    assert_close(loss.double(), expected.detach(), TOL[dtype], "loss", floor=1.0)
+    for what, got, want in zip(("d embeddings", "d proxies"), grads, torch.autograd.grad(expected, (x64, w64))):
+        assert torch.isfinite(got).all(), what
+        assert_close(got.double(), want, TOL[dtype], what)
+
 
 # ------------------------------------------------------------------------------------------------ GPU only
 @cuda_only

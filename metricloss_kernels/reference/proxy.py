@@ -68,13 +68,14 @@ def _softmax_weighted(l: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def class_lse(x, w, labels, *, bias=None, centers_per_class=1, gamma=0.1, scale=1.0, shift=0.0, normalize_x=True,
-              normalize_w=True, reduce="row"):
+              normalize_w=True, reduce="row", offset=None):
     """The streaming primitive `metricloss_kernels.lse.class_lse` (same arguments but the tiling ones), computed by
     materialising its [N, C] logits z = scale * S + shift (+ bias): the reference backend of the class-sharded
     losses, which compose it like the streamed one (metricloss_kernels.fused).
 
-    Returns [N] (reduce="row": LSE_{c != labels_i} z_ic) or [C] (reduce="col": LSE_{i: labels_i != c} z_ic) in the
-    compute dtype; a label outside [0, C) leaves nothing out; an empty LSE is -inf with zero gradient.
+    Returns [N] (reduce="row": LSE_{c != labels_i} (z_ic - offset_i), offset [N] or None) or [C] (reduce="col":
+    LSE_{i: labels_i != c} z_ic) in the compute dtype; a label outside [0, C) leaves nothing out; an empty LSE is
+    -inf with zero gradient.
     """
     cd = compute_dtype(x.dtype, w.dtype)
     x, w = x.to(cd), w.to(cd)
@@ -82,6 +83,8 @@ def class_lse(x, w, labels, *, bias=None, centers_per_class=1, gamma=0.1, scale=
     z = scale * _softmax_weighted(l.unflatten(1, (-1, centers_per_class)), gamma) + shift
     if bias is not None:
         z = z + bias.to(cd)
+    if offset is not None:
+        z = z - offset.to(cd)[:, None]
     dim = 1 if reduce == "row" else 0
     excluded = _positive_mask(labels, z.shape[1])
     empty = excluded.all(dim=dim)
@@ -132,8 +135,10 @@ def proxy_nca_loss(embeddings: torch.Tensor, labels: torch.Tensor, proxies: torc
     z = scale * _cosines(embeddings, proxies)  # [N, C]
     if not exclude_positive:
         return F.cross_entropy(z, labels)
-    neg = z.masked_fill(_positive_mask(labels, z.shape[1]), float("-inf"))
-    return (torch.logsumexp(neg, dim=1) - _target(z, labels)).mean()
+    # relative to the target logit inside the LSE: exact however large the logits (LSE - t would keep nothing below
+    # the last bit of |t|)
+    neg = (z - _target(z, labels).unsqueeze(1)).masked_fill(_positive_mask(labels, z.shape[1]), float("-inf"))
+    return torch.logsumexp(neg, dim=1).mean()
 
 
 def _anchor_terms(s: torch.Tensor, labels: torch.Tensor, alpha: float, margin: float):
