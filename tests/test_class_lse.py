@@ -1,5 +1,5 @@
 """The class_lse op (metricloss_kernels.lse) and every proxy loss built on it, for each implementation ("chunked",
-"triton"): the op against a materialised float64 oracle (forward and every gradient), opcheck, no N x C allocation;
+"triton", "gemm"): the op against a materialised float64 oracle (forward and every gradient), opcheck, no N x C allocation;
 every proxy loss against the reference.
 
 Without CUDA the Triton kernels run under the interpreter on CPU tensors (TRITON_INTERPRET, set by conftest.py).
@@ -24,16 +24,16 @@ from metricloss_kernels.polytopes import regular_polytope
 from utils import TOL, assert_close, largest_allocation
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["chunked", "triton"]
+BACKENDS = ["chunked", "triton", "gemm"]
 N, C, K, D = 37, 53, 3, 40
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def tol(backend, dtype):
-    """Max error relative to the largest |expected| entry. Triton's fp32 dots on a GPU follow torch's matmul
-    precision (TF32 by default), hence 1e-3 there."""
-    return 1e-3 if backend == "triton" and dtype == F32 and DEVICE == "cuda" else TOL[dtype]
+    """Max error relative to the largest |expected| entry. Triton's fp32 dots and gemm's cuBLAS GEMMs on a GPU follow
+    torch's matmul precision (TF32 by default), hence 1e-3 there."""
+    return 1e-3 if backend in ("triton", "gemm") and dtype == F32 and DEVICE == "cuda" else TOL[dtype]
 
 
 def gen(seed):
@@ -115,7 +115,9 @@ def test_normalize_flags(backend, reduce, normalize_x, normalize_w):
 TILINGS = [("chunked", dict(block_classes=b)) for b in (1, 5, 52, 53, 1000)] + [
     ("chunked", {}), ("chunked", dict(block_rows=8, block_classes=11)),
     ("triton", dict(block_d=16, num_splits=1)), ("triton", dict(block_d=16, num_splits=3)),
-    ("triton", dict(block_rows=32, block_classes=32))]
+    ("triton", dict(block_rows=32, block_classes=32)),
+    ("gemm", dict(block_classes=5, num_splits=1)), ("gemm", dict(block_classes=52, num_splits=3)),
+    ("gemm", dict(block_rows=8, block_classes=11))]
 
 
 @pytest.mark.parametrize("backend,tiles", TILINGS, ids=[f"{b}-{t}" for b, t in TILINGS])
@@ -169,7 +171,7 @@ def test_empty_lse_is_minus_inf_with_zero_grad(backend, k):
 
 
 # bf16 Triton: GPU only (the interpreter's tl.dot is wrong for bf16), see test_triton_bf16_on_gpu.
-HALF = [("chunked", F16), ("chunked", BF16), ("triton", F16)]
+HALF = [("chunked", F16), ("chunked", BF16), ("triton", F16), ("gemm", F16)]
 
 
 @pytest.mark.parametrize("backend,dtype", HALF, ids=[f"{b}-{str(t)[6:]}" for b, t in HALF])
@@ -231,7 +233,7 @@ def test_gradcheck(backend, reduce):
     assert torch.autograd.gradcheck(lambda x, w, b: fn(x, w, bias=b), (x, w, b))
 
 
-OPCHECK = [(impl, dtype, k, bias, reduce) for impl in ("auto", "triton") for dtype in (F32, F64) for k in (1, 3)
+OPCHECK = [(impl, dtype, k, bias, reduce) for impl in ("auto", "triton", "gemm") for dtype in (F32, F64) for k in (1, 3)
            for bias in (False, True) for reduce in ("row", "col")]
 
 
@@ -246,7 +248,7 @@ def test_opcheck(impl, dtype, k, bias, reduce):
     torch.library.opcheck(torch.ops.metricloss_kernels.class_lse.default, (x, w, labels, b, *spec.args()))
 
 
-@pytest.mark.parametrize("impl", ["auto", "triton"])
+@pytest.mark.parametrize("impl", ["auto", "triton", "gemm"])
 def test_opcheck_backward_op(impl):
     """The backward is a registered op too: its schema and fake kernel (empty tensors for unneeded gradients)."""
     x, w, b, labels = make_inputs(n=9, c=5, k=2, d=6, dtype=F32, bias=True, seed=14)
@@ -422,7 +424,7 @@ SETTINGS = {
 }
 # Tiles for the streamed losses: several class tiles at C = 53 (Triton's interpreter default, 16 classes, already
 # does that; its tiles must be powers of two).
-LOSS_TILES = {"chunked": dict(block_classes=7), "triton": {}}
+LOSS_TILES = {"chunked": dict(block_classes=7), "triton": {}, "gemm": dict(block_classes=7)}
 
 
 def loss_inputs(name, k, kwargs, labels_kind, geometry, dtype, seed, n=N, c=C, d=D):
