@@ -283,7 +283,7 @@ def test_narrow_integer_labels_out_of_range_still_raise(dtype, c, bad):
 
 def test_backends_report():
     info = mlk.backends()
-    assert set(info) == {"reference", "chunked", "triton"}
+    assert set(info) == {"reference", "chunked", "triton", "gemm"}
     assert info["reference"][0] and info["chunked"][0]
     assert all(isinstance(why, str) and why for _, why in info.values())
 
@@ -312,6 +312,18 @@ def test_env_variable_sets_default_backend(monkeypatch):
         F.proxy_nca_loss(x, y, w)
 
 
+def test_env_variable_selects_gemm(monkeypatch):
+    from metricloss_kernels import gemm
+    calls = []
+    original = gemm.forward
+    monkeypatch.setattr(gemm, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x, y, w = data(n=9, c=6, d=5)
+    monkeypatch.setenv("METRICLOSS_BACKEND", "gemm")
+    torch.testing.assert_close(F.proxy_anchor_loss(x, y, w), reference.proxy_anchor_loss(x, y, w))
+    assert calls == [1]
+    torch.testing.assert_close(F.contrastive_loss(x, y), reference.contrastive_loss(x, y))  # reference only
+
+
 def test_auto_picks_chunked_for_large_logits(monkeypatch):
     from metricloss_kernels import _backend
     assert _backend.resolve("auto", torch.device("cpu"), 10) == "reference"
@@ -319,13 +331,21 @@ def test_auto_picks_chunked_for_large_logits(monkeypatch):
     assert _backend.resolve("auto", torch.device("cpu"), 10**9, ("auto", "reference")) == "reference"
 
 
-def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
+@pytest.mark.parametrize("backend", ["triton", "gemm"])
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch, backend):
+    """Both need Triton (gemm for its epilogues): an explicit request says why it cannot run, and backends()
+    reports them unavailable; the automatic choice falls back quietly."""
     from metricloss_kernels import _backend
     from metricloss_kernels import triton as kernels
+    from metricloss_kernels.lse import class_lse
     monkeypatch.setattr(kernels, "INTERPRET", False)
     x, y, w = data(n=9, c=6, d=5)
-    with pytest.raises(RuntimeError, match="triton"):
-        F.proxy_nca_loss(x, y, w, backend="triton")
+    with pytest.raises(RuntimeError, match=f"backend='{backend}' cannot run: .*TRITON_INTERPRET"):
+        F.proxy_nca_loss(x, y, w, backend=backend)
+    with pytest.raises(RuntimeError, match=f"impl='{backend}' cannot run: .*TRITON_INTERPRET"):
+        class_lse(x, w, y, impl=backend)
+    available, why = mlk.backends()[backend]
+    assert not available and "TRITON_INTERPRET" in why
     assert _backend.resolve("auto", torch.device("cpu"), 10) == "reference"
 
 
@@ -448,7 +468,7 @@ def test_constructors_reject_what_forward_would(make, arg):
 def test_class_lse_rejects_unknown_arguments():
     from metricloss_kernels.lse import class_lse
     x, y, w = data(n=5, c=3, d=4)
-    for impl in ("chunked", "triton"):
+    for impl in ("chunked", "triton", "gemm"):
         with pytest.raises(ValueError, match="reduce"):
             class_lse(x.float(), w.float(), y, reduce="rows", impl=impl)
     with pytest.raises(ValueError, match="impl"):
@@ -510,7 +530,7 @@ def test_nan_or_inf_input_gives_nan_loss_and_gradients(name, where, backend):
     assert torch.isnan(gx).any() and (gw is None or name == "center" or torch.isnan(gw).any())
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "chunked", "triton", "gemm"])
 def test_inference_mode_embeddings_train_learnable_proxies(backend):
     """Embeddings and labels made under torch.inference_mode (a frozen backbone) given to a module with learnable
     proxies: the streamed backends saved them for backward ("Inference tensors cannot be saved for backward")."""
