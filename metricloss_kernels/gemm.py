@@ -12,10 +12,12 @@ W is read as stored: its normalisation enters as inverse norms applied in the ep
 never as a normalised copy. x is normalised once ([N, D]) and its normalisation backward is applied once at the end,
 as in the chunked implementation.
 
-Chunks come from chunked.plan with a byte budget for everything a chunk allocates (the fp32 logits, dL, the fp32 G,
-an upcast W chunk for mixed dtypes): _CHUNK_BYTES, about the part of an H100's 50 MB L2 that the logits and dL
-blocks of a chunk can share, so that the epilogue and the two GEMMs after it mostly read them from L2.
-`spec.block_classes` / `spec.block_rows` override the plan; `workspace_bytes` is the extra memory of a call.
+Chunks come from chunked.plan with a byte budget for everything a call allocates (the [N, D] buffers, and per
+chunk the logits, dL, the fp32 G and an upcast W chunk for mixed dtypes): 64 MB + 5% of W's bytes, the extra
+memory target of docs/benchmarks.md. At N = 1024, D = 512 that is ~6000 classes a chunk for K = 1 with a small W
+(then the logits and dL blocks, ~37 MB, mostly stay in an H100's 50 MB L2 between the GEMM that writes them and
+the kernels that read them), and more for a large W: fewer chunks, fewer launches per class. `spec.block_classes`
+/ `spec.block_rows` override the plan; `workspace_bytes` is the extra memory of a call.
 
 GEMM dtype: the inputs' when x and w share a half type on CUDA (tensor cores; cuBLAS writes fp32 results:
 `torch.mm(..., out_dtype=torch.float32)`), else the compute dtype (fp32 follows torch's matmul precision, TF32
@@ -29,39 +31,40 @@ from ._numerics import compute_dtype, normalize_backward_, unit_rows
 from .triton import epilogue
 from .triton._common import inv_norms
 
-__all__ = ["forward", "backward", "workspace_bytes"]
+__all__ = ["forward", "backward", "plan", "workspace_bytes"]
 
-# Bytes a chunk's buffers may take (logits, dL, G, an upcast W chunk). With the [N, D] buffers of a call (x^, its
-# GEMM copy, dX) this keeps the extra memory under the 64 MB of docs/benchmarks.md's target for N <= 4096, D <= 512.
-_CHUNK_BYTES = 48 * 2**20
-
-
-def _gemm_dtype(x: torch.Tensor, w: torch.Tensor, acc: torch.dtype) -> torch.dtype:
-    return x.dtype if x.dtype == w.dtype and x.device.type == "cuda" else acc
+# The extra memory of a call: _FIXED_BYTES + _W_FRACTION * W's bytes (docs/benchmarks.md's target).
+_FIXED_BYTES = 64 * 2**20
+_W_FRACTION = 0.05
 
 
-def _class_bytes(d, k, acc, op, w_dtype) -> tuple[int, int]:
-    """(bytes per row and class, bytes per class) of a chunk's buffers: the logits (accumulation dtype) and dL (GEMM
-    dtype) [R, B*K], G [B*K, D] in the accumulation dtype, and W's chunk in the GEMM dtype when W has another."""
-    size = lambda t: torch.empty((), dtype=t).element_size()  # noqa: E731
-    per_class = k * d * (size(acc) + (size(op) if w_dtype != op else 0))
-    return k * (size(acc) + size(op)), per_class
+def _gemm_dtype(x_dtype, w_dtype, acc, cuda: bool) -> torch.dtype:
+    return x_dtype if x_dtype == w_dtype and cuda else acc
+
+
+def plan(n, d, num_classes, x_dtype, w_dtype, spec, t, cuda=True):
+    """(rows per block, classes per chunk, chunks, extra bytes of a forward + backward call) for x [n, d] and
+    w [num_classes * K, d] of these dtypes (on CUDA, or not: the GEMM dtype differs). t: a tensor of the call
+    (chunked.plan's argument)."""
+    k = spec.centers_per_class
+    acc = compute_dtype(x_dtype, w_dtype)
+    op = _gemm_dtype(x_dtype, w_dtype, acc, cuda)
+    size = lambda dtype: torch.empty((), dtype=dtype).element_size()  # noqa: E731
+    fixed = n * d * (2 * size(acc) + size(op))  # x^, its GEMM copy, the dX accumulator
+    logit_bytes = k * (size(acc) + size(op))  # per row and class: the logits and dL
+    class_bytes = k * d * (size(acc) + (size(op) if w_dtype != op else 0))  # G, an upcast chunk of W
+    budget = _FIXED_BYTES + int(_W_FRACTION * num_classes * k * d * size(w_dtype)) - fixed
+    rows, block, chunks, _ = chunked.plan(n, num_classes, spec, max(1, budget), t, logit_bytes, class_bytes, 0)
+    return rows, block, chunks, fixed + block * (rows * logit_bytes + class_bytes)
 
 
 def workspace_bytes(x, w, spec) -> int:
-    """Extra memory of a forward + backward call on tensors like x [N, D], w [C*K, D] (shapes and dtypes only):
-    the chunk buffers of the plan and the [N, D] ones (x^ and its GEMM copy, the dX accumulator)."""
-    n, d = x.shape
-    k = spec.centers_per_class
-    acc = compute_dtype(x.dtype, w.dtype)
-    op = _gemm_dtype(x, w, acc)
-    logit_bytes, class_bytes = _class_bytes(d, k, acc, op, w.dtype)
-    rows, block, _, _ = chunked.plan(n, w.shape[0] // k, spec, _CHUNK_BYTES, x, logit_bytes, class_bytes, 0)
-    size = torch.empty((), dtype=acc).element_size()
-    return block * (rows * logit_bytes + class_bytes) + n * d * (2 * size + torch.empty((), dtype=op).element_size())
+    """The extra memory of a forward + backward call on tensors like x [N, D] and w [C*K, D]."""
+    return plan(x.shape[0], x.shape[1], w.shape[0] // spec.centers_per_class, x.dtype, w.dtype, spec, x,
+                x.device.type == "cuda")[3]
 
 
-def _gemm(a, b, out=None, accumulate=False):
+def _gemm(a, b, out, accumulate=False):
     """a @ b in `out`'s dtype (the accumulation dtype), into `out` or added to it: half operands (CUDA) through
     cuBLAS's fp32 output."""
     if a.dtype == out.dtype:
@@ -80,16 +83,15 @@ class _Pass:
         self.n, self.d = x.shape
         self.num_classes = w.shape[0] // k
         self.acc = compute_dtype(x.dtype, w.dtype)
-        self.op = _gemm_dtype(x, w, self.acc)
+        self.op = _gemm_dtype(x.dtype, w.dtype, self.acc, x.device.type == "cuda")
         self.x_hat, self.gx = unit_rows(x, self.acc) if spec.normalize_x else (x.to(self.acc), None)
         self.x_in = self.x_hat.to(self.op)
         self.rw, self.gw = inv_norms(w, self.acc) if spec.normalize_w else (None, None)
         # A per-column constant moves out of a column LSE: only a row reduction needs the bias in the epilogue.
         self.bias = bias if spec.row else None
         self.inv_gamma = 1.0 / spec.gamma
-        logit_bytes, class_bytes = _class_bytes(self.d, k, self.acc, self.op, w.dtype)
-        self.rows, self.block, self.tiles, _ = chunked.plan(self.n, self.num_classes, spec, _CHUNK_BYTES, x,
-                                                            logit_bytes, class_bytes, 0)
+        self.rows, self.block, _, _ = plan(self.n, self.d, self.num_classes, x.dtype, w.dtype, spec, x,
+                                           x.device.type == "cuda")
         self.logits_ws = chunked.Workspace(self.acc, x.device)
 
     def chunks(self):

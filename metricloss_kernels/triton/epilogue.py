@@ -223,16 +223,18 @@ def _dw_norm_kernel(
 # ------------------------------------------------------------------------------------------------- launchers
 def blocks() -> dict:
     """Tiles and warps of the two block epilogues. Interpreter: large tiles, few programs (its cost is per
-    operation). GPU: 32 x 64 fp32 tiles over 4 warps, of which the K > 1 softmax keeps five live (S, m, den, the
-    running numerator, one slot), ~80 registers a thread. Not timed: no GPU was available when they were chosen."""
+    operation). GPU: 32 x 64 fp32 tiles over 8 warps, 8 entries a thread per tile, of which the K > 1 softmax keeps
+    five live (S, m, den, the running numerator, one slot) besides their addresses: compiled offline for sm_80 and
+    sm_90a, no spills (with 4 warps, 168-254 registers and spills for K = 10). Not timed: no GPU was available
+    when they were chosen."""
     if INTERPRET:
         return dict(BLOCK_N=32, BLOCK_C=32, num_warps=1)
-    return dict(BLOCK_N=32, BLOCK_C=64, num_warps=4)
+    return dict(BLOCK_N=32, BLOCK_C=64, num_warps=8)
 
 
 def _dw_blocks(d: int) -> dict:
-    return dict(BLOCK_P=16, BLOCK_D=min(128 if INTERPRET else 256, max(16, triton.next_power_of_2(d))),
-                num_warps=1 if INTERPRET else 4)
+    """The dW row pass: 16 rows x up to 128 entries of D a step, 8 a thread."""
+    return dict(BLOCK_P=16, BLOCK_D=min(128, max(16, triton.next_power_of_2(d))), num_warps=1 if INTERPRET else 8)
 
 
 def splits(out_tiles: int, streamed_tiles: int, device, requested: int = 0) -> int:
