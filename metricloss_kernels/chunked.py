@@ -39,7 +39,7 @@ __all__ = ["forward", "backward", "plan", "offset", "saved_lse", "Workspace"]
 _TILE_BYTES = {"cpu": 4 * 2**20}
 _TILE_BYTES_DEFAULT = 64 * 2**20
 # Rows per tile: the batch is normally processed whole; only row-heavy calls (e.g. proxies as rows) are split.
-_MAX_ROWS = 4096
+MAX_ROWS = 4096
 # Threads (CPU, metricloss_kernels._parallel.plan): a thread's unit of work is a group of tiles. The backward gives
 # each group its own dX accumulator: a group per tile as long as a thread's accumulators fit in this many bytes (the
 # finest balance on a loaded machine), several tiles a group beyond, tiles in order when one does not fit.
@@ -61,7 +61,7 @@ def plan(n, num_classes, spec, budget, t, logit_bytes, class_bytes=0, per_worker
     tiles, groups of tiles). A tile of R rows and B classes costs B * (R * logit_bytes + class_bytes) bytes of
     `budget`; spec.block_rows / spec.block_classes override; the groups are `_parallel.plan`'s tasks on tensors like
     `t` (one group for per_worker=0)."""
-    rows = min(n, spec.block_rows or _MAX_ROWS)
+    rows = min(n, spec.block_rows or MAX_ROWS)
     fixed = spec.block_classes
     tiles = math.ceil(num_classes / fixed) if fixed else math.ceil(
         num_classes * (rows * logit_bytes + class_bytes) / budget)

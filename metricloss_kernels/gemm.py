@@ -12,12 +12,13 @@ W is read as stored: its normalisation enters as inverse norms applied in the ep
 never as a normalised copy. x is normalised once ([N, D]) and its normalisation backward is applied once at the end,
 as in the chunked implementation.
 
-Chunks come from chunked.plan with a byte budget for everything a call allocates (the [N, D] buffers, and per
-chunk the logits, dL, the fp32 G and an upcast W chunk for mixed dtypes): 64 MB + 5% of W's bytes, the extra
-memory target of docs/benchmarks.md. At N = 1024, D = 512 that is ~6000 classes a chunk for K = 1 with a small W
-(then the logits and dL blocks, ~37 MB, mostly stay in an H100's 50 MB L2 between the GEMM that writes them and
-the kernels that read them), and more for a large W: fewer chunks, fewer launches per class. `spec.block_classes`
-/ `spec.block_rows` override the plan; `workspace_bytes` is the extra memory of a call.
+Chunks come from chunked.plan with two byte budgets. L2: a chunk's logits (fp32) and dL blocks take at most
+_L2_BLOCK_BYTES, about two thirds of an H100's 50 MB L2, so that the kernels after the GEMM that writes a block
+read it from L2 (through HBM these blocks would cost more than the GEMMs: 22 bytes a logit against 8*D FLOPs);
+N = 1024: ~5400 proxies a chunk in bf16, ~4000 in fp32. Memory: everything a call allocates (the [N, D] buffers,
+and per chunk the logits, dL, the fp32 G and an upcast W chunk for mixed dtypes) stays under 64 MB + 5% of W's
+bytes, the extra-memory target of docs/benchmarks.md. `spec.block_classes` / `spec.block_rows` override the plan;
+`plan` also returns the extra memory of a call (`workspace_bytes`).
 
 GEMM dtype: the inputs' when x and w share a half type on CUDA (tensor cores; cuBLAS writes fp32 results:
 `torch.mm(..., out_dtype=torch.float32)`), else the compute dtype (fp32 follows torch's matmul precision, TF32
@@ -36,6 +37,8 @@ __all__ = ["forward", "backward", "plan", "workspace_bytes"]
 # The extra memory of a call: _FIXED_BYTES + _W_FRACTION * W's bytes (docs/benchmarks.md's target).
 _FIXED_BYTES = 64 * 2**20
 _W_FRACTION = 0.05
+# A chunk's logits and dL blocks together (the L2 budget).
+_L2_BLOCK_BYTES = 32 * 2**20
 
 
 def _gemm_dtype(x_dtype, w_dtype, acc, cuda: bool) -> torch.dtype:
@@ -53,8 +56,12 @@ def plan(n, d, num_classes, x_dtype, w_dtype, spec, t, cuda=True):
     fixed = n * d * (2 * size(acc) + size(op))  # x^, its GEMM copy, the dX accumulator
     logit_bytes = k * (size(acc) + size(op))  # per row and class: the logits and dL
     class_bytes = k * d * (size(acc) + (size(op) if w_dtype != op else 0))  # G, an upcast chunk of W
-    budget = _FIXED_BYTES + int(_W_FRACTION * num_classes * k * d * size(w_dtype)) - fixed
-    rows, block, chunks, _ = chunked.plan(n, num_classes, spec, max(1, budget), t, logit_bytes, class_bytes, 0)
+    memory = _FIXED_BYTES + int(_W_FRACTION * num_classes * k * d * size(w_dtype)) - fixed
+    rows = min(n, spec.block_rows or chunked.MAX_ROWS)
+    # the L2 budget of the blocks, as a budget on a chunk's bytes (blocks and G)
+    l2 = _L2_BLOCK_BYTES * (rows * logit_bytes + class_bytes) // (rows * logit_bytes)
+    rows, block, chunks, _ = chunked.plan(n, num_classes, spec, max(1, min(memory, l2)), t, logit_bytes,
+                                          class_bytes, 0)
     return rows, block, chunks, fixed + block * (rows * logit_bytes + class_bytes)
 
 

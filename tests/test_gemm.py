@@ -5,6 +5,8 @@ plan and memory, and its epilogue kernels compiled offline for sm_80 and sm_90a 
 Without CUDA it runs on CPU tensors under the Triton interpreter (torch.mm for the GEMMs, TRITON_INTERPRET set by
 conftest.py).
 """
+import importlib.util
+import json
 import math
 import os
 import re
@@ -62,27 +64,47 @@ def test_gemm_equals_chunked(k, reduce, bias, normalize, dtype):
 
 
 def test_plan_keeps_the_extra_memory_in_budget(monkeypatch):
-    """The chunks share what 64 MB + 5% of W's bytes leave after the [N, D] buffers (logits and dL per row and
-    class, G per class), as few as fit, the last one short; block_classes overrides the budget."""
+    """As few chunks as fit both budgets: the logits and dL blocks in 32 MB (L2), the call's extra memory (the
+    [N, D] buffers, logits and dL per row and class, G per class) in 64 MB + 5% of W's bytes; the last chunk
+    short; block_classes overrides the budgets."""
     spec, t = LSESpec(), torch.empty(0)
-    for p, dtype in ((10**4, torch.bfloat16), (10**6, torch.bfloat16), (10**6, torch.float32)):
+    for p, dtype in ((10**4, torch.bfloat16), (10**6, torch.bfloat16), (10**6, torch.float32), (10**5, torch.float64)):
         size = torch.empty((), dtype=dtype).element_size()
-        budget = 64 * 2**20 + 0.05 * p * 512 * size  # docs/benchmarks.md's target
-        fixed, per_class = 1024 * 512 * (8 + size), 1024 * (4 + size) + 512 * 4
+        acc = max(size, 4)
+        memory = 64 * 2**20 + 0.05 * p * 512 * size  # docs/benchmarks.md's target
+        fixed, per_row, per_class = 1024 * 512 * (2 * acc + size), 1024 * (acc + size), 512 * acc
         rows, block, chunks, extra = gemm.plan(1024, 512, p, dtype, dtype, spec, t)
         assert rows == 1024 and (chunks - 1) * block < p <= chunks * block
-        assert extra == fixed + block * per_class <= budget
-        assert chunks == 1 or fixed + math.ceil(p / (chunks - 1)) * per_class > budget  # one fewer would not fit
+        assert extra == fixed + block * (per_row + per_class) <= memory and block * per_row <= 32 * 2**20
+        if chunks > 1:  # one chunk fewer would break a budget
+            fewer = math.ceil(p / (chunks - 1))
+            assert fixed + fewer * (per_row + per_class) > memory or fewer * per_row > 32 * 2**20
     assert gemm.plan(1024, 512, 10**6, torch.float32, torch.float32, LSESpec(block_classes=300), t)[1:3] == (300,
                                                                                                            3334)
     calls = []
     original = gemm._Pass.logits
     monkeypatch.setattr(gemm._Pass, "logits", lambda self, *a: calls.append(a[0].shape[0]) or original(self, *a))
-    monkeypatch.setattr(gemm, "_FIXED_BYTES", N * D * 12 + 10 * (N * 2 * 8 + 2 * D * 4))  # 10 classes a chunk
-    monkeypatch.setattr(gemm, "_W_FRACTION", 0.0)
+    monkeypatch.setattr(gemm, "_L2_BLOCK_BYTES", 10 * N * 2 * 8)  # fp32, K = 2: 10 classes a chunk
     xs, ws, _, labels = inputs(2, torch.float32, False, seed=9)
     class_lse(xs.detach(), ws.detach(), labels, centers_per_class=2, impl="gemm")
     assert calls == [18] * 5 + [16]  # 53 classes, 2 proxies each, <= 10 a chunk: 6 chunks of 9 (the last 8)
+
+
+def test_gpu_grid_benchmark_dry_run(tmp_path):
+    """benchmarks/bench_gpu_grid.py end to end on CPU (tiny sizes, the interpreter): rows for each implementation
+    and the floor, ratios, the rule for impl="auto", and the model of the real grid."""
+    spec = importlib.util.spec_from_file_location("bench_gpu_grid", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_gpu_grid.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "grid.json"
+    assert bench.main(["--dry-run", "--impls", "torch.mm", "gemm", "chunked", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["impl"] for r in result["rows"]] == ["torch.mm", "gemm", "chunked"] * 4
+    assert all(r["time_ms"] > 0 and r["over_floor"] > 0 for r in result["rows"])
+    assert set(result["auto_rule"]) == {"D=16 K=1 float32", "D=16 K=4 float32"}
+    assert len(result["model"]) == 24 and all(r["gemm_over_floor"] >= r["gemm_gpu_over_floor"] > 0
+                                              for r in result["model"])
 
 
 # ------------------------------------------------------------------------------------------ offline compile
