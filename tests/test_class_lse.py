@@ -605,13 +605,16 @@ def test_mixed_precision_losses_compute_in_the_wider_dtype(backend, x_dtype, w_d
 
 # ------------------------------------------------------------------------------------------------ GPU only
 @cuda_only
+@pytest.mark.parametrize("backend", ["triton", "gemm"])
 @pytest.mark.parametrize("reduce", ["row", "col"])
 @pytest.mark.parametrize("k", [1, 10])
-def test_triton_bf16_on_gpu(reduce, k):
-    """bf16 Triton, at a DESIGN-sized shape. GPU only: under the interpreter (CPU) tl.dot computes bf16 products
-    wrongly, so bf16 Triton is not tested where no GPU is; the CPU suite covers fp16, fp32 and fp64."""
+def test_triton_bf16_on_gpu(reduce, k, backend):
+    """bf16 Triton, and gemm's bf16 GEMMs with fp32 results, at a DESIGN-sized shape (gemm: several chunks). GPU
+    only: under the interpreter (CPU) tl.dot computes bf16 products wrongly, and torch has no CPU GEMM of bf16
+    into fp32; the CPU suite covers fp16, fp32 and fp64."""
     x, w, b, labels = make_inputs(n=1024, c=2000, k=k, d=512, dtype=BF16, bias=True, seed=40)
-    check_op("triton", x, w, b, labels, centers_per_class=k, scale=32.0, reduce=reduce)
+    tiles = dict(block_classes=300) if backend == "gemm" else {}
+    check_op(backend, x, w, b, labels, centers_per_class=k, scale=32.0, reduce=reduce, **tiles)
 
 
 @cuda_only
