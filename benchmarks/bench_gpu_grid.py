@@ -234,7 +234,8 @@ def main(argv=None):
     if args.model:
         print_model(model)
         if args.out:
-            json.dump({"model": model}, open(args.out, "w"), indent=1)
+            with open(args.out, "w") as f:
+                json.dump({"model": model}, f, indent=1)
         return 0
     if args.dry_run:
         device, grid, rounds = "cpu", [(16, 16, p, k, "float32") for p in (64, 128) for k in (1, 4)], 1
@@ -265,8 +266,9 @@ def main(argv=None):
                 "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 "float32_matmul_precision": torch.get_float32_matmul_precision(), "rounds": rounds,
                 "command": " ".join(sys.argv)}
-        json.dump({"machine": info, "rows": rows, "skipped": skipped, "auto_rule": rule, "model": model},
-                  open(args.out, "w"), indent=1)
+        with open(args.out, "w") as f:
+            json.dump({"machine": info, "rows": rows, "skipped": skipped, "auto_rule": rule, "model": model}, f,
+                      indent=1)
     return 1 if any("error" in r and r["impl"] in ("triton", "gemm", "torch.mm") for r in rows) else 0
 
 

@@ -32,7 +32,7 @@ from ._numerics import compute_dtype, normalize_backward_, unit_rows
 from .triton import epilogue
 from .triton._common import inv_norms
 
-__all__ = ["forward", "backward", "plan", "workspace_bytes"]
+__all__ = ["backward", "forward", "plan", "workspace_bytes"]
 
 # The extra memory of a call: _FIXED_BYTES + _W_FRACTION * W's bytes (docs/benchmarks.md's target).
 _FIXED_BYTES = 64 * 2**20
@@ -52,7 +52,9 @@ def plan(n, d, num_classes, x_dtype, w_dtype, spec, t, cuda=True):
     k = spec.centers_per_class
     acc = compute_dtype(x_dtype, w_dtype)
     op = _gemm_dtype(x_dtype, w_dtype, acc, cuda)
-    size = lambda dtype: torch.empty((), dtype=dtype).element_size()  # noqa: E731
+    def size(dtype):
+        return torch.empty((), dtype=dtype).element_size()
+
     fixed = n * d * (2 * size(acc) + size(op))  # x^, its GEMM copy, the dX accumulator
     logit_bytes = k * (size(acc) + size(op))  # per row and class: the logits and dL
     class_bytes = k * d * (size(acc) + (size(op) if w_dtype != op else 0))  # G, an upcast chunk of W

@@ -15,8 +15,9 @@ need_w, need_b)``:
   - `metricloss_kernels.triton`: fused Triton kernels; CUDA tensors (CPU tensors under TRITON_INTERPRET=1);
   - `metricloss_kernels.gemm`: cuBLAS GEMMs over chunks of classes with one Triton epilogue per pass; the same
     devices as "triton".
-``impl="auto"`` picks by device (CUDA -> Triton when it imports, anything else -> chunked; "gemm" until a GPU has
-measured the rule between the two, docs/benchmarks.md); "chunked", "triton" or "gemm" forces one. Under ``torch.compile`` the op is one opaque node of the graph, with the same fake and backward.
+``impl="auto"`` picks by device (CUDA -> Triton when it imports, anything else -> chunked; not "gemm" until a GPU has
+measured the rule between the two, docs/benchmarks.md); "chunked", "triton" or "gemm" forces one. Under
+``torch.compile`` the op is one opaque node of the graph, with the same fake and backward.
 """
 import dataclasses
 

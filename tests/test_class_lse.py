@@ -1,6 +1,6 @@
 """The class_lse op (metricloss_kernels.lse) and every proxy loss built on it, for each implementation ("chunked",
-"triton", "gemm"): the op against a materialised float64 oracle (forward and every gradient), opcheck, no N x C allocation;
-every proxy loss against the reference.
+"triton", "gemm"): the op against a materialised float64 oracle (forward and every gradient), opcheck, no N x C
+allocation; every proxy loss against the reference.
 
 Without CUDA the Triton kernels run under the interpreter on CPU tensors (TRITON_INTERPRET, set by conftest.py).
 The interpreter is slow and its tl.dot cannot do bf16, so the shapes are small and awkward (N=37, C=53, K=3, D=40:

@@ -139,7 +139,8 @@ def compile_epilogues():
                             assert "mma" not in ptx, case["kernel"]
                             with tempfile.TemporaryDirectory() as tmp:
                                 path = os.path.join(tmp, "k.ptx")
-                                open(path, "w").write(ptx)
+                                with open(path, "w") as f:
+                                    f.write(ptx)
                                 log = subprocess.run(
                                     [get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}",
                                      path, "-o", os.path.join(tmp, "k.o")],
@@ -157,7 +158,7 @@ def test_epilogues_compile_for_sm80_and_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.path.dirname(__file__), env.get("PYTHONPATH")]))
-    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600, check=False)
     if "No module named 'triton.backends.nvidia" in run.stderr:
         pytest.skip("triton was built without its NVIDIA backend")
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]

@@ -306,8 +306,8 @@ def _ptr(dtype: torch.dtype) -> str:
 
 def _signature(fn, constexprs: dict, pointers: dict) -> dict:
     """The ASTSource signature of `fn`: constexprs, the given pointer types, fp32 scale and inv_gamma, i32 else."""
-    return {a: "constexpr" if a in constexprs else pointers[a] if a in pointers else
-            "fp32" if a in ("scale", "inv_gamma") else "i32" for a in fn.arg_names}
+    return {a: "constexpr" if a in constexprs else pointers.get(a, "fp32" if a in ("scale", "inv_gamma") else "i32")
+            for a in fn.arg_names}
 
 
 def compile_cases(D: int, K: int, reduce: str, dtype: torch.dtype, precision: str, arch: int) -> list[dict]:
