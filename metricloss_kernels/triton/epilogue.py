@@ -1,6 +1,7 @@
 """The Triton epilogues of class_lse's impl="gemm" (metricloss_kernels.gemm: the tile loop and the GEMMs), kernels
 and launchers. Each reads one block of raw logits that cuBLAS wrote, L[i, p] = <x^_i, w_{p0+p}> ([R, B*K], rows
-r0.. of the batch, the proxies of the classes c0..c0+B), once:
+r0.. of the batch, the proxies of the classes c0..c0+B), once (the backward reads a tile's K slots a second time,
+right after the first, for their gradients):
 
   _lse_epilogue_kernel   forward: per (i, c) l_k = rw_k L[i, cK+k], S = sum_k softmax_k(l / gamma) l_k,
                          z = scale * S (+ bias_c for a row reduction; the shift and a column reduction's bias are
@@ -228,13 +229,14 @@ def blocks() -> dict:
     sm_90a, no spills (with 4 warps, 168-254 registers and spills for K = 10). Not timed: no GPU was available
     when they were chosen."""
     if INTERPRET:
-        return dict(BLOCK_N=32, BLOCK_C=32, num_warps=1)
-    return dict(BLOCK_N=32, BLOCK_C=64, num_warps=8)
+        return dict(BLOCK_N=32, BLOCK_C=32, num_warps=1, num_stages=1)
+    return dict(BLOCK_N=32, BLOCK_C=64, num_warps=8, num_stages=1)
 
 
 def _dw_blocks(d: int) -> dict:
     """The dW row pass: 16 rows x up to 128 entries of D a step, 8 a thread."""
-    return dict(BLOCK_P=16, BLOCK_D=min(128, max(16, triton.next_power_of_2(d))), num_warps=1 if INTERPRET else 8)
+    return dict(BLOCK_P=16, BLOCK_D=min(128, max(16, triton.next_power_of_2(d))), num_warps=1 if INTERPRET else 8,
+                num_stages=1)
 
 
 def splits(out_tiles: int, streamed_tiles: int, device, requested: int = 0) -> int:
@@ -268,7 +270,7 @@ def lse_update(part, logits, rw, bias, labels, c0, k, scale, inv_gamma, row):
         logits, rw if rw is not None else logits, bias if bias is not None else logits, labels, part,
         r, b, c0, logits.stride(0), part.stride(0), triton.cdiv(streamed, num), scale, inv_gamma,
         K=k, ROW_REDUCE=row, HAS_BIAS=bias is not None, NORM_W=rw is not None,
-        BLOCK_N=bn, BLOCK_C=bc, num_warps=cfg["num_warps"])
+        BLOCK_N=bn, BLOCK_C=bc, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def grad_block(dl, logits, rw, bias, labels, lse, g, dbias, c0, k, scale, inv_gamma, row, requested=0):
@@ -285,7 +287,7 @@ def grad_block(dl, logits, rw, bias, labels, lse, g, dbias, c0, k, scale, inv_ga
         r, b, c0, logits.stride(0), dl.stride(0), dbias.stride(0) if dbias is not None else 0,
         triton.cdiv(row_tiles, num), scale, inv_gamma,
         K=k, ROW_REDUCE=row, HAS_BIAS=bias is not None, NORM_W=rw is not None, DBIAS=dbias is not None,
-        BLOCK_N=bn, BLOCK_C=bc, num_warps=cfg["num_warps"])
+        BLOCK_N=bn, BLOCK_C=bc, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def dw_norm(dw, g, w, rw, gw):
@@ -295,7 +297,7 @@ def dw_norm(dw, g, w, rw, gw):
     cfg = _dw_blocks(d)
     _dw_norm_kernel[(triton.cdiv(p, cfg["BLOCK_P"]),)](
         g, w, rw, gw, dw, p, d, g.stride(0), w.stride(0), w.stride(1), dw.stride(0),
-        BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+        BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dw
 
 
@@ -327,7 +329,8 @@ def compile_cases(D: int, K: int, reduce: str, dtype: torch.dtype, precision: st
             (_grad_epilogue_kernel, dict(flags, DBIAS=row, **tiles),
              dict(common, dl_ptr=_ptr(dtype), lse_ptr=_ptr(acc), g_ptr=_ptr(acc), dbias_ptr=_ptr(acc)))):
         cases.append(dict(kernel=fn.__name__, fn=fn, signature=_signature(fn, const, pointers), constexprs=const,
-                          num_warps=cfg["num_warps"], num_stages=1, config=dict(const, precision=precision),
+                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                          config=dict(const, precision=precision),
                           has_dot=False))
     dw_cfg = _dw_blocks(D)
     const = {"BLOCK_P": dw_cfg["BLOCK_P"], "BLOCK_D": dw_cfg["BLOCK_D"]}
@@ -335,5 +338,6 @@ def compile_cases(D: int, K: int, reduce: str, dtype: torch.dtype, precision: st
                 "dw_ptr": _ptr(dtype)}
     cases.append(dict(kernel=_dw_norm_kernel.__name__, fn=_dw_norm_kernel,
                       signature=_signature(_dw_norm_kernel, const, pointers), constexprs=const,
-                      num_warps=dw_cfg["num_warps"], num_stages=1, config=dict(const, D=D), has_dot=False))
+                      num_warps=dw_cfg["num_warps"], num_stages=dw_cfg["num_stages"], config=dict(const, D=D),
+                      has_dot=False))
     return cases
