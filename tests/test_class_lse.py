@@ -481,8 +481,12 @@ def check_loss(name, k, kwargs, setting, fn, seed=20):
         assert_close(got, want, rtol, f"{name} d{what}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("setting", list(SETTINGS))
+# gemm (its epilogues interpreted on CPU) takes every loss through the settings that change its code path: the
+# public API, large logits, fp16 (the label layouts are the other implementations' and the oracle tests' concern).
+LOSS_SETTINGS = [(b, s) for b in BACKENDS for s in SETTINGS if b != "gemm" or s in ("random", "aligned", "fp16")]
+
+
+@pytest.mark.parametrize("backend,setting", LOSS_SETTINGS, ids=[f"{s}-{b}" for b, s in LOSS_SETTINGS])
 @pytest.mark.parametrize("name,k,kwargs", LOSS_CASES, ids=LOSS_IDS)
 def test_streamed_loss_matches_reference(backend, name, k, kwargs, setting):
     """"random": through the public functional API with backend= (default tiles); the other settings through
