@@ -24,10 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _TL_DTYPES, INTERPRET
+from ._common import _TL_DTYPES, INTERPRET, num_splits
 
-# Programs per SM the launchers aim for when they split the streamed axis of a block.
-_PROGRAMS_PER_SM = 4
 # Bound on the [splits, C] partials of a column reduction (and of the row reduction's bias gradient).
 _PARTIAL_BYTES = 16 * 2**20
 
@@ -239,23 +237,15 @@ def _dw_blocks(d: int) -> dict:
                 num_stages=1)
 
 
-def splits(out_tiles: int, streamed_tiles: int, device, requested: int = 0) -> int:
-    """Programs sharing the streamed axis of a block: enough for _PROGRAMS_PER_SM programs per SM (2 under the
-    interpreter, so that the CPU tests merge splits), at most one per streamed tile."""
-    if not requested:
-        requested = 2 if INTERPRET else triton.cdiv(
-            _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count, out_tiles)
-    return max(1, min(requested, streamed_tiles))
-
-
 def partial_splits(rows: int, classes: int, num_classes: int, reduce: str, device, requested: int = 0) -> int:
     """The split count of a call's partial LSEs ([splits, N] for a row reduction, [splits, C] for a column one),
-    from its largest block (`rows` x `classes`); a column reduction's partials take at most _PARTIAL_BYTES."""
+    from its largest block (`rows` x `classes`), by the fused kernels' rule (_common.num_splits); a column
+    reduction's partials take at most _PARTIAL_BYTES."""
     cfg = blocks()
     row_tiles, class_tiles = triton.cdiv(rows, cfg["BLOCK_N"]), triton.cdiv(classes, cfg["BLOCK_C"])
     if reduce == "row":
-        return splits(row_tiles, class_tiles, device, requested)
-    return max(1, min(splits(class_tiles, row_tiles, device, requested), _PARTIAL_BYTES // (8 * num_classes)))
+        return num_splits(row_tiles, class_tiles, device, requested or None)
+    return num_splits(class_tiles, row_tiles, device, requested or None, max(1, _PARTIAL_BYTES // (8 * num_classes)))
 
 
 def lse_update(part, logits, rw, bias, labels, c0, k, scale, inv_gamma, row):
@@ -280,7 +270,7 @@ def grad_block(dl, logits, rw, bias, labels, lse, g, dbias, c0, k, scale, inv_ga
     cfg = blocks()
     bn, bc = cfg["BLOCK_N"], cfg["BLOCK_C"]
     row_tiles, class_tiles = triton.cdiv(r, bn), triton.cdiv(b, bc)
-    num = dbias.shape[0] if dbias is not None else splits(class_tiles, row_tiles, logits.device, requested)
+    num = dbias.shape[0] if dbias is not None else num_splits(class_tiles, row_tiles, logits.device, requested or None)
     _grad_epilogue_kernel[(class_tiles, num)](
         logits, dl, rw if rw is not None else logits, bias if bias is not None else logits, labels, lse, g,
         dbias if dbias is not None else logits,
