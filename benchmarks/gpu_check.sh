@@ -144,6 +144,7 @@ for case in $CASES; do
     bench "bench_${case}_ours" 40 "$case" --impls reference chunked triton \
         || bench "bench_${case}_triton" 30 "$case" --impls triton
 done
+RESERVE=90 step bench_gpu_grid 150 40 "$PY" benchmarks/bench_gpu_grid.py --rounds "$ROUNDS" --out "$OUT/gpu_grid.json"
 
 # -------------------------------------------------------------------------------------------- rest of the suite
 REST_IGNORE=""

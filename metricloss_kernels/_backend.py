@@ -1,5 +1,6 @@
 """Backend selection: "reference" (pure torch, materialises the logits), "chunked" (streaming torch ops over
-blocks of classes) and "triton" (fused kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
+blocks of classes), "triton" (fused kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) and "gemm"
+(cuBLAS GEMMs over chunks of classes with fused Triton epilogues; where "triton" runs).
 
 "auto" (the default, or the METRICLOSS_BACKEND environment variable) picks Triton for CUDA tensors when it
 imports, else the chunked backend when the N x C*K logits would exceed AUTO_CHUNK_BYTES, else the reference.
@@ -9,7 +10,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "reference", "chunked", "triton")
+BACKENDS = ("auto", "reference", "chunked", "triton", "gemm")
 AUTO_CHUNK_BYTES = 64 * 2**20
 
 
@@ -39,6 +40,7 @@ def backends() -> dict:
         "reference": (True, "pure torch, always available"),
         "chunked": (True, "pure torch streaming over class blocks, always available"),
         "triton": (reason is None, reason or f"fused kernels on {device.type}"),
+        "gemm": (reason is None, reason or f"torch.mm GEMMs and Triton epilogues on {device.type}"),
     }
 
 
@@ -64,8 +66,8 @@ def resolve(backend: str | None, device: torch.device, logits: int, supported=BA
     if backend not in supported:
         raise ValueError(f"backend {backend!r} is not implemented for this loss; "
                          f"available: {', '.join(map(repr, supported))}")
-    if backend == "triton":
+    if backend in ("triton", "gemm"):
         reason = triton_reason(device)
         if reason:
-            raise RuntimeError(f"backend='triton' cannot run: {reason}")
+            raise RuntimeError(f"backend={backend!r} cannot run: {reason}")
     return backend

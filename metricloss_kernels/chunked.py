@@ -31,7 +31,7 @@ import torch
 from . import _parallel
 from ._numerics import compute_dtype, normalize_backward_, unit_rows
 
-__all__ = ["forward", "backward"]
+__all__ = ["forward", "backward", "plan", "left_out", "saved_lse", "Workspace"]
 
 # forward and backward take the op's row offset (metricloss_kernels.lse): subtracted from the logits in the tiles.
 ROW_OFFSET = True
@@ -42,7 +42,7 @@ ROW_OFFSET = True
 _TILE_BYTES = {"cpu": 4 * 2**20}
 _TILE_BYTES_DEFAULT = 64 * 2**20
 # Rows per tile: the batch is normally processed whole; only row-heavy calls (e.g. proxies as rows) are split.
-_MAX_ROWS = 4096
+MAX_ROWS = 4096
 # Threads (CPU, metricloss_kernels._parallel.plan): a thread's unit of work is a group of tiles. The backward gives
 # each group its own dX accumulator: a group per tile as long as a thread's accumulators fit in this many bytes (the
 # finest balance on a loaded machine), several tiles a group beyond, tiles in order when one does not fit.
@@ -59,7 +59,19 @@ def _lse_(z: torch.Tensor, dim: int) -> torch.Tensor:
     return z.sub_(m).exp_().sum(dim, keepdim=True).log_().add_(m).squeeze(dim)
 
 
-class _Workspace:
+def plan(n, num_classes, spec, budget, t, logit_bytes, class_bytes=0, per_worker=None):
+    """The tiles of a pass over the classes, shared with the gemm implementation: (rows per tile, classes per tile,
+    tiles, groups of tiles). A tile of R rows and B classes costs B * (R * logit_bytes + class_bytes) bytes of
+    `budget`; spec.block_rows / spec.block_classes override; the groups are `_parallel.plan`'s tasks on tensors like
+    `t` (one group for per_worker=0)."""
+    rows = min(n, spec.block_rows or MAX_ROWS)
+    fixed = spec.block_classes
+    tiles = math.ceil(num_classes / fixed) if fixed else math.ceil(
+        num_classes * (rows * logit_bytes + class_bytes) / budget)
+    return (rows, *_parallel.plan(num_classes, tiles, t, per_worker, fixed))
+
+
+class Workspace:
     """Named scratch buffers, allocated at the first (largest) tile and reused as views by the smaller last ones."""
 
     def __init__(self, dtype, device):
@@ -101,21 +113,18 @@ class _Tiling:
         # The GEMM operand: K == 1 folds the scale (z is one GEMM), K > 1 folds 1/gamma (l' = l / gamma).
         self.x_in = self.x_hat * (spec.scale if k == 1 else 1.0 / spec.gamma)
 
-        self.rows = min(self.n, spec.block_rows or _MAX_ROWS)
         itemsize = self.x_in.element_size()
-        fixed = spec.block_classes
-        budget = _TILE_BYTES.get(x.device.type, _TILE_BYTES_DEFAULT)
-        tiles = math.ceil(self.num_classes / fixed) if fixed else math.ceil(
-            self.rows * self.num_classes * k * itemsize / budget)
         per_worker = _GROUP_BYTES // max(1, self.x_in.numel() * itemsize) if accumulate_x else None
-        self.block, self.tiles, self.groups = _parallel.plan(self.num_classes, tiles, self.x_in, per_worker, fixed)
+        self.rows, self.block, self.tiles, self.groups = plan(
+            self.n, self.num_classes, spec, _TILE_BYTES.get(x.device.type, _TILE_BYTES_DEFAULT), self.x_in,
+            k * itemsize, per_worker=per_worker)
 
     def run(self, fn):
         """fn(group, workspace) for every group in range(self.groups), spread over the threads; a workspace is
         one worker's own."""
         def task(group, worker):
             if worker not in self.workspaces:
-                self.workspaces[worker] = _Workspace(self.cdtype, self.device)
+                self.workspaces[worker] = Workspace(self.cdtype, self.device)
             fn(group, self.workspaces[worker])
         _parallel.run(self.groups, task, self.x_in)
 
@@ -186,11 +195,27 @@ class _Tiling:
         return z, parts
 
 
-def _left_out(shift, bias, spec, dtype):
+def left_out(shift, bias, spec, dtype):
     """What the tiles leave out of the result: the shift, and the bias of a column reduction ([C] or scalar)."""
     if not spec.row and bias is not None:
         return bias.to(dtype) + shift
     return shift
+
+
+def saved_lse(grad, out, bias, spec, dtype):
+    """(g, lse) for a backward pass over the tiles, in `dtype`: the upstream gradient with 0 at the empty LSEs (-inf:
+    they have no term for any gradient, NaN included, to flow into), and the result without `left_out` (the tiles'
+    z leave it out) with 0 at the empty ones (their z are all -inf: any finite stand-in makes exp(z - lse) = 0
+    there, never NaN)."""
+    empty = out == float("-inf")
+    g = grad.to(dtype).masked_fill(empty, 0)
+    return g, (out - left_out(spec.shift, bias, spec, dtype)).masked_fill_(empty, 0)
+
+
+def forward(x, w, labels, bias, spec):
+    """class_lse (metricloss_kernels.lse) of x [N, D], w [C*K, D], labels [N], bias [C] or None under `spec`:
+    [N] (row) or [C] (col) in the compute dtype."""
+    t, row = _Tiling(x, w, labels, bias, spec), spec.row
 
 
 def forward(x, w, labels, bias, spec, offset=None):
@@ -211,7 +236,7 @@ def forward(x, w, labels, bias, spec, offset=None):
 
     t.run(group)
     out = out.logsumexp(0) if out.shape[0] > 1 else out[0]
-    return out.add_(_left_out(spec.shift, bias, spec, t.cdtype))
+    return out.add_(left_out(spec.shift, bias, spec, t.cdtype))
 
 
 def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b, offset=None):
@@ -220,12 +245,7 @@ def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b, offset
     k, row = spec.centers_per_class, spec.row
     t = _Tiling(x, w, labels, bias, spec, offset, accumulate_x=need_x)
     cd = t.cdtype
-    empty = out == float("-inf")
-    # An empty LSE has no term for its upstream gradient (whatever it is, NaN included) to flow into.
-    g = grad.to(cd).masked_fill(empty, 0)
-    # The tiles' z leave out _left_out; an empty LSE (-inf) has all its z = -inf, and any finite stand-in makes
-    # exp(z - lse) = 0 there, never NaN.
-    lse = (out - _left_out(spec.shift, bias, spec, cd)).masked_fill_(empty, 0)
+    g, lse = saved_lse(grad, out, bias, spec, cd)
     # dX sums over every class: one accumulator per group, added at the end. dW and dbias are a tile's own.
     dx_parts = torch.zeros((t.groups, *t.x_hat.shape), dtype=cd, device=x.device) if need_x else None
     dw = torch.empty_like(w) if need_w else None

@@ -1,5 +1,5 @@
 """Every proxy loss written on top of one streaming primitive, the registered op `class_lse` (metricloss_kernels.lse;
-its implementations: chunked.py, triton/), so that no N x C (or N x C*K) tensor is ever held.
+its implementations: chunked.py, triton/, gemm.py), so that no N x C (or N x C*K) tensor is ever held.
 
 Each loss is O(N) / O(C) torch work around one or two `lse` calls:
 - the target-class similarities S_{i,y_i} are gathered in torch: O(N*K*D);

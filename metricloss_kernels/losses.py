@@ -2,7 +2,7 @@
 
 `loss = Loss(...); value = loss(embeddings [N, D], labels [N])` -> scalar tensor. Constructors follow
 pytorch-metric-learning's classes of the same name; every module accepts `backend=` ("auto", "reference",
-"chunked", "triton"), and every proxy-loss module exposes its proxies as `.proxies` ([C*K, D], class-major).
+"chunked", "triton", "gemm"), and every proxy-loss module exposes its proxies as `.proxies` ([C*K, D], class-major).
 
 `process_group=` (every loss): the batch is split over the group's ranks (metricloss_kernels/distributed.py). A
 proxy-loss module then holds the proxies of its classes only, `.class_range` = (start, stop), `.proxies`

@@ -12,14 +12,18 @@ op ``metricloss_kernels::class_lse_backward``) and the choice of implementation.
 arguments in the same order, ``(x, w, labels, bias, spec)`` and ``(grad, out, x, w, labels, bias, spec, need_x,
 need_w, need_b)``:
   - `metricloss_kernels.chunked`: torch ops over tiles of classes; CPU and every device other than CUDA;
-  - `metricloss_kernels.triton`: fused Triton kernels; CUDA tensors (CPU tensors under TRITON_INTERPRET=1).
-``impl="auto"`` picks by device (CUDA -> Triton when it imports, anything else -> chunked); "chunked" or "triton"
-forces one. Under ``torch.compile`` the op is one opaque node of the graph, with the same fake and backward.
+  - `metricloss_kernels.triton`: fused Triton kernels; CUDA tensors (CPU tensors under TRITON_INTERPRET=1);
+  - `metricloss_kernels.gemm`: cuBLAS GEMMs over chunks of classes with one Triton epilogue per pass; the same
+    devices as "triton".
+``impl="auto"`` picks by device (CUDA -> Triton when it imports, anything else -> chunked; not "gemm" until a GPU has
+measured the rule between the two, docs/benchmarks.md); "chunked", "triton" or "gemm" forces one. Under
+``torch.compile`` the op is one opaque node of the graph, with the same fake and backward.
 
 The row offset (a cross-entropy passes its target logits t_i) is subtracted from each logit inside the LSE: the
 result LSE_c z_ic - t_i is then exact at any magnitude of the logits, where an LSE computed first and t subtracted
 after keeps nothing below the last bit of |t| (|t| = 1e31: a CE of log C comes out 0). An implementation that
-takes it says so (``ROW_OFFSET = True``; chunked does); for the others (Triton) it is subtracted from their result.
+takes it says so (``ROW_OFFSET = True``; chunked does); for the others (Triton, gemm) it is subtracted from their
+result.
 """
 import dataclasses
 
@@ -28,7 +32,7 @@ import torch
 from ._backend import triton_reason
 from ._numerics import compute_dtype
 
-IMPLS = ("auto", "chunked", "triton")
+IMPLS = ("auto", "chunked", "triton", "gemm")
 REDUCES = ("row", "col")
 
 
@@ -38,10 +42,10 @@ class LSESpec:
 
     centers_per_class: K >= 1 (rows c*K .. c*K+K-1 of w are class c's proxies). gamma: temperature of the
     intra-class softmax (unused when K = 1). scale, shift: z = scale * S + shift (+ bias). normalize_x /
-    normalize_w: L2-normalise the rows first. reduce: "row" or "col". impl: "auto", "chunked" or "triton".
+    normalize_w: L2-normalise the rows first. reduce: "row" or "col". impl: "auto", "chunked", "triton" or "gemm".
     Tile overrides, 0 = the implementation's default: block_rows (rows per tile), block_classes (classes per tile,
-    all K proxies of a class in one tile), block_d (Triton: chunk of D per dot), num_splits (Triton: programs
-    sharing the streamed axis)."""
+    all K proxies of a class in one tile; gemm: per chunk), block_d (Triton: chunk of D per dot), num_splits
+    (Triton, gemm: programs sharing the streamed axis)."""
     centers_per_class: int = 1
     gamma: float = 0.1
     scale: float = 1.0
@@ -81,16 +85,19 @@ _SPEC_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in dataclasse
 
 
 def _implementation(spec: LSESpec, device: torch.device):
-    """The module (chunked, or triton) that runs `spec` on tensors of `device`."""
+    """The module (chunked, triton or gemm) that runs `spec` on tensors of `device`."""
     impl = spec.impl
     if impl == "auto":
         impl = "triton" if device.type == "cuda" and triton_reason(device) is None else "chunked"
     if impl == "chunked":
         from . import chunked
         return chunked
-    reason = triton_reason(device)
+    reason = triton_reason(device)  # gemm's epilogues are Triton kernels too
     if reason:
-        raise RuntimeError(f"class_lse with impl='triton' cannot run: {reason}")
+        raise RuntimeError(f"class_lse with impl={impl!r} cannot run: {reason}")
+    if impl == "gemm":
+        from . import gemm
+        return gemm
     from . import triton as kernels
     return kernels
 

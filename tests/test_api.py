@@ -282,7 +282,7 @@ def test_narrow_integer_labels_out_of_range_still_raise(dtype, c, bad):
 
 def test_backends_report():
     info = mlk.backends()
-    assert set(info) == {"reference", "chunked", "triton"}
+    assert set(info) == {"reference", "chunked", "triton", "gemm"}
     assert info["reference"][0] and info["chunked"][0]
     assert all(isinstance(why, str) and why for _, why in info.values())
 
@@ -311,6 +311,18 @@ def test_env_variable_sets_default_backend(monkeypatch):
         F.proxy_nca_loss(x, y, w)
 
 
+def test_env_variable_selects_gemm(monkeypatch):
+    from metricloss_kernels import gemm
+    calls = []
+    original = gemm.forward
+    monkeypatch.setattr(gemm, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x, y, w = data(n=9, c=6, d=5)
+    monkeypatch.setenv("METRICLOSS_BACKEND", "gemm")
+    torch.testing.assert_close(F.proxy_anchor_loss(x, y, w), reference.proxy_anchor_loss(x, y, w))
+    assert calls == [1]
+    torch.testing.assert_close(F.contrastive_loss(x, y), reference.contrastive_loss(x, y))  # reference only
+
+
 def test_auto_picks_chunked_for_large_logits(monkeypatch):
     from metricloss_kernels import _backend
     assert _backend.resolve("auto", torch.device("cpu"), 10) == "reference"
@@ -318,13 +330,21 @@ def test_auto_picks_chunked_for_large_logits(monkeypatch):
     assert _backend.resolve("auto", torch.device("cpu"), 10**9, ("auto", "reference")) == "reference"
 
 
-def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
+@pytest.mark.parametrize("backend", ["triton", "gemm"])
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch, backend):
+    """Both need Triton (gemm for its epilogues): an explicit request says why it cannot run, and backends()
+    reports them unavailable; the automatic choice falls back quietly."""
     from metricloss_kernels import _backend
     from metricloss_kernels import triton as kernels
+    from metricloss_kernels.lse import class_lse
     monkeypatch.setattr(kernels, "INTERPRET", False)
     x, y, w = data(n=9, c=6, d=5)
-    with pytest.raises(RuntimeError, match="triton"):
-        F.proxy_nca_loss(x, y, w, backend="triton")
+    with pytest.raises(RuntimeError, match=f"backend='{backend}' cannot run: .*TRITON_INTERPRET"):
+        F.proxy_nca_loss(x, y, w, backend=backend)
+    with pytest.raises(RuntimeError, match=f"impl='{backend}' cannot run: .*TRITON_INTERPRET"):
+        class_lse(x, w, y, impl=backend)
+    available, why = mlk.backends()[backend]
+    assert not available and "TRITON_INTERPRET" in why
     assert _backend.resolve("auto", torch.device("cpu"), 10) == "reference"
 
 
@@ -447,7 +467,7 @@ def test_constructors_reject_what_forward_would(make, arg):
 def test_class_lse_rejects_unknown_arguments():
     from metricloss_kernels.lse import class_lse
     x, y, w = data(n=5, c=3, d=4)
-    for impl in ("chunked", "triton"):
+    for impl in ("chunked", "triton", "gemm"):
         with pytest.raises(ValueError, match="reduce"):
             class_lse(x.float(), w.float(), y, reduce="rows", impl=impl)
     with pytest.raises(ValueError, match="impl"):
@@ -481,14 +501,14 @@ PROXY_NAN_RULE = ("proxy_nca", "proxy_anchor", "soft_triple", "mpa", "arcface", 
                   "regular_polytope", "proxy_repel")
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked"])
+@pytest.mark.parametrize("backend", ["reference", "chunked", "gemm"])
 @pytest.mark.parametrize("where", ["nan_embedding", "inf_embedding", "nan_weight"])
 @pytest.mark.parametrize("name", sorted(NAN_RULE_LOSSES))
 def test_nan_or_inf_input_gives_nan_loss_and_gradients(name, where, backend):
     """One rule for every loss (docs/formulas.md, Numerical rules): a NaN or Inf entry in any floating input makes
     the loss NaN and every gradient through it NaN. margin_loss returned a finite 0.75 (the NaN row was never
     sampled), semi-hard triplets a finite loss; the others had NaN in one row's gradient only."""
-    if backend == "chunked" and name not in PROXY_NAN_RULE:
+    if backend != "reference" and name not in PROXY_NAN_RULE:
         pytest.skip("pair losses have the reference backend only")
     g = torch.Generator().manual_seed(5)
     x, w = torch.randn(12, 8, generator=g), torch.randn(10, 8, generator=g)
@@ -509,7 +529,7 @@ def test_nan_or_inf_input_gives_nan_loss_and_gradients(name, where, backend):
     assert torch.isnan(gx).any() and (gw is None or name == "center" or torch.isnan(gw).any())
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "chunked", "triton", "gemm"])
 def test_inference_mode_embeddings_train_learnable_proxies(backend):
     """Embeddings and labels made under torch.inference_mode (a frozen backbone) given to a module with learnable
     proxies: the streamed backends saved them for backward ("Inference tensors cannot be saved for backward")."""

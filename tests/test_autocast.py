@@ -20,7 +20,8 @@ MODULES = {
 }
 AUTOCAST = [("cpu", torch.bfloat16, backend) for backend in ("reference", "chunked")]
 if torch.cuda.is_available():
-    AUTOCAST += [("cuda", dtype, "triton") for dtype in (torch.float16, torch.bfloat16)]
+    AUTOCAST += [("cuda", dtype, backend) for dtype in (torch.float16, torch.bfloat16)
+                 for backend in ("triton", "gemm")]
 
 
 @pytest.mark.parametrize("device,dtype,backend", AUTOCAST, ids=[f"{d}-{str(t)[6:]}-{b}" for d, t, b in AUTOCAST])

@@ -1,6 +1,6 @@
 """The class_lse op (metricloss_kernels.lse) and every proxy loss built on it, for each implementation ("chunked",
-"triton"): the op against a materialised float64 oracle (forward and every gradient), opcheck, no N x C allocation;
-every proxy loss against the reference.
+"triton", "gemm"): the op against a materialised float64 oracle (forward and every gradient), opcheck, no N x C
+allocation; every proxy loss against the reference.
 
 Without CUDA the Triton kernels run under the interpreter on CPU tensors (TRITON_INTERPRET, set by conftest.py).
 The interpreter is slow and its tl.dot cannot do bf16, so the shapes are small and awkward (N=37, C=53, K=3, D=40:
@@ -25,16 +25,16 @@ from metricloss_kernels.polytopes import regular_polytope
 from utils import TOL, assert_close, largest_allocation, proxy_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["chunked", "triton"]
+BACKENDS = ["chunked", "triton", "gemm"]
 N, C, K, D = 37, 53, 3, 40
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 cuda_only = pytest.mark.cuda
 
 
 def tol(backend, dtype):
-    """Max error relative to the largest |expected| entry. Triton's fp32 dots on a GPU follow torch's matmul
-    precision (TF32 by default), hence 1e-3 there."""
-    return 1e-3 if backend == "triton" and dtype == F32 and DEVICE == "cuda" else TOL[dtype]
+    """Max error relative to the largest |expected| entry. Triton's fp32 dots and gemm's cuBLAS GEMMs on a GPU follow
+    torch's matmul precision (TF32 by default), hence 1e-3 there."""
+    return 1e-3 if backend in ("triton", "gemm") and dtype == F32 and DEVICE == "cuda" else TOL[dtype]
 
 
 def gen(seed):
@@ -109,7 +109,9 @@ def test_normalize_flags(backend, reduce, normalize_x, normalize_w):
 TILINGS = [("chunked", dict(block_classes=b)) for b in (1, 5, 52, 53, 1000)] + [
     ("chunked", {}), ("chunked", dict(block_rows=8, block_classes=11)),
     ("triton", dict(block_d=16, num_splits=1)), ("triton", dict(block_d=16, num_splits=3)),
-    ("triton", dict(block_rows=32, block_classes=32))]
+    ("triton", dict(block_rows=32, block_classes=32)),
+    ("gemm", dict(block_classes=5, num_splits=1)), ("gemm", dict(block_classes=52, num_splits=3)),
+    ("gemm", dict(block_rows=8, block_classes=11))]
 
 
 @pytest.mark.parametrize("backend,tiles", TILINGS, ids=[f"{b}-{t}" for b, t in TILINGS])
@@ -163,7 +165,7 @@ def test_empty_lse_is_minus_inf_with_zero_grad(backend, k):
 
 
 # bf16 Triton: GPU only (the interpreter's tl.dot is wrong for bf16), see test_triton_bf16_on_gpu.
-HALF = [("chunked", F16), ("chunked", BF16), ("triton", F16)]
+HALF = [("chunked", F16), ("chunked", BF16), ("triton", F16), ("gemm", F16)]
 
 
 @pytest.mark.parametrize("backend,dtype", HALF, ids=[f"{b}-{str(t)[6:]}" for b, t in HALF])
@@ -225,7 +227,7 @@ def test_gradcheck(backend, reduce):
     assert torch.autograd.gradcheck(lambda x, w, b: fn(x, w, bias=b), (x, w, b))
 
 
-OPCHECK = [(impl, dtype, k, bias, reduce) for impl in ("auto", "triton") for dtype in (F32, F64) for k in (1, 3)
+OPCHECK = [(impl, dtype, k, bias, reduce) for impl in ("auto", "triton", "gemm") for dtype in (F32, F64) for k in (1, 3)
            for bias in (False, True) for reduce in ("row", "col")]
 
 
@@ -277,7 +279,7 @@ def test_row_offset_is_subtracted_inside_the_lse(backend, k, c):
         assert_close(g, e, tol(backend, x.dtype), f"grad {name}")
 
 
-@pytest.mark.parametrize("impl", ["auto", "triton"])
+@pytest.mark.parametrize("impl", ["auto", "triton", "gemm"])
 def test_opcheck_backward_op(impl):
     """The backward is a registered op too: its schema and fake kernel (empty tensors for unneeded gradients)."""
     x, w, b, labels = make_inputs(n=9, c=5, k=2, d=6, dtype=F32, bias=True, seed=14)
@@ -467,7 +469,7 @@ SETTINGS = {
 }
 # Tiles for the streamed losses: several class tiles at C = 53 (Triton's interpreter default, 16 classes, already
 # does that; its tiles must be powers of two).
-LOSS_TILES = {"chunked": dict(block_classes=7), "triton": {}}
+LOSS_TILES = {"chunked": dict(block_classes=7), "triton": {}, "gemm": dict(block_classes=7)}
 
 
 def loss_inputs(name, k, kwargs, labels_kind, geometry, dtype, seed, n=N, c=C, d=D):
@@ -524,8 +526,12 @@ def check_loss(name, k, kwargs, setting, fn, seed=20):
         assert_close(got, want, rtol, f"{name} d{what}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("setting", list(SETTINGS))
+# gemm (its epilogues interpreted on CPU) takes every loss through the settings that change its code path: the
+# public API, large logits, fp16 (the label layouts are the other implementations' and the oracle tests' concern).
+LOSS_SETTINGS = [(b, s) for b in BACKENDS for s in SETTINGS if b != "gemm" or s in ("random", "aligned", "fp16")]
+
+
+@pytest.mark.parametrize("backend,setting", LOSS_SETTINGS, ids=[f"{s}-{b}" for b, s in LOSS_SETTINGS])
 @pytest.mark.parametrize("name,k,kwargs", LOSS_CASES, ids=LOSS_IDS)
 def test_streamed_loss_matches_reference(backend, name, k, kwargs, setting):
     """"random": through the public functional API with backend= (default tiles); the other settings through
@@ -751,13 +757,16 @@ def test_cross_entropy_of_huge_tied_logits(backend, dtype, huge, name, kwargs):
 
 # ------------------------------------------------------------------------------------------------ GPU only
 @cuda_only
+@pytest.mark.parametrize("backend", ["triton", "gemm"])
 @pytest.mark.parametrize("reduce", ["row", "col"])
 @pytest.mark.parametrize("k", [1, 10])
-def test_triton_bf16_on_gpu(reduce, k):
-    """bf16 Triton, at a DESIGN-sized shape. GPU only: under the interpreter (CPU) tl.dot computes bf16 products
-    wrongly, so bf16 Triton is not tested where no GPU is; the CPU suite covers fp16, fp32 and fp64."""
+def test_triton_bf16_on_gpu(reduce, k, backend):
+    """bf16 Triton, and gemm's bf16 GEMMs with fp32 results, at a DESIGN-sized shape (gemm: several chunks). GPU
+    only: under the interpreter (CPU) tl.dot computes bf16 products wrongly, and torch has no CPU GEMM of bf16
+    into fp32; the CPU suite covers fp16, fp32 and fp64."""
     x, w, b, labels = make_inputs(n=1024, c=2000, k=k, d=512, dtype=BF16, bias=True, seed=40)
-    check_op("triton", x, w, b, labels, centers_per_class=k, scale=32.0, reduce=reduce)
+    tiles = dict(block_classes=300) if backend == "gemm" else {}
+    check_op(backend, x, w, b, labels, centers_per_class=k, scale=32.0, reduce=reduce, **tiles)
 
 
 @cuda_only

@@ -50,6 +50,8 @@ PAIR_MODULES = {
 }
 CASES = [(name, backend) for name in PROXY_MODULES for backend in ("reference", "chunked")] + [
     (name, "reference") for name in PAIR_MODULES if name != "WeightedSumLoss"] + [("WeightedSumLoss", "chunked")]
+# impl="gemm" (under the Triton interpreter on CPU): one loss per reduction, K > 1, the target-logit path
+GEMM_CASES = [(name, "gemm") for name in ("ProxyAnchorLoss", "SoftTripleLoss", "ArcFaceLoss")]
 INDUCTOR_CASES = [("ProxyAnchorLoss", "chunked"), ("SoftTripleLoss", "chunked"), ("ArcFaceLoss", "reference"),
                   ("TripletMarginLoss-semi-hard", "reference"), ("MarginLoss", "reference"),
                   ("CenterLoss", "reference")]
@@ -70,7 +72,7 @@ def calls(graph, op) -> bool:
 
 
 def uses_the_op(name, backend):
-    return backend == "chunked" and (name in PROXY_MODULES or name == "WeightedSumLoss")
+    return backend in ("chunked", "gemm") and (name in PROXY_MODULES or name == "WeightedSumLoss")
 
 
 def step(module, x, labels, seed=2):
@@ -116,7 +118,7 @@ def test_one_graph_without_breaks(name, backend):
     assert calls(explanation.graphs[0], CLASS_LSE) == uses_the_op(name, backend)
 
 
-@pytest.mark.parametrize("name,backend", CASES, ids=[f"{n}-{b}" for n, b in CASES])
+@pytest.mark.parametrize("name,backend", CASES + GEMM_CASES, ids=[f"{n}-{b}" for n, b in CASES + GEMM_CASES])
 def test_compiled_step_equals_eager(name, backend):
     """fullgraph compile (AOTAutograd, graphs run eagerly): value, gradients and buffers as in eager mode; the
     streamed losses' forward graph calls class_lse and their backward graph class_lse_backward."""
@@ -205,21 +207,27 @@ def test_margin_loss_with_a_generator_is_the_documented_exception():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "gemm"])
 @pytest.mark.parametrize("name", sorted(PROXY_MODULES))
-def test_compiled_triton_step_equals_eager_on_cuda(name):
-    """The Triton backend under the default compiler, on a GPU (the CPU suite covers reference and chunked)."""
-    module, x, labels = make(name, "triton")
+def test_compiled_triton_step_equals_eager_on_cuda(name, backend):
+    """The Triton and gemm backends under the default compiler, on a GPU (the CPU suite covers reference and
+    chunked)."""
+    module, x, labels = make(name, backend)
     module, x, labels = module.cuda(), x.cuda(), labels.cuda()
     compiled = torch.compile(copy.deepcopy(module), fullgraph=True)
     assert_same_step(step(compiled, x, labels), step(module, x, labels), rtol=1e-9)
 
 
+SYNC_CASES = [(name, "auto") for name in sorted(set(PROXY_MODULES) | set(PAIR_MODULES))] + [
+    (name, "gemm") for name in sorted(PROXY_MODULES)]
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("name", sorted(set(PROXY_MODULES) | set(PAIR_MODULES)))
-def test_no_device_synchronisation_on_cuda(name):
-    """A training step of every loss module on CUDA ("auto": Triton for the proxy losses) with the CUDA sync
-    debug mode set to error: no read of device data by the host, label checks included."""
-    module, x, labels = make(name, "auto")
+@pytest.mark.parametrize("name,backend", SYNC_CASES, ids=[f"{n}-{b}" for n, b in SYNC_CASES])
+def test_no_device_synchronisation_on_cuda(name, backend):
+    """A training step of every loss module on CUDA ("auto": Triton for the proxy losses; and "gemm") with the
+    CUDA sync debug mode set to error: no read of device data by the host, label checks included."""
+    module, x, labels = make(name, backend)
     module, x, labels = module.float().cuda(), x.float().cuda(), labels.cuda()
     step(module, x, labels)  # warm-up: kernel compilation, cached polytope weights
     torch.cuda.synchronize()

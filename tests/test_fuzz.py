@@ -174,6 +174,12 @@ def test_triton_agrees_with_reference(case):
     check_against_reference("triton", case)
 
 
+@cases(12)
+@given(case=proxy_cases(dtypes=(F32, F64, F16)))  # bf16 gemm: GPU only (no CPU GEMM of bf16 into fp32)
+def test_gemm_agrees_with_reference(case):
+    check_against_reference("gemm", case)
+
+
 @cases(40)
 @given(batch=batches(dtypes=(F32, F64, F16, BF16)), name=st.sampled_from(sorted(PAIR_LOSSES)))
 def test_pair_losses_are_finite_with_dead_rows_still(batch, name):

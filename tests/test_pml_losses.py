@@ -107,11 +107,13 @@ def test_matches_pml(case, backend, dtype, calls):
         assert_close(a, e, TOL[dtype], f"grad {name}")
 
 
+@pytest.mark.parametrize("backend", ["triton", "gemm"])
 @pytest.mark.parametrize("case", ["proxy_anchor", "soft_triple", "arcface"])
-def test_triton_backend_matches_pml(case, calls):
-    """backend="triton" reaches the fused kernels (under the Triton interpreter on CPU)."""
+def test_triton_backend_matches_pml(case, calls, backend):
+    """backend="triton" reaches the fused kernels, backend="gemm" the GEMMs and epilogues (under the Triton
+    interpreter on CPU)."""
     pytest.importorskip("triton")
-    theirs, ours = _build(case, torch.float32, backend="triton")
+    theirs, ours = _build(case, torch.float32, backend=backend)
     x, labels = make_batch(N, D, C - 1, seed=2, dtype=torch.float32)
     (expected, expected_grads), (actual, actual_grads) = (_loss_and_grads(m, x, labels) for m in (theirs, ours))
     assert calls
