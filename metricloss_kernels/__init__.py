@@ -4,7 +4,7 @@ from ._backend import backends
 from .losses import (ArcFaceLoss, CenterLoss, ContrastiveLoss, CosFaceLoss, ExponentialTripletLoss,
                      L2SoftmaxLoss, LiftedStructureLoss, MarginLoss, MPALoss, MultiSimilarityLoss, NPairsLoss,
                      ProxyAnchorLoss, ProxyNCALoss, ProxyRepelLoss, RegularPolytopeLoss, SoftTripleLoss,
-                     TripletMarginLoss, WeightedSumLoss)
+                     SubCenterArcFaceLoss, TripletMarginLoss, WeightedSumLoss)
 from .metrics import evaluate
 from .normalize import unit_bounce, unit_range
 from .polytopes import polytope_margin, regular_polytope
@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ArcFaceLoss", "CenterLoss", "ContrastiveLoss", "CosFaceLoss", "ExponentialTripletLoss", "L2SoftmaxLoss",
     "LiftedStructureLoss", "MarginLoss", "MPALoss", "MultiSimilarityLoss", "NPairsLoss", "ProxyAnchorLoss",
-    "ProxyNCALoss", "ProxyRepelLoss", "RegularPolytopeLoss", "SoftTripleLoss", "TripletMarginLoss",
+    "ProxyNCALoss", "ProxyRepelLoss", "RegularPolytopeLoss", "SoftTripleLoss", "SubCenterArcFaceLoss",
+    "TripletMarginLoss",
     "WeightedSumLoss", "backends", "evaluate", "functional", "has_extension", "knn", "metrics", "polytope_margin",
     "regular_polytope", "unit_bounce", "unit_range",
 ]

@@ -1,7 +1,8 @@
 """The streaming primitive of the proxy losses, registered as one op: ``torch.ops.metricloss_kernels.class_lse``.
 
     l_{i,c,k} = x'_i . w'_{cK+k}        (x' = x / max(||x||, 1e-12) if normalize_x, else x; likewise w')
-    S_{i,c}   = sum_k softmax_k(l_{i,c,k} / gamma) l_{i,c,k}        (S = l when K = 1)
+    S_{i,c}   = sum_k softmax_k(l_{i,c,k} / gamma) l_{i,c,k}        (pool="softmax"; S = l when K = 1)
+    S_{i,c}   = max_k l_{i,c,k}                                    (pool="max": the limit gamma -> 0)
     z_{i,c}   = scale * S_{i,c} + shift (+ bias_c)
     reduce="row": out_i = LSE_{c != labels_i} z_{i,c}      -> [N]
     reduce="col": out_c = LSE_{i : labels_i != c} z_{i,c}  -> [C]
@@ -14,7 +15,9 @@ need_w, need_b)``:
   - `metricloss_kernels.chunked`: torch ops over tiles of classes; CPU and every device other than CUDA;
   - `metricloss_kernels.triton`: fused Triton kernels; CUDA tensors (CPU tensors under TRITON_INTERPRET=1).
 ``impl="auto"`` picks by device (CUDA -> Triton when it imports, anything else -> chunked); "chunked" or "triton"
-forces one. Under ``torch.compile`` the op is one opaque node of the graph, with the same fake and backward.
+forces one. pool="max" with K > 1 (sub-centre ArcFace) is not implemented by the Triton kernels: "auto" runs it
+chunked on every device, and impl="triton" raises. Under ``torch.compile`` the op is one opaque node of the graph,
+with the same fake and backward.
 """
 import dataclasses
 
@@ -25,6 +28,7 @@ from ._numerics import compute_dtype
 
 IMPLS = ("auto", "chunked", "triton")
 REDUCES = ("row", "col")
+POOLS = ("softmax", "max")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,13 +36,16 @@ class LSESpec:
     """The non-tensor arguments of class_lse, in the op's argument order.
 
     centers_per_class: K >= 1 (rows c*K .. c*K+K-1 of w are class c's proxies). gamma: temperature of the
-    intra-class softmax (unused when K = 1). scale, shift: z = scale * S + shift (+ bias). normalize_x /
-    normalize_w: L2-normalise the rows first. reduce: "row" or "col". impl: "auto", "chunked" or "triton".
+    intra-class softmax (unused when K = 1). pool: how a class's K similarities make S, "softmax" (weighted by
+    softmax_k(l / gamma)) or "max" (gamma unused; its gradient is split evenly between tied maxima, the limit of the
+    softmax's). scale, shift: z = scale * S + shift (+ bias). normalize_x / normalize_w: L2-normalise the rows
+    first. reduce: "row" or "col". impl: "auto", "chunked" or "triton".
     Tile overrides, 0 = the implementation's default: block_rows (rows per tile), block_classes (classes per tile,
     all K proxies of a class in one tile), block_d (Triton: chunk of D per dot), num_splits (Triton: programs
     sharing the streamed axis)."""
     centers_per_class: int = 1
     gamma: float = 0.1
+    pool: str = "softmax"
     scale: float = 1.0
     shift: float = 0.0
     normalize_x: bool = True
@@ -53,6 +60,8 @@ class LSESpec:
     def __post_init__(self):
         if self.reduce not in REDUCES:
             raise ValueError(f"reduce must be 'row' or 'col', got {self.reduce!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be 'softmax' or 'max', got {self.pool!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {self.impl!r}")
         if self.centers_per_class < 1:
@@ -65,6 +74,11 @@ class LSESpec:
     @property
     def row(self) -> bool:
         return self.reduce == "row"
+
+    @property
+    def max_pool(self) -> bool:
+        """S is the max over K > 1 proxies (for K = 1 both pools give S = l)."""
+        return self.pool == "max" and self.centers_per_class > 1
 
     def args(self) -> tuple:
         """The field values in the op's argument order."""
@@ -79,10 +93,14 @@ def _implementation(spec: LSESpec, device: torch.device):
     """The module (chunked, or triton) that runs `spec` on tensors of `device`."""
     impl = spec.impl
     if impl == "auto":
-        impl = "triton" if device.type == "cuda" and triton_reason(device) is None else "chunked"
+        triton_ok = device.type == "cuda" and not spec.max_pool and triton_reason(device) is None
+        impl = "triton" if triton_ok else "chunked"
     if impl == "chunked":
         from . import chunked
         return chunked
+    if spec.max_pool:
+        raise RuntimeError("class_lse with impl='triton' cannot run pool='max' with K > 1: the Triton kernels "
+                           "implement pool='softmax' only (impl='chunked' runs pool='max' on every device)")
     reason = triton_reason(device)
     if reason:
         raise RuntimeError(f"class_lse with impl='triton' cannot run: {reason}")
@@ -145,9 +163,9 @@ _class_lse.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------------- Python entry point
-def class_lse(x, w, labels, *, bias=None, centers_per_class=1, gamma=0.1, scale=1.0, shift=0.0, normalize_x=True,
-              normalize_w=True, reduce="row", impl="auto", block_rows=0, block_classes=0, block_d=0,
-              num_splits=0):
+def class_lse(x, w, labels, *, bias=None, centers_per_class=1, gamma=0.1, pool="softmax", scale=1.0, shift=0.0,
+              normalize_x=True, normalize_w=True, reduce="row", impl="auto", block_rows=0, block_classes=0,
+              block_d=0, num_splits=0):
     """Streaming masked log-sum-exp of the class logits (the formulas of this module's docstring), through the
     registered op ``torch.ops.metricloss_kernels.class_lse``.
 
@@ -163,7 +181,8 @@ def class_lse(x, w, labels, *, bias=None, centers_per_class=1, gamma=0.1, scale=
         and gets zero gradient. Differentiable w.r.t. x, w and bias; their gradients come back in their dtypes.
         Inputs are assumed validated (the public functional layer does it).
     """
-    spec = LSESpec(int(centers_per_class), float(gamma), float(scale), float(shift), bool(normalize_x),
-                   bool(normalize_w), reduce, impl, int(block_rows), int(block_classes), int(block_d),
-                   int(num_splits))
+    spec = LSESpec(centers_per_class=int(centers_per_class), gamma=float(gamma), pool=pool, scale=float(scale),
+                   shift=float(shift), normalize_x=bool(normalize_x), normalize_w=bool(normalize_w), reduce=reduce,
+                   impl=impl, block_rows=int(block_rows), block_classes=int(block_classes), block_d=int(block_d),
+                   num_splits=int(num_splits))
     return torch.ops.metricloss_kernels.class_lse(x, w, labels, bias, *spec.args())

@@ -20,7 +20,7 @@ PUBLIC = {
         "proxy_nca_loss", "proxy_anchor_loss", "soft_triple_loss", "mpa_loss", "arcface_loss", "cosface_loss",
         "l2_softmax_loss", "regular_polytope_loss", "proxy_repel_loss", "contrastive_loss", "triplet_margin_loss",
         "lifted_structure_loss", "npairs_loss", "margin_loss", "multi_similarity_loss", "exponential_triplet_loss",
-        "center_loss"],
+        "center_loss", "sub_center_arcface_loss"],
     "metricloss_kernels.metrics": ["recall_at_k", "precision_at_k", "map_at_k", "ndcg_at_k", "map_at_r",
                                    "r_precision", "nmi", "closest_center_accuracy", "range_accuracy", "evaluate"],
     "metricloss_kernels.lse": ["LSESpec", "class_lse"],
