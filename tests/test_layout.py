@@ -27,6 +27,7 @@ PUBLIC = {
     "metricloss_kernels.distributed": ["class_range", "gather_state_dict", "shard_state_dict", "note_collective",
                                        "CommunicationLog"],
     "metricloss_kernels.retrieval": ["knn", "has_extension"],
+    "metricloss_kernels.samplers": ["MPerClassSampler"],
     "metricloss_kernels.normalize": ["unit_range", "unit_bounce"],
     "metricloss_kernels.polytopes": ["regular_polytope", "polytope_margin"],
     "metricloss_kernels.reference": [],
