@@ -224,7 +224,7 @@ def sub_center_arcface_loss(embeddings, labels, proxies, sub_centers=3, margin=2
         check_arguments("sub_center_arcface_loss", sub_centers=sub_centers, margin=margin, scale=scale,
                         sample_rate=sample_rate)
         labels, c = _proxy_inputs(embeddings, labels, proxies, sub_centers, process_group=process_group)
-    supported = BACKENDS if sub_centers == 1 else tuple(b for b in BACKENDS if b != "triton")
+    supported = BACKENDS if sub_centers == 1 else ("auto", "reference", "chunked")  # the max pool's
     return _proxy_loss(reference.sub_center_arcface_loss, fused.sub_center_arcface_loss, backend,
                        embeddings.shape[0] * proxies.shape[0], embeddings, labels, proxies, sub_centers=sub_centers,
                        margin=margin, scale=scale, process_group=process_group, sample_rate=sample_rate,

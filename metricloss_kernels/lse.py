@@ -36,16 +36,15 @@ class LSESpec:
     """The non-tensor arguments of class_lse, in the op's argument order.
 
     centers_per_class: K >= 1 (rows c*K .. c*K+K-1 of w are class c's proxies). gamma: temperature of the
-    intra-class softmax (unused when K = 1). pool: how a class's K similarities make S, "softmax" (weighted by
-    softmax_k(l / gamma)) or "max" (gamma unused; its gradient is split evenly between tied maxima, the limit of the
-    softmax's). scale, shift: z = scale * S + shift (+ bias). normalize_x / normalize_w: L2-normalise the rows
-    first. reduce: "row" or "col". impl: "auto", "chunked" or "triton".
+    intra-class softmax (unused when K = 1). scale, shift: z = scale * S + shift (+ bias). normalize_x /
+    normalize_w: L2-normalise the rows first. reduce: "row" or "col". impl: "auto", "chunked" or "triton".
     Tile overrides, 0 = the implementation's default: block_rows (rows per tile), block_classes (classes per tile,
     all K proxies of a class in one tile), block_d (Triton: chunk of D per dot), num_splits (Triton: programs
-    sharing the streamed axis)."""
+    sharing the streamed axis). pool: how a class's K similarities make S, "softmax" (weighted by
+    softmax_k(l / gamma)) or "max" (gamma unused; its gradient is split evenly between tied maxima, the limit of the
+    softmax's); last, so that positional specs of the other fields keep their meaning."""
     centers_per_class: int = 1
     gamma: float = 0.1
-    pool: str = "softmax"
     scale: float = 1.0
     shift: float = 0.0
     normalize_x: bool = True
@@ -56,6 +55,7 @@ class LSESpec:
     block_classes: int = 0
     block_d: int = 0
     num_splits: int = 0
+    pool: str = "softmax"
 
     def __post_init__(self):
         if self.reduce not in REDUCES:
@@ -99,8 +99,8 @@ def _implementation(spec: LSESpec, device: torch.device):
         from . import chunked
         return chunked
     if spec.max_pool:
-        raise RuntimeError("class_lse with impl='triton' cannot run pool='max' with K > 1: the Triton kernels "
-                           "implement pool='softmax' only (impl='chunked' runs pool='max' on every device)")
+        raise RuntimeError(f"class_lse with impl={impl!r} cannot run pool='max' with K > 1: only impl='chunked' "
+                           f"implements it (on every device; the Triton kernels implement pool='softmax')")
     reason = triton_reason(device)
     if reason:
         raise RuntimeError(f"class_lse with impl='triton' cannot run: {reason}")
@@ -163,9 +163,9 @@ _class_lse.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------------- Python entry point
-def class_lse(x, w, labels, *, bias=None, centers_per_class=1, gamma=0.1, pool="softmax", scale=1.0, shift=0.0,
-              normalize_x=True, normalize_w=True, reduce="row", impl="auto", block_rows=0, block_classes=0,
-              block_d=0, num_splits=0):
+def class_lse(x, w, labels, *, bias=None, centers_per_class=1, gamma=0.1, scale=1.0, shift=0.0, normalize_x=True,
+              normalize_w=True, reduce="row", impl="auto", block_rows=0, block_classes=0, block_d=0,
+              num_splits=0, pool="softmax"):
     """Streaming masked log-sum-exp of the class logits (the formulas of this module's docstring), through the
     registered op ``torch.ops.metricloss_kernels.class_lse``.
 
@@ -181,8 +181,7 @@ def class_lse(x, w, labels, *, bias=None, centers_per_class=1, gamma=0.1, pool="
         and gets zero gradient. Differentiable w.r.t. x, w and bias; their gradients come back in their dtypes.
         Inputs are assumed validated (the public functional layer does it).
     """
-    spec = LSESpec(centers_per_class=int(centers_per_class), gamma=float(gamma), pool=pool, scale=float(scale),
-                   shift=float(shift), normalize_x=bool(normalize_x), normalize_w=bool(normalize_w), reduce=reduce,
-                   impl=impl, block_rows=int(block_rows), block_classes=int(block_classes), block_d=int(block_d),
-                   num_splits=int(num_splits))
+    spec = LSESpec(int(centers_per_class), float(gamma), float(scale), float(shift), bool(normalize_x),
+                   bool(normalize_w), reduce, impl, int(block_rows), int(block_classes), int(block_d),
+                   int(num_splits), pool)
     return torch.ops.metricloss_kernels.class_lse(x, w, labels, bias, *spec.args())

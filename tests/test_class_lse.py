@@ -41,8 +41,8 @@ def gen(seed):
 
 
 # ------------------------------------------------------------------------------------------------ the op
-def oracle(x, w, labels, bias=None, *, centers_per_class=1, gamma=0.1, pool="softmax", scale=1.0, shift=0.0,
-           normalize_x=True, normalize_w=True, reduce="row"):
+def oracle(x, w, labels, bias=None, *, centers_per_class=1, gamma=0.1, scale=1.0, shift=0.0, normalize_x=True,
+           normalize_w=True, reduce="row", pool="softmax"):
     """class_lse materialised in float64: the [N, C, K] logits and a masked logsumexp. Labels outside [0, C) leave
     nothing out; an empty LSE is -inf with zero gradient. pool="max": torch.amax over K (its gradient split evenly
     between ties)."""
@@ -288,7 +288,7 @@ def test_opcheck(impl, dtype, k, bias, reduce):
     metricloss_kernels::class_lse ("auto" runs the device's implementation: chunked on CPU, Triton on CUDA)."""
     x, w, b, labels = make_inputs(n=9, c=5, k=k, d=6, dtype=dtype, bias=bias, seed=13)
     labels[0] = 5  # outside the classes
-    spec = LSESpec(k, 0.5, scale=2.0, shift=0.1, reduce=reduce, impl=impl)
+    spec = LSESpec(k, 0.5, 2.0, 0.1, True, True, reduce, impl)
     torch.library.opcheck(torch.ops.metricloss_kernels.class_lse.default, (x, w, labels, b, *spec.args()))
 
 
@@ -297,7 +297,7 @@ def test_opcheck_backward_op(impl):
     """The backward is a registered op too: its schema and fake kernel (empty tensors for unneeded gradients)."""
     x, w, b, labels = make_inputs(n=9, c=5, k=2, d=6, dtype=F32, bias=True, seed=14)
     x, w, b = x.detach(), w.detach(), b.detach()
-    spec = LSESpec(2, 0.5, scale=2.0, shift=0.1, reduce="col", impl=impl)
+    spec = LSESpec(2, 0.5, 2.0, 0.1, True, True, "col", impl)
     out = class_lse(x, w, labels, bias=b, centers_per_class=2, gamma=0.5, scale=2.0, shift=0.1, reduce="col",
                     impl=impl)
     op = torch.ops.metricloss_kernels.class_lse_backward.default
@@ -315,7 +315,7 @@ def test_chunked_reads_no_tensor_data():
         x, w = torch.randn(N, D), torch.randn(C * K, D)
         labels, bias = torch.randint(0, C, (N,)), torch.randn(C)
         for reduce in ("row", "col"):
-            spec = LSESpec(K, 0.1, scale=3.0, shift=0.5, reduce=reduce, impl="chunked", block_rows=8, block_classes=11)
+            spec = LSESpec(K, 0.1, 3.0, 0.5, True, True, reduce, "chunked", 8, 11)
             out = chunked.forward(x, w, labels, bias, spec)
             dx, dw, db = chunked.backward(torch.ones_like(out), out, x, w, labels, bias, spec, True, True, True)
             assert (dx.shape, dw.shape, db.shape) == (x.shape, w.shape, bias.shape)

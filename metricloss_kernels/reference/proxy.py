@@ -67,8 +67,8 @@ def _softmax_weighted(l: torch.Tensor, gamma: float) -> torch.Tensor:
     return (torch.softmax(l / gamma, dim=-1) * l).sum(dim=-1)
 
 
-def class_lse(x, w, labels, *, bias=None, centers_per_class=1, gamma=0.1, pool="softmax", scale=1.0, shift=0.0,
-              normalize_x=True, normalize_w=True, reduce="row"):
+def class_lse(x, w, labels, *, bias=None, centers_per_class=1, gamma=0.1, scale=1.0, shift=0.0, normalize_x=True,
+              normalize_w=True, reduce="row", pool="softmax"):
     """The streaming primitive `metricloss_kernels.lse.class_lse` (same arguments but the tiling ones), computed by
     materialising its [N, C] logits z = scale * S + shift (+ bias): the reference backend of the class-sharded
     losses, which compose it like the streamed one (metricloss_kernels.fused). S pools each class's K cosines by
