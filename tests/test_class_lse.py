@@ -314,8 +314,8 @@ def test_chunked_reads_no_tensor_data():
     with FakeTensorMode():
         x, w = torch.randn(N, D), torch.randn(C * K, D)
         labels, bias = torch.randint(0, C, (N,)), torch.randn(C)
-        for reduce in ("row", "col"):
-            spec = LSESpec(K, 0.1, 3.0, 0.5, True, True, reduce, "chunked", 8, 11)
+        for reduce, pool in (("row", "softmax"), ("col", "softmax"), ("row", "max"), ("col", "max")):
+            spec = LSESpec(K, 0.1, 3.0, 0.5, True, True, reduce, "chunked", 8, 11, pool=pool)
             out = chunked.forward(x, w, labels, bias, spec)
             dx, dw, db = chunked.backward(torch.ones_like(out), out, x, w, labels, bias, spec, True, True, True)
             assert (dx.shape, dw.shape, db.shape) == (x.shape, w.shape, bias.shape)
