@@ -99,7 +99,11 @@ class MPerClassSampler(Sampler):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         self.epoch += 1
         # Every process draws the whole epoch alike (vectorised: cheap) and keeps every num_replicas-th run.
-        classes = _distinct(torch.full((self._runs,), len(self._counts)), self._run // self.m, g).flatten()
+        k, c = self._run // self.m, len(self._counts)
+        if k * k <= c:  # Floyd's k steps (of O(k) comparisons per run)
+            classes = _distinct(torch.full((self._runs,), c), k, g).flatten()
+        else:  # cheaper as a random order of all the classes per run
+            classes = torch.rand(self._runs, c, generator=g).argsort(1)[:, :k].flatten()
         counts = self._counts[classes]
         members = _distinct(counts.clamp(min=self.m), self.m, g)
         drawn = (torch.rand(members.shape, generator=g, dtype=torch.float64) * counts[:, None]).long()

@@ -58,12 +58,13 @@ def test_batches_as_pmls(m, batch_size, length):
         assert all(len(set(LABELS[b].tolist())) == 12 for b in batches)  # a run holds every class
 
 
-def test_classes_and_samples_are_drawn_uniformly():
+@pytest.mark.parametrize("batch_size", [4, 8], ids=["floyd", "permutation"])  # the two ways classes are drawn
+def test_classes_and_samples_are_drawn_uniformly(batch_size):
     """Over many runs every class is drawn equally often, and so is every sample of a class: Pearson's chi-square
     statistics of the counts below their 0.9999 quantiles (25.7 for 5 degrees of freedom, 64.6 for 29), where a
     bias of 5% in one count would give about 100."""
     labels = torch.arange(6).repeat_interleave(5)
-    index = torch.tensor(list(mlk.MPerClassSampler(labels, 2, 4, 60000)))
+    index = torch.tensor(list(mlk.MPerClassSampler(labels, 2, batch_size, 60000)))
     for counts, quantile in ((torch.bincount(labels[index], minlength=6), 25.7),
                              (torch.bincount(index, minlength=30), 64.6)):
         expected = counts.double().mean()
