@@ -45,10 +45,12 @@ weight_regularizer); ArcFace's margin is in degrees. Regularisers are PML's code
 +-1. Dtypes, on both paths: the parameters keep theirs (PML casts them to the embeddings' dtype in place, for good:
 after one fp16 call an fp32 model trains fp16 weights). The embeddings are cast to the parameters' dtype instead
 (fp32 master weights: the loss is computed and returned in fp32, fp16/bf16 embeddings get their gradient in their
-own dtype through the cast), and the accelerated path computes half precision in fp32 whatever the parameters'
-dtype; results agree with PML's to the lower dtype's rounding, not bit for bit. The accelerated ProxyAnchorLoss hands
-its reducer the sum of its two terms as one already-reduced "pos_loss" entry instead of "pos_loss" and "neg_loss";
-the reduced value is the same.
+own dtype through the cast; fp64 embeddings need an fp64 module for an fp64 loss), and the accelerated path
+computes half precision in fp32 whatever the parameters' dtype; results agree with PML's to the lower dtype's
+rounding, not bit for bit. PML's own tests that compute their expected value from the weights after a call in
+another dtype (assuming PML's cast) fail for that reason alone. The accelerated ProxyAnchorLoss hands its reducer
+the sum of its two terms as one already-reduced "pos_loss" entry instead of "pos_loss" and "neg_loss"; the reduced
+value is the same.
 """
 import math
 import warnings
