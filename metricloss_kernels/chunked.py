@@ -98,20 +98,23 @@ class _Tiling:
         k = spec.centers_per_class
         self.cdtype = compute_dtype(x.dtype, w.dtype)
         self.n, self.num_classes, self.k = x.shape[0], w.shape[0] // k, k
-        self.w, self.labels, self.gamma, self.scale = w, labels, spec.gamma, spec.scale
+        self.w, self.labels, self.scale = w, labels, spec.scale
         # A per-column constant moves out of a column LSE: only a row reduction needs the bias inside the tiles.
         self.bias = bias if spec.row else None
         # minus the row offset, added with the GEMM (K == 1) or the scaling (K > 1): no pass of its own
         self.row_shift = None if offset is None else -offset.to(self.cdtype)
         self.normalize_w = spec.normalize_w
         self.bounded = spec.normalize_x and spec.normalize_w and 1.0 / spec.gamma <= _MAX_UNSHIFTED_INV_GAMMA
+        self.pool_max = spec.max_pool
         self.device, self.workspaces = x.device, {}
 
         xc = x.to(self.cdtype)
         # x_grad: the normalisation's backward factor per row (_numerics.unit_rows)
         self.x_hat, self.x_grad = unit_rows(xc, self.cdtype) if spec.normalize_x else (xc, None)
-        # The GEMM operand: K == 1 folds the scale (z is one GEMM), K > 1 folds 1/gamma (l' = l / gamma).
-        self.x_in = self.x_hat * (spec.scale if k == 1 else 1.0 / spec.gamma)
+        # The GEMM operand: K == 1 folds the scale (z is one GEMM), K > 1 the softmax's 1/gamma (l' = l / gamma;
+        # the max pool takes l' = l).
+        self.inv_t = 1.0 if self.pool_max else 1.0 / spec.gamma
+        self.x_in = self.x_hat * (spec.scale if k == 1 else self.inv_t)
 
         itemsize = self.x_in.element_size()
         per_worker = _GROUP_BYTES // max(1, self.x_in.numel() * itemsize) if accumulate_x else None
@@ -164,7 +167,9 @@ class _Tiling:
         shift), and for K > 1 the pieces of S the backward needs.
 
         K > 1: l' = l / gamma [K, B, R], e = exp(l' - max_k l') (max taken as 0 when bounded), den = sum_k e,
-        S' = S / gamma = sum_k e l' / den. Forward only: l' is overwritten by e * l' (not needed afterwards)."""
+        S' = S / gamma = sum_k e l' / den. Forward only: l' is overwritten by e * l' (not needed afterwards).
+        The max pool: l' = l, S' = max_k l, e = [l' == S'] (the limit of the softmax weights), den = sum_k e; the
+        backward's formula for dS/dl is then that limit as it stands."""
         b, r = c1 - c0, r1 - r0
         xt = self.x_in[r0:r1].t()
         shift = None if self.row_shift is None else self.row_shift[None, r0:r1]
@@ -176,19 +181,24 @@ class _Tiling:
             parts = None
         else:
             l3 = torch.mm(w_hat, xt, out=ws.get("l", self.k * b, r)).view(self.k, b, r)
-            e = ws.get("e", self.k, b, r)
-            if self.bounded:
-                torch.exp(l3, out=e)
+            if self.pool_max:
+                s = torch.amax(l3, 0, out=ws.get("s", b, r))
+                e = torch.eq(l3, s, out=ws.get("e", self.k, b, r)) if backward else None
+                den = e.sum(0) if backward else None
             else:
-                torch.sub(l3, l3.amax(0), out=e).exp_()
-            den = e.sum(0)
-            el = torch.mul(e, l3, out=ws.get("g", self.k, b, r)) if backward else l3.mul_(e)
-            s = el.sum(0).div_(den)  # S' = S / gamma
+                e = ws.get("e", self.k, b, r)
+                if self.bounded:
+                    torch.exp(l3, out=e)
+                else:
+                    torch.sub(l3, l3.amax(0), out=e).exp_()
+                den = e.sum(0)
+                el = torch.mul(e, l3, out=ws.get("g", self.k, b, r)) if backward else l3.mul_(e)
+                s = el.sum(0).div_(den)  # S' = S / gamma
             parts = (l3, e, den, s)
             if shift is None:
-                z = torch.mul(s, self.scale * self.gamma, out=ws.get("z", b, r))
+                z = torch.mul(s, self.scale / self.inv_t, out=ws.get("z", b, r))
             else:
-                z = torch.add(shift, s, alpha=self.scale * self.gamma, out=ws.get("z", b, r))
+                z = torch.add(shift, s, alpha=self.scale / self.inv_t, out=ws.get("z", b, r))
         if self.bias is not None:
             z.add_(self.bias[c0:c1, None].to(self.cdtype))
         self.mask_(z, c0, r0, r1)
@@ -272,7 +282,7 @@ def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b, offset
                     grad_l, x_w = p, t.x_in  # scale folded into x_in (for dW); dx_hat gets it at the end
                 else:
                     # dz/dl_k = scale * p_k (1 + (l_k - S) / gamma) = coef * e_k (1 + l'_k - S'),
-                    # coef = scale * P / den, p_k = e_k / den
+                    # coef = scale * P / den, p_k = e_k / den (the max pool: coef * e_k, as l'_k = S' where e_k = 1)
                     l3, e, den, s = parts
                     coef = p.mul_(spec.scale).div_(den)
                     grad_l = torch.addcmul(torch.addcmul(coef, coef, s, value=-1), coef, l3,

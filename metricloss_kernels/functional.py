@@ -25,7 +25,8 @@ from .polytopes import KINDS, polytope_dim
 __all__ = [
     "arcface_loss", "center_loss", "contrastive_loss", "cosface_loss", "exponential_triplet_loss", "l2_softmax_loss",
     "lifted_structure_loss", "margin_loss", "mpa_loss", "multi_similarity_loss", "npairs_loss", "proxy_anchor_loss",
-    "proxy_nca_loss", "proxy_repel_loss", "regular_polytope_loss", "soft_triple_loss", "triplet_margin_loss",
+    "proxy_nca_loss", "proxy_repel_loss", "regular_polytope_loss", "soft_triple_loss", "sub_center_arcface_loss",
+    "triplet_margin_loss",
 ]
 
 PAIR_BACKENDS = ("auto", "reference")
@@ -53,7 +54,7 @@ _RULES = {  # argument rules shared by the functions below and the modules' cons
     "scale": _POS, "alpha": _POS, "la": _POS, "gamma": _POS, "overlap": _POS, "embedding_scale": _POS,
     "tau": _NONNEG, "l2_reg": _NONNEG, "epsilon": _NONNEG, "pos_coef": _NONNEG, "neg_coef": _NONNEG,
     "margin": V.number, "pos_margin": V.number, "neg_margin": V.number, "base": V.number,
-    "centers_per_class": V.positive_int, "num_classes": V.positive_int,
+    "centers_per_class": V.positive_int, "num_classes": V.positive_int, "sub_centers": V.positive_int,
     "mining": lambda v, n: V.choice(v, n, MININGS), "distance": lambda v, n: V.choice(v, n, DISTANCES),
     "polytope": lambda v, n: V.choice(v, n, KINDS),
     "backend": lambda v, n: V.choice(v, n, BACKENDS),
@@ -64,6 +65,7 @@ _LOSS_RULES = {  # per loss, where an argument's rule differs from the shared on
     "mpa_loss": {"variant": lambda v, n: V.choice(v, n, MPA_VARIANTS)},
     "proxy_repel_loss": {"variant": lambda v, n: V.choice(v, n, REPEL_VARIANTS)},
     "arcface_loss": {"margin": _degrees},
+    "sub_center_arcface_loss": {"margin": _degrees},
     "regular_polytope_loss": {"margin": lambda v, n: v == "max" or _degrees(v, n)},
     "center_loss": {"margin": _NONNEG, "backend": _PAIR_BACKEND},
     "multi_similarity_loss": {"beta": _POS, "backend": _PAIR_BACKEND},
@@ -93,14 +95,14 @@ def check_arguments(loss: str, **arguments) -> None:
 
 
 def _proxy_loss(reference_fn, fused_fn, backend, logits: int, embeddings, labels, *args, process_group=None,
-                sample_rate=1.0, num_local=None, **kwargs):
+                sample_rate=1.0, num_local=None, supported=BACKENDS, **kwargs):
     """reference_fn(embeddings, labels, *args, **kwargs), or fused_fn on the class_lse implementation of the chosen
-    backend, for a loss whose reference would materialise `logits` values. Sharded over `process_group` (this
-    rank's proxies hold `num_local` classes) or class-sampled, fused_fn composes `distributed`'s pieces, on the
-    reference's materialised class_lse when the backend is "reference"."""
+    backend (among `supported`), for a loss whose reference would materialise `logits` values. Sharded over
+    `process_group` (this rank's proxies hold `num_local` classes) or class-sampled, fused_fn composes
+    `distributed`'s pieces, on the reference's materialised class_lse when the backend is "reference"."""
     if process_group is not None:
         logits *= dist.get_world_size(process_group)  # the gathered batch against this rank's classes
-    chosen = resolve(backend, embeddings.device, logits)
+    chosen = resolve(backend, embeddings.device, logits, supported)
     if chosen == "reference" and process_group is None and sample_rate == 1:
         return reference_fn(embeddings, labels, *args, **kwargs)
     lse = reference.class_lse if chosen == "reference" else functools.partial(class_lse, impl=chosen)
@@ -216,6 +218,22 @@ def arcface_loss(embeddings, labels, weight, margin=28.6, scale=64.0, backend="a
     return _proxy_loss(reference.arcface_loss, fused.arcface_loss, backend, embeddings.shape[0] * c,
                        embeddings, labels, weight, margin=margin, scale=scale, process_group=process_group,
                        sample_rate=sample_rate, num_local=c)
+
+
+def sub_center_arcface_loss(embeddings, labels, proxies, sub_centers=3, margin=28.6, scale=64.0, backend="auto",
+                            process_group=None, sample_rate=1.0):
+    """Sub-centre ArcFace: ArcFace (margin in degrees) on the max cosine over each class's K = sub_centers
+    sub-centres; proxies [C*K, D]. The max has no Triton kernel: with K > 1, "auto" streams on the chunked backend
+    on every device and backend="triton" is refused."""
+    with distributed.agreement(process_group):
+        check_arguments("sub_center_arcface_loss", sub_centers=sub_centers, margin=margin, scale=scale,
+                        sample_rate=sample_rate)
+        labels, c = _proxy_inputs(embeddings, labels, proxies, sub_centers, process_group=process_group)
+    supported = BACKENDS if sub_centers == 1 else ("auto", "reference", "chunked")  # the max pool's
+    return _proxy_loss(reference.sub_center_arcface_loss, fused.sub_center_arcface_loss, backend,
+                       embeddings.shape[0] * proxies.shape[0], embeddings, labels, proxies, sub_centers=sub_centers,
+                       margin=margin, scale=scale, process_group=process_group, sample_rate=sample_rate,
+                       num_local=c, supported=supported)
 
 
 def cosface_loss(embeddings, labels, weight, margin=0.35, scale=64.0, backend="auto", process_group=None,

@@ -3,8 +3,8 @@ its implementations: chunked.py, triton/, gemm.py), so that no N x C (or N x C*K
 
 Each loss is O(N) / O(C) torch work around one or two `lse` calls:
 - the target-class similarities S_{i,y_i} are gathered in torch: O(N*K*D);
-- row-wise losses (ProxyNCA, SoftTriple, MPA-DW/AP, ArcFace, CosFace, L2-softmax, polytopes) combine the row LSE over
-  the other classes with the target logit t_i: CE_i = softplus(r_i), r_i = LSE_{c != y_i} z_ic - t_i taken relative to
+- row-wise losses (ProxyNCA, SoftTriple, MPA-DW/AP, ArcFace, sub-centre ArcFace, CosFace, L2-softmax,
+  polytopes) combine the row LSE over the other classes with the target logit t_i: CE_i = softplus(r_i), r_i = LSE_{c != y_i} z_ic - t_i taken relative to
   t_i inside the op (`_relative_row_lse`);
 - class-wise losses (ProxyAnchor, MPA, proxy-repel) take their negative term from the column LSE and their positive
   term from a segment log-sum-exp over the samples of each class (scatters into [C] buffers, O(N + C));
@@ -189,14 +189,16 @@ def _with_regularizer(loss, proxies, k, tau, part):
     return loss + tau * part.classes_mean(_ProxyRegularizer.apply(proxies, k, loss.dtype), proxies.shape[0] // k)
 
 
-def _arcface_ce(embeddings, labels, weight, margin_rad, scale, *, lse, part, normalize_w=True):
+def _arcface_ce(embeddings, labels, weight, margin_rad, scale, *, lse, part, normalize_w=True, k=1):
     """ArcFace CE with the angular margin in radians (insightface rule): target phi = cos(theta + m) where
     cos(theta) > cos(pi - m), else cos(theta) - sin(pi - m) * m; only the target cosine is clamped to
-    [-1 + 1e-7, 1 - 1e-7]. `labels` are the classes' indices in `weight` (`part.local`)."""
-    c = weight.shape[0]
-    cos = _target_cosines(_unit_rows(embeddings, weight), weight, labels, 1, normalize_w).squeeze(1)
+    [-1 + 1e-7, 1 - 1e-7]. `weight` [C*k, D]: a class's cosine is the max over its k sub-centres (the op's max
+    pool). `labels` are the classes' indices in `weight` (`part.local`)."""
+    c = weight.shape[0] // k
+    cos = _target_cosines(_unit_rows(embeddings, weight), weight, labels, k, normalize_w).amax(1)
     t = scale * arcface_target(part.target(cos, labels, c), margin_rad)
-    return _row_ce(lse, part, embeddings, weight, labels, t, scale=scale, normalize_w=normalize_w)
+    return _row_ce(lse, part, embeddings, weight, labels, t, centers_per_class=k, pool="max", scale=scale,
+                   normalize_w=normalize_w)
 
 
 @upcast(inputs=False)
@@ -262,6 +264,14 @@ def mpa_loss(embeddings, labels, proxies, centers_per_class=10, alpha=32.0, marg
 def arcface_loss(embeddings, labels, weight, margin=28.6, scale=64.0, *, lse=class_lse, part=LOCAL):
     """ArcFace, angular margin in DEGREES (28.6 deg ~ 0.4992 rad). weight [C, D] -> scalar."""
     return _arcface_ce(embeddings, part.local(labels), weight, math.radians(margin), scale, lse=lse, part=part)
+
+
+@upcast(inputs=False)
+def sub_center_arcface_loss(embeddings, labels, proxies, sub_centers=3, margin=28.6, scale=64.0, *, lse=class_lse,
+                            part=LOCAL):
+    """Sub-centre ArcFace: ArcFace on the max cosine over each class's K sub-centres. proxies [C*K, D] -> scalar."""
+    return _arcface_ce(embeddings, part.local(labels), proxies, math.radians(margin), scale, lse=lse, part=part,
+                       k=sub_centers)
 
 
 @upcast(inputs=False)

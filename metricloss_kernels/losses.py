@@ -180,6 +180,26 @@ class ArcFaceLoss(_ProxyLoss):
                               self.process_group, self.sample_rate)
 
 
+class SubCenterArcFaceLoss(_ProxyLoss):
+    """Sub-centre ArcFace: `sub_centers` proxies per class (`.proxies` [C * sub_centers, D], class-major), ArcFace
+    on the max cosine over a class's sub-centres; `margin` in degrees (pytorch-metric-learning's convention)."""
+
+    def __init__(self, num_classes, embedding_size, sub_centers=3, margin=28.6, scale=64.0, backend="auto",
+                 process_group=None, sample_rate=1.0):
+        F.check_arguments("sub_center_arcface_loss", sub_centers=sub_centers, margin=margin, scale=scale)
+        super().__init__(num_classes, embedding_size, sub_centers, backend, process_group, sample_rate)
+        self.margin, self.scale = margin, scale
+        self._init_proxies("xavier")
+
+    @property
+    def sub_centers(self) -> int:
+        return self.centers_per_class
+
+    def forward(self, embeddings, labels):
+        return F.sub_center_arcface_loss(embeddings, labels, self.proxies, self.sub_centers, self.margin,
+                                         self.scale, self.backend, self.process_group, self.sample_rate)
+
+
 class CosFaceLoss(_ProxyLoss):
     def __init__(self, num_classes, embedding_size, margin=0.35, scale=64.0, backend="auto", process_group=None,
                  sample_rate=1.0):

@@ -1,7 +1,8 @@
 """The streaming primitive of the proxy losses, registered as one op: ``torch.ops.metricloss_kernels.class_lse``.
 
     l_{i,c,k} = x'_i . w'_{cK+k}        (x' = x / max(||x||, 1e-12) if normalize_x, else x; likewise w')
-    S_{i,c}   = sum_k softmax_k(l_{i,c,k} / gamma) l_{i,c,k}        (S = l when K = 1)
+    S_{i,c}   = sum_k softmax_k(l_{i,c,k} / gamma) l_{i,c,k}        (pool="softmax"; S = l when K = 1)
+    S_{i,c}   = max_k l_{i,c,k}                                    (pool="max": the limit gamma -> 0)
     z_{i,c}   = scale * S_{i,c} + shift (+ bias_c)
     reduce="row": out_i = LSE_{c != labels_i} (z_{i,c} - offset_i)      -> [N]   (offset: [N] or None = 0)
     reduce="col": out_c = LSE_{i : labels_i != c} z_{i,c}                -> [C]
@@ -17,7 +18,9 @@ need_w, need_b)``:
     devices as "triton".
 ``impl="auto"`` picks by device (CUDA -> Triton when it imports, anything else -> chunked; not "gemm" until a GPU has
 measured the rule between the two, docs/benchmarks.md); "chunked", "triton" or "gemm" forces one. Under
-``torch.compile`` the op is one opaque node of the graph, with the same fake and backward.
+``torch.compile`` the op is one opaque node of the graph, with the same fake and backward. pool="max" with K > 1
+(sub-centre ArcFace) is implemented by chunked only: "auto" runs it chunked on every device, and "triton" or "gemm"
+raise.
 
 The row offset (a cross-entropy passes its target logits t_i) is subtracted from each logit inside the LSE: the
 result LSE_c z_ic - t_i is then exact at any magnitude of the logits, where an LSE computed first and t subtracted
@@ -34,6 +37,7 @@ from ._numerics import compute_dtype
 
 IMPLS = ("auto", "chunked", "triton", "gemm")
 REDUCES = ("row", "col")
+POOLS = ("softmax", "max")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +49,9 @@ class LSESpec:
     normalize_w: L2-normalise the rows first. reduce: "row" or "col". impl: "auto", "chunked", "triton" or "gemm".
     Tile overrides, 0 = the implementation's default: block_rows (rows per tile), block_classes (classes per tile,
     all K proxies of a class in one tile; gemm: per chunk), block_d (Triton: chunk of D per dot), num_splits
-    (Triton, gemm: programs sharing the streamed axis)."""
+    (Triton, gemm: programs sharing the streamed axis). pool: how a class's K similarities make S, "softmax"
+    (weighted by softmax_k(l / gamma)) or "max" (gamma unused; its gradient is split evenly between tied maxima, the
+    limit of the softmax's); last, so that positional specs of the other fields keep their meaning."""
     centers_per_class: int = 1
     gamma: float = 0.1
     scale: float = 1.0
@@ -58,10 +64,13 @@ class LSESpec:
     block_classes: int = 0
     block_d: int = 0
     num_splits: int = 0
+    pool: str = "softmax"
 
     def __post_init__(self):
         if self.reduce not in REDUCES:
             raise ValueError(f"reduce must be 'row' or 'col', got {self.reduce!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be 'softmax' or 'max', got {self.pool!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {self.impl!r}")
         if self.centers_per_class < 1:
@@ -74,6 +83,11 @@ class LSESpec:
     @property
     def row(self) -> bool:
         return self.reduce == "row"
+
+    @property
+    def max_pool(self) -> bool:
+        """S is the max over K > 1 proxies (for K = 1 both pools give S = l)."""
+        return self.pool == "max" and self.centers_per_class > 1
 
     def args(self) -> tuple:
         """The field values in the op's argument order."""
@@ -88,10 +102,14 @@ def _implementation(spec: LSESpec, device: torch.device):
     """The module (chunked, triton or gemm) that runs `spec` on tensors of `device`."""
     impl = spec.impl
     if impl == "auto":
-        impl = "triton" if device.type == "cuda" and triton_reason(device) is None else "chunked"
+        triton_ok = device.type == "cuda" and not spec.max_pool and triton_reason(device) is None
+        impl = "triton" if triton_ok else "chunked"
     if impl == "chunked":
         from . import chunked
         return chunked
+    if spec.max_pool:
+        raise RuntimeError(f"class_lse with impl={impl!r} cannot run pool='max' with K > 1: only impl='chunked' "
+                           f"implements it (on every device; the Triton kernels implement pool='softmax')")
     reason = triton_reason(device)  # gemm's epilogues are Triton kernels too
     if reason:
         raise RuntimeError(f"class_lse with impl={impl!r} cannot run: {reason}")
@@ -184,7 +202,7 @@ _class_lse.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------------------------------- Python entry point
 def class_lse(x, w, labels, *, bias=None, centers_per_class=1, gamma=0.1, scale=1.0, shift=0.0, normalize_x=True,
               normalize_w=True, reduce="row", impl="auto", block_rows=0, block_classes=0, block_d=0,
-              num_splits=0, offset=None):
+              num_splits=0, offset=None, pool="softmax"):
     """Streaming masked log-sum-exp of the class logits (the formulas of this module's docstring), through the
     registered op ``torch.ops.metricloss_kernels.class_lse``.
 
@@ -203,7 +221,7 @@ def class_lse(x, w, labels, *, bias=None, centers_per_class=1, gamma=0.1, scale=
     """
     spec = LSESpec(int(centers_per_class), float(gamma), float(scale), float(shift), bool(normalize_x),
                    bool(normalize_w), reduce, impl, int(block_rows), int(block_classes), int(block_d),
-                   int(num_splits))
+                   int(num_splits), pool)
     if offset is not None and not spec.row:
         raise ValueError("offset applies to reduce='row' only")
     return torch.ops.metricloss_kernels.class_lse(x, w, labels, bias, *spec.args(), offset)

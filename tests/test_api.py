@@ -28,6 +28,7 @@ FUNCTIONAL_DEFAULTS = {
     "mpa_loss": dict(centers_per_class=10, alpha=32.0, margin=0.1, gamma=0.1, tau=0.2, variant="mpa",
                      backend="auto"),
     "arcface_loss": dict(margin=28.6, scale=64.0, backend="auto"),
+    "sub_center_arcface_loss": dict(sub_centers=3, margin=28.6, scale=64.0, backend="auto"),
     "cosface_loss": dict(margin=0.35, scale=64.0, backend="auto"),
     "l2_softmax_loss": dict(bias=None, scale=16.0, normalize_weights=False, backend="auto"),
     "regular_polytope_loss": dict(polytope="simplex", scale=30.0, margin="max", backend="auto"),
@@ -49,6 +50,7 @@ MODULE_DEFAULTS = {
     "SoftTripleLoss": dict(centers_per_class=10, la=20.0, gamma=0.1, margin=0.01, tau=0.2),
     "MPALoss": dict(centers_per_class=10, alpha=32.0, margin=0.1, gamma=0.1, tau=0.2, variant="mpa"),
     "ArcFaceLoss": dict(margin=28.6, scale=64.0),
+    "SubCenterArcFaceLoss": dict(sub_centers=3, margin=28.6, scale=64.0),
     "CosFaceLoss": dict(margin=0.35, scale=64.0),
     "L2SoftmaxLoss": dict(scale=16.0, normalize_weights=False),
     "RegularPolytopeLoss": dict(polytope="simplex", scale=30.0, margin="max"),
@@ -90,7 +92,8 @@ def test_module_defaults(name):
 
 
 @pytest.mark.parametrize("cls, k", [(mlk.ProxyNCALoss, 1), (mlk.ProxyAnchorLoss, 1), (mlk.SoftTripleLoss, 10),
-                                    (mlk.MPALoss, 10), (mlk.ArcFaceLoss, 1), (mlk.CosFaceLoss, 1),
+                                    (mlk.MPALoss, 10), (mlk.ArcFaceLoss, 1), (mlk.SubCenterArcFaceLoss, 3),
+                                    (mlk.CosFaceLoss, 1),
                                     (mlk.L2SoftmaxLoss, 1), (mlk.ProxyRepelLoss, 1)])
 def test_modules_expose_proxies_and_match_functional(cls, k):
     torch.manual_seed(0)

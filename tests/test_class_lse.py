@@ -43,14 +43,16 @@ def gen(seed):
 
 # ------------------------------------------------------------------------------------------------ the op
 def oracle(x, w, labels, bias=None, *, centers_per_class=1, gamma=0.1, scale=1.0, shift=0.0, normalize_x=True,
-           normalize_w=True, reduce="row"):
+           normalize_w=True, reduce="row", pool="softmax"):
     """class_lse materialised in float64: the [N, C, K] logits and a masked logsumexp. Labels outside [0, C) leave
-    nothing out; an empty LSE is -inf with zero gradient."""
+    nothing out; an empty LSE is -inf with zero gradient. pool="max": torch.amax over K (its gradient split evenly
+    between ties)."""
     x, w = x.double(), w.double()
     xh = F.normalize(x, dim=1) if normalize_x else x
     wh = F.normalize(w, dim=1) if normalize_w else w
     l = (xh @ wh.T).unflatten(1, (-1, centers_per_class))
-    z = scale * (torch.softmax(l / gamma, dim=-1) * l).sum(-1) + shift
+    s = l.amax(-1) if pool == "max" else (torch.softmax(l / gamma, dim=-1) * l).sum(-1)
+    z = scale * s + shift
     if bias is not None:
         z = z + bias.double()
     own = labels[:, None] == torch.arange(z.shape[1], device=z.device)
@@ -127,6 +129,50 @@ def test_tilings(backend, tiles, reduce):
 def test_temperatures(backend, k, gamma, reduce):
     x, w, b, labels = make_inputs(k=k, bias=True, seed=3)
     check_op(backend, x, w, b, labels, centers_per_class=k, gamma=gamma, scale=3.0, shift=0.5, reduce=reduce)
+
+
+@pytest.mark.parametrize("reduce", ["row", "col"])
+@pytest.mark.parametrize("tiles", [{}, dict(block_classes=1), dict(block_classes=7),
+                                   dict(block_rows=8, block_classes=11)], ids=str)
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_max_pool_matches_oracle(reduce, tiles, dtype):
+    """pool="max" (sub-centre ArcFace's class similarity, S = max_k l) on the chunked implementation."""
+    x, w, b, labels = make_inputs(dtype=dtype, bias=True, seed=40)
+    check_op("chunked", x, w, b, labels, centers_per_class=K, pool="max", scale=3.0, shift=0.5, reduce=reduce,
+             **tiles)
+
+
+@pytest.mark.parametrize("reduce", ["row", "col"])
+def test_max_pool_splits_the_gradient_of_tied_proxies(reduce):
+    """Two identical sub-centres of every class tie exactly (integer data, no normalisation: every dot product is
+    exact whatever the summation order): each gets half of the max's gradient, the limit gamma -> 0 of the
+    softmax's, as torch.amax in the oracle and the reference."""
+    g = gen(41)
+    x = torch.randint(-3, 4, (N, D), generator=g).double().requires_grad_()
+    w = torch.randint(-3, 4, (C, K, D), generator=g).double()
+    w[:, 2] = w[:, 0]
+    w = w.flatten(0, 1).requires_grad_()
+    labels = torch.randint(0, C, (N,), generator=g)
+    kw = dict(centers_per_class=K, pool="max", scale=0.05, normalize_x=False, normalize_w=False, reduce=reduce)
+    _, (_, dw) = check_op("chunked", x, w, None, labels, block_classes=7, **kw)
+    pair = dw.view(C, K, D)
+    assert pair[:, 0].abs().sum() > 0 and torch.equal(pair[:, 0], pair[:, 2])
+    out = reference.class_lse(x, w, labels, **kw)
+    assert_close(torch.autograd.grad(out.sum(), w)[0], torch.autograd.grad(class_lse(x, w, labels, **kw).sum(),
+                                                                          w)[0], TOL[F64], "reference")
+
+
+def test_max_pool_has_no_triton_kernel():
+    """K > 1: impl="triton" refuses pool="max" by name, "auto" runs it chunked; K = 1 (both pools are S = l) runs
+    on the kernels."""
+    x, w, b, labels = make_inputs(k=K, seed=42)
+    with pytest.raises(RuntimeError, match="pool='max'"):
+        class_lse(x, w, labels, centers_per_class=K, pool="max", impl="triton")
+    check_op("auto", x, w, b, labels, centers_per_class=K, pool="max", scale=3.0)
+    x, w, b, labels = make_inputs(k=1, seed=43)
+    check_op("triton", x, w, b, labels, centers_per_class=1, pool="max", scale=3.0)
+    with pytest.raises(ValueError, match="pool"):
+        LSESpec(pool="mean")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -301,8 +347,8 @@ def test_chunked_reads_no_tensor_data():
     with FakeTensorMode():
         x, w = torch.randn(N, D), torch.randn(C * K, D)
         labels, bias = torch.randint(0, C, (N,)), torch.randn(C)
-        for reduce in ("row", "col"):
-            spec = LSESpec(K, 0.1, 3.0, 0.5, True, True, reduce, "chunked", 8, 11)
+        for reduce, pool in (("row", "softmax"), ("col", "softmax"), ("row", "max"), ("col", "max")):
+            spec = LSESpec(K, 0.1, 3.0, 0.5, True, True, reduce, "chunked", 8, 11, pool=pool)
             out = chunked.forward(x, w, labels, bias, spec)
             dx, dw, db = chunked.backward(torch.ones_like(out), out, x, w, labels, bias, spec, True, True, True)
             assert (dx.shape, dw.shape, db.shape) == (x.shape, w.shape, bias.shape)

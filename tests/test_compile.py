@@ -27,6 +27,7 @@ PROXY_MODULES = {
     "MPALoss": lambda b: mlk.MPALoss(C, D, centers_per_class=K, backend=b),
     "MPALoss-dw": lambda b: mlk.MPALoss(C, D, centers_per_class=K, variant="dw", backend=b),
     "ArcFaceLoss": lambda b: mlk.ArcFaceLoss(C, D, backend=b),
+    "SubCenterArcFaceLoss": lambda b: mlk.SubCenterArcFaceLoss(C, D, sub_centers=K, backend=b),
     "CosFaceLoss": lambda b: mlk.CosFaceLoss(C, D, backend=b),
     "L2SoftmaxLoss": lambda b: mlk.L2SoftmaxLoss(C, D, backend=b),
     "RegularPolytopeLoss": lambda b: mlk.RegularPolytopeLoss(C, polytope="orthoplex", backend=b),

@@ -70,6 +70,7 @@ PROXY_CASES = [  # (functional name, keyword arguments, centers per class)
     ("mpa_loss", dict(centers_per_class=K, variant="dw"), K),
     ("mpa_loss", dict(centers_per_class=K, variant="ap"), K),
     ("arcface_loss", {}, 1),
+    ("sub_center_arcface_loss", dict(sub_centers=K), K),
     ("cosface_loss", {}, 1),
     ("l2_softmax_loss", dict(bias=True), 1),
     ("l2_softmax_loss", dict(normalize_weights=True), 1),

@@ -21,6 +21,7 @@ ROW_WISE = [  # (functional name, keyword arguments, centers per class); tau = 0
     ("mpa_loss", dict(centers_per_class=K, variant="dw", tau=0.0), K),
     ("mpa_loss", dict(centers_per_class=K, variant="ap", tau=0.0), K),
     ("arcface_loss", {}, 1),
+    ("sub_center_arcface_loss", dict(sub_centers=K), K),
     ("cosface_loss", {}, 1),
     ("l2_softmax_loss", dict(bias=True), 1),
 ]

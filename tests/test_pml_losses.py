@@ -3,6 +3,7 @@ gradients (embeddings and weights), accelerated and fallback configurations, and
 import functools
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from utils import TOL, assert_close, largest_allocation  # noqa: E402  (tests/ i
 from utils import make_batch  # noqa: E402
 
 N, D, C, K = 37, 40, 53, 3
+# The fallbacks tested here on purpose warn (test_fallback_warns_once_per_instance checks the warning).
+pytestmark = pytest.mark.filterwarnings("ignore:.*runs pytorch-metric-learning's own code:UserWarning")
 
 # id -> (class name, constructor arguments (a function: fresh distance / reducer objects), accelerated)
 CASES = {
@@ -42,7 +45,9 @@ CASES = {
                               True),
     "arcface_threshold_reducer": ("ArcFaceLoss", lambda: dict(reducer=reducers.ThresholdReducer(low=0.5)), False),
     "subcenter_arcface_1": ("SubCenterArcFaceLoss", lambda: dict(sub_centers=1), True),
-    "subcenter_arcface_3": ("SubCenterArcFaceLoss", lambda: dict(sub_centers=K), False),
+    "subcenter_arcface_3": ("SubCenterArcFaceLoss", lambda: dict(sub_centers=K), True),
+    "subcenter_arcface_3_margin120_scale5": ("SubCenterArcFaceLoss", lambda: dict(sub_centers=K, margin=120,
+                                                                                   scale=5), True),
     "cosface": ("CosFaceLoss", lambda: {}, True),
     "cosface_margin0.5_scale30": ("CosFaceLoss", lambda: dict(margin=0.5, scale=30), True),
     "normalized_softmax": ("NormalizedSoftmaxLoss", lambda: {}, True),
@@ -137,12 +142,44 @@ def test_parameters_initialisation_and_state_dict_are_pmls():
         assert all(torch.equal(a[k], b[k]) for k in a), case
 
 
-def test_weights_take_the_input_dtype_like_pml():
-    """PML casts its weights to the embeddings' dtype in place; so does the accelerated path."""
-    theirs, ours = _build("arcface", torch.float32)
-    x, labels = make_batch(N, D, C - 1, seed=4)
-    assert_close(ours(x, labels), theirs(x, labels), TOL[torch.float64], "loss")
-    assert ours.W.dtype == theirs.W.dtype == torch.float64
+@pytest.mark.parametrize("case", ["arcface", "subcenter_arcface_3", "arcface_threshold_reducer"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_parameters_keep_their_dtype(case, dtype):
+    """Unlike PML (which casts its weights to the embeddings' dtype in place, for good), the fp32 weights stay fp32,
+    accelerated or not: the loss is PML's on the embeddings cast to fp32, in fp32, and the embeddings' gradient
+    comes back in their dtype, as PML's fp32 module on an fp32 copy computes them."""
+    theirs, ours = _build(case, torch.float32)
+    x, labels = make_batch(N, D, C - 1, seed=4, dtype=dtype)
+    x.requires_grad_()
+    for _ in range(2):  # a second call sees the same weights
+        actual = ours(x, labels)
+        assert ours.W.dtype == torch.float32 and actual.dtype == torch.float32
+    x32 = x.detach().float().requires_grad_()
+    expected = theirs(x32, labels)
+    (dx,), (want_dx,) = torch.autograd.grad(actual, [x]), torch.autograd.grad(expected, [x32])
+    assert dx.dtype == dtype
+    assert_close(actual, expected, TOL[torch.float32], "loss")
+    assert_close(dx.float(), want_dx, 1e-2 if dtype != torch.float64 else TOL[torch.float32], "grad")
+    assert theirs(x, labels).dtype == dtype and theirs.W.dtype == dtype  # what PML does (the deviation)
+
+
+def test_fallback_warns_once_per_instance(calls):
+    """A call that runs PML's code warns once per instance, naming the reason; an accelerated one never warns."""
+    x, labels = make_batch(N, D, C - 1, seed=11)
+    _, ours = _build("arcface_threshold_reducer")
+    with pytest.warns(UserWarning, match="ThresholdReducer") as record:
+        ours(x, labels)
+        ours(x, labels)
+    assert len(record) == 1
+    _, ours = _build("arcface")
+    pairs = miners.MultiSimilarityMiner(epsilon=0.5)(x, labels)
+    with pytest.warns(UserWarning, match="indices_tuple"):
+        ours(x, labels, indices_tuple=pairs)
+    _, ours = _build("subcenter_arcface_3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours(x, labels)
+    assert calls == ["sub_center_arcface_loss"]
 
 
 @pytest.mark.parametrize("case", ["proxy_anchor", "soft_triple", "arcface", "normalized_softmax"])
@@ -206,8 +243,8 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("case", ["proxy_anchor", "proxy_nca", "soft_triple", "arcface", "cosface",
-                                  "normalized_softmax"])
+@pytest.mark.parametrize("case", ["proxy_anchor", "proxy_nca", "soft_triple", "arcface", "subcenter_arcface_3",
+                                  "cosface", "normalized_softmax"])
 def test_accelerated_call_adds_no_host_read_to_the_functional_losses(case, calls):
     """Forward + backward of the class reads tensor data on the host exactly as often as its functional loss alone
     (on CPU the functional's label check reads once; on CUDA it is an asynchronous assert): the decision to
@@ -238,8 +275,8 @@ def test_proxy_nca_underflow_falls_back():
 def test_fallback_reason_names_the_cause():
     _, ours = _build("proxy_anchor_mean_reducer")
     assert "MeanReducer" in ours.fallback_reason
-    _, ours = _build("subcenter_arcface_3")
-    assert "sub_centers" in ours.fallback_reason
+    _, ours = _build("arcface_threshold_reducer")
+    assert "ThresholdReducer" in ours.fallback_reason
     _, ours = _build("proxy_anchor")
     ours.alpha = -1.0
     assert "alpha" in ours.fallback_reason
@@ -247,13 +284,14 @@ def test_fallback_reason_names_the_cause():
         pml.ArcFaceLoss(num_classes=C, embedding_size=D, backend="gpu")
 
 
-@pytest.mark.parametrize("case,n,c,k", [("proxy_anchor", 128, 140_000, 1), ("soft_triple", 128, 33_000, 4)])
+@pytest.mark.parametrize("case,n,c,k", [("proxy_anchor", 128, 140_000, 1), ("soft_triple", 128, 33_000, 4),
+                                       ("subcenter_arcface_3", 128, 45_000, 3)])
 def test_no_n_by_c_allocation(case, n, c, k):
     """At a class count where the N x C*K logits (68-72 MB, so that backend "auto" streams) dwarf everything else
     (D = 8), the accelerated loss never allocates N*C*K*4/2 bytes at once, while PML's class does (so the check can
     fail)."""
     name, kwargs, _ = CASES[case]
-    extra = {"centers_per_class": k} if k > 1 else {}
+    extra = {("sub_centers" if name == "SubCenterArcFaceLoss" else "centers_per_class"): k} if k > 1 else {}
     torch.manual_seed(9)
     theirs = getattr(pml_losses, name)(num_classes=c, embedding_size=8, **extra)
     ours = getattr(pml, name)(num_classes=c, embedding_size=8, **extra)

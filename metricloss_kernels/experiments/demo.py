@@ -14,8 +14,10 @@ from . import zoo
 from .datasets import ORIENTATIONS, TRAIN_DIGITS, load_digits_split, random_shift
 from .datasets import digits_net as embedding_net
 from ..metrics import evaluate
+from ..samplers import MPerClassSampler
 
 EMBEDDING = 32
+PER_CLASS = 4  # samples of a class in a batch
 TRAIN_CLASSES = TRAIN_DIGITS * ORIENTATIONS
 LOSSES = zoo.LOSSES
 
@@ -44,11 +46,10 @@ def run(loss_name="proxy_anchor", epochs=15, batch_size=128, lr=1e-3, seed=0, ou
     from tqdm import tqdm
 
     start = time.perf_counter()
+    sampler = MPerClassSampler(y_tr, PER_CLASS, batch_size, len(y_tr), seed=seed)
     bar = tqdm(range(epochs), desc=f"training {loss_name}", unit="epoch")
     for _ in bar:
-        perm = torch.randperm(len(x_tr))
-        for i in range(0, len(perm) - batch_size + 1, batch_size):
-            idx = perm[i:i + batch_size]
+        for idx in torch.tensor(list(sampler)).view(-1, batch_size):
             loss = loss_fn(net(random_shift(x_tr[idx])), y_tr[idx])  # learn shift invariance
             opt.zero_grad()
             loss.backward()

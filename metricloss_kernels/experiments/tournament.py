@@ -6,7 +6,7 @@ loss functions.
 Protocol (docs/tournament.md):
 - Class-disjoint splits: the training classes split 90/10 into training and validation classes (the validation
   classes fixed, the same for every run), and test classes never seen in any form (datasets.py).
-- The same backbone, initialisation (per seed), optimiser, learning rate, batch sampler (class-balanced batches),
+- The same backbone, initialisation (per seed), optimiser, learning rate, batch sampler (mlk.MPerClassSampler),
   augmentation and epoch budget for every loss; the losses keep the settings of `zoo` (or those picked by the
   optional hyper-parameter search, which looks at the validation classes only).
 - Model selection: validation recall@1 after every epoch (ties broken by validation MAP@R); the test metrics are

@@ -17,22 +17,9 @@ import torch
 from . import zoo
 from ..metrics import evaluate, map_at_r, recall_at_k
 from ..retrieval import knn
+from ..samplers import MPerClassSampler
 
 RECALL_KS = (1, 2, 4, 8)
-
-
-def class_balanced_batches(labels, batch_size, per_class, generator):
-    """One epoch of index batches [batch_size]: groups of `per_class` samples of one class, in random order
-    (every class's samples shuffled and cut into groups, the remainder dropped; the last partial batch dropped)."""
-    groups = []
-    for c in torch.unique(labels):
-        idx = (labels == c).nonzero().squeeze(1)
-        idx = idx[torch.randperm(len(idx), generator=generator)]
-        groups.extend(idx[: len(idx) // per_class * per_class].view(-1, per_class))
-    order = torch.randperm(len(groups), generator=generator)
-    groups_per_batch = batch_size // per_class
-    return [torch.cat([groups[j] for j in order[i:i + groups_per_batch]])
-            for i in range(0, len(order) - groups_per_batch + 1, groups_per_batch)]
 
 
 def embed(net, x):
@@ -79,17 +66,21 @@ def test_metrics(net, task, embeddings=None) -> dict:
 def train_run(task, loss_name, dim, seed, epochs, batch_size=128, per_class=4, lr=1e-3, overrides=None,
               keep_embeddings=False, on_epoch=None, select=True) -> Run:
     """Trains task.net(dim) with the loss `loss_name` for `epochs` epochs and selects the epoch of best validation
-    R@1 (then MAP@R; the last epoch when not `select`). The seed fixes the network's initialisation, the batch order
-    and the augmentation, so every loss sees the same ones."""
+    R@1 (then MAP@R; the last epoch when not `select`). An epoch is as many samples as the training set, in batches
+    of `per_class` samples of batch_size // per_class distinct classes (MPerClassSampler; batch_size is capped at
+    per_class x the training classes). The seed fixes the network's initialisation, the batches and the
+    augmentation, so every loss sees the same ones."""
     start = time.perf_counter()
     net = initial_network(task, dim, seed)  # built before the loss: the same initial network for every loss
     loss_fn = zoo.make_loss(loss_name, task.num_train_classes, dim, **(overrides or {}))
     opt = zoo.optimizer(net, loss_fn, lr)
     g = torch.Generator().manual_seed(seed)
+    batch_size = min(batch_size, per_class * task.num_train_classes)
+    sampler = MPerClassSampler(task.y_train, per_class, batch_size, len(task.y_train), seed=seed)
     scores = [validation_scores(net, task.x_val, task.y_val)]
     best_epoch, best_state, diverged_at = 0, copy.deepcopy(net.state_dict()), None
     for epoch in range(1, epochs + 1):
-        for idx in class_balanced_batches(task.y_train, batch_size, per_class, g):
+        for idx in torch.tensor(list(sampler)).view(-1, batch_size):
             loss = loss_fn(net(task.augment(task.x_train[idx], g)), task.y_train[idx])
             if not torch.isfinite(loss):
                 diverged_at = epoch

@@ -2,10 +2,11 @@
 
 Each class subclasses PML's class of the same name and overrides only `compute_loss`: the constructor, the
 parameters (names, shapes, initialisation), the state_dict, distance, reducer, regularisers, `get_logits()`, the
-casting of the weights to the input's dtype and device, and every error are PML's. When the configuration is one that
+move of the weights to the input's device, and every error are PML's. When the configuration is one that
 metricloss_kernels computes exactly, the loss is `metricloss_kernels.functional.<loss>(..., backend=loss.backend)`
 (backend "auto": Triton for CUDA tensors; on CPU the chunked streaming backend once the N x C logits would exceed
-64 MiB, the reference below that), so the N x C similarity matrix is never held; otherwise PML's own compute_loss runs.
+64 MiB, the reference below that), so the N x C similarity matrix is never held; otherwise PML's own compute_loss runs,
+and the first such call of each instance warns (a UserWarning with the reason).
 
 Accelerated configurations (anything else falls back to PML's code; `loss.fallback_reason` says why):
 
@@ -15,7 +16,8 @@ Accelerated configurations (anything else falls back to PML's code; `loss.fallba
                            distance, MeanReducer, no underflow (below)        softmax_scale for cosine; positive included)
     SoftTripleLoss         cosine distance, MeanReducer                      soft_triple_loss(la, gamma, margin, tau=0)
     ArcFaceLoss            cosine distance, MeanReducer, margin in [0, 180)  arcface_loss(margin in degrees, scale)
-    SubCenterArcFaceLoss   as ArcFaceLoss, and sub_centers=1                 arcface_loss
+    SubCenterArcFaceLoss   as ArcFaceLoss (any sub_centers)                  sub_center_arcface_loss(sub_centers,
+                                                                              margin in degrees, scale)
     CosFaceLoss            cosine distance, MeanReducer                      cosface_loss(margin, scale)
     NormalizedSoftmaxLoss  cosine distance (the default                      l2_softmax_loss(scale=1/temperature,
                            DotProductSimilarity normalises), MeanReducer      normalize_weights=True)
@@ -40,11 +42,18 @@ i.e. cross-entropy on 2 softmax_scale cos; SoftTriple has no built-in regularise
 weight_regularizer); ArcFace's margin is in degrees. Regularisers are PML's code, given the same weights as in PML
 ([C*K, D] views of `proxies`, `fc` or `W`). Differences: ArcFace clamps the target cosine to [-1 + 1e-7, 1 - 1e-7]
 (PML clamps to [-1, 1], where the gradient of acos is infinite), so values differ for a target cosine within 1e-7 of
-+-1. Half-precision inputs are computed in fp32 (PML computes in the input dtype): results agree with PML's to that
-dtype's rounding, not bit for bit. The accelerated ProxyAnchorLoss hands its reducer the sum of its two terms as one
-already-reduced "pos_loss" entry instead of "pos_loss" and "neg_loss"; the reduced value is the same.
++-1. Dtypes, on both paths: the parameters keep theirs (PML casts them to the embeddings' dtype in place, for good:
+after one fp16 call an fp32 model trains fp16 weights). The embeddings are cast to the parameters' dtype instead
+(fp32 master weights: the loss is computed and returned in fp32, fp16/bf16 embeddings get their gradient in their
+own dtype through the cast; fp64 embeddings need an fp64 module for an fp64 loss), and the accelerated path
+computes half precision in fp32 whatever the parameters' dtype; results agree with PML's to the lower dtype's
+rounding, not bit for bit. PML's own tests that compute their expected value from the weights after a call in
+another dtype (assuming PML's cast) fail for that reason alone. The accelerated ProxyAnchorLoss hands its reducer
+the sum of its two terms as one already-reduced "pos_loss" entry instead of "pos_loss" and "neg_loss"; the reduced
+value is the same.
 """
 import math
+import warnings
 
 import torch
 from pytorch_metric_learning import losses as pml
@@ -76,6 +85,7 @@ class _Accelerated:
         F.check_arguments("", backend=backend)
         super().__init__(*args, **kwargs)
         self.backend = backend
+        self._warned = False  # a fallback warns once per instance
 
     # -- what a subclass describes
     def _weights(self) -> torch.Tensor:
@@ -150,9 +160,21 @@ class _Accelerated:
         return self._input_reason(embeddings, num_classes)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        if self._call_reason(embeddings, labels, indices_tuple, ref_emb, ref_labels) is not None:
+        # The weights keep their dtype and the embeddings take it (see the module docstring), so that PML's
+        # cast_types, here and in its own compute_loss, only moves the weights to the embeddings' device.
+        dtype = self._weights().dtype
+        if torch.is_tensor(embeddings) and embeddings.is_floating_point() and embeddings.dtype != dtype:
+            same = ref_emb is embeddings
+            embeddings = embeddings.to(dtype)
+            ref_emb = embeddings if same else ref_emb
+        reason = self._call_reason(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if reason is not None:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"{type(self).__name__} runs pytorch-metric-learning's own code, not "
+                              f"metricloss_kernels': {reason}", UserWarning, stacklevel=5)
             return super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        self.cast_types(embeddings.dtype, embeddings.device)  # PML's: the weights take the input's dtype, device
+        self.cast_types(dtype, embeddings.device)  # PML's: here the device only
         weights = self._weights()
         with torch.autocast(embeddings.device.type, enabled=False):  # the kernels set their own precision
             loss = self._functional(embeddings, labels, weights, **self._arguments(), backend=self.backend)
@@ -229,15 +251,15 @@ class ArcFaceLoss(_Accelerated, pml.ArcFaceLoss):
 
 
 class SubCenterArcFaceLoss(ArcFaceLoss, pml.SubCenterArcFaceLoss):
-    """PML's SubCenterArcFaceLoss (W [D, C*sub_centers]); accelerated with sub_centers=1 (plain ArcFace)."""
+    """PML's SubCenterArcFaceLoss (W [D, C*sub_centers], class-major columns) on
+    `functional.sub_center_arcface_loss`; extra argument `backend`."""
+    _functional = staticmethod(F.sub_center_arcface_loss)
 
     def _centers(self):
         return self.sub_centers
 
-    def _loss_reason(self):
-        if self.sub_centers != 1:
-            return "sub_centers > 1: the max over sub-centres is not one of metricloss_kernels' losses"
-        return super()._loss_reason()
+    def _arguments(self):
+        return {"sub_centers": self.sub_centers, **super()._arguments()}
 
 
 class CosFaceLoss(_Accelerated, pml.CosFaceLoss):

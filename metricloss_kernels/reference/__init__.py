@@ -5,4 +5,4 @@ from .pair import (contrastive_loss, lifted_structure_loss, margin_loss, multi_s
                    triplet_margin_loss)
 from .proxy import (arcface_loss, class_lse, class_similarity, cosface_loss, l2_softmax_loss, mpa_loss,
                     proxy_anchor_loss, proxy_nca_loss, proxy_regularizer, proxy_repel_loss, regular_polytope_loss,
-                    soft_triple_loss)
+                    soft_triple_loss, sub_center_arcface_loss)

@@ -68,10 +68,11 @@ def _softmax_weighted(l: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def class_lse(x, w, labels, *, bias=None, centers_per_class=1, gamma=0.1, scale=1.0, shift=0.0, normalize_x=True,
-              normalize_w=True, reduce="row", offset=None):
+              normalize_w=True, reduce="row", offset=None, pool="softmax"):
     """The streaming primitive `metricloss_kernels.lse.class_lse` (same arguments but the tiling ones), computed by
     materialising its [N, C] logits z = scale * S + shift (+ bias): the reference backend of the class-sharded
-    losses, which compose it like the streamed one (metricloss_kernels.fused).
+    losses, which compose it like the streamed one (metricloss_kernels.fused). S pools each class's K cosines by
+    the softmax (temperature gamma) or, pool="max", by their max.
 
     Returns [N] (reduce="row": LSE_{c != labels_i} (z_ic - offset_i), offset [N] or None) or [C] (reduce="col":
     LSE_{i: labels_i != c} z_ic) in the compute dtype; a label outside [0, C) leaves nothing out; an empty LSE is
@@ -80,7 +81,8 @@ def class_lse(x, w, labels, *, bias=None, centers_per_class=1, gamma=0.1, scale=
     cd = compute_dtype(x.dtype, w.dtype)
     x, w = x.to(cd), w.to(cd)
     l = ((normalize(x, dim=1) if normalize_x else x) @ (normalize(w, dim=1) if normalize_w else w).T)
-    z = scale * _softmax_weighted(l.unflatten(1, (-1, centers_per_class)), gamma) + shift
+    l = l.unflatten(1, (-1, centers_per_class))
+    z = scale * (l.amax(-1) if pool == "max" else _softmax_weighted(l, gamma)) + shift
     if bias is not None:
         z = z + bias.to(cd)
     if offset is not None:
@@ -254,6 +256,22 @@ def arcface_loss(embeddings: torch.Tensor, labels: torch.Tensor, weight: torch.T
         scalar. Only the target cosines are clamped to [-1 + 1e-7, 1 - 1e-7] (finite gradient of sin(theta)).
     """
     return _additive_angular_margin_ce(_cosines(embeddings, weight), labels, math.radians(margin), scale)
+
+
+@upcast
+def sub_center_arcface_loss(embeddings: torch.Tensor, labels: torch.Tensor, proxies: torch.Tensor,
+                            sub_centers: int = 3, margin: float = 28.6, scale: float = 64.0) -> torch.Tensor:
+    """Sub-centre ArcFace (Deng et al. 2020; pytorch-metric-learning's SubCenterArcFaceLoss): ArcFace on the class
+    cosines cos_{i,c} = max_k x^_i . w^_{c,k} over each class's K sub-centres (the target's margin included).
+
+    Args:
+        embeddings: [N, D]; labels: [N]; proxies: [C*K, D] class-major, K = sub_centers.
+        margin: angular margin in DEGREES, as arcface_loss; scale: s.
+    Returns:
+        scalar; equals arcface_loss for K = 1. The max's gradient is split evenly between tied sub-centres.
+    """
+    cos = _cosines(embeddings, proxies).unflatten(1, (-1, sub_centers)).amax(-1)
+    return _additive_angular_margin_ce(cos, labels, math.radians(margin), scale)
 
 
 @upcast

@@ -81,18 +81,6 @@ def test_multi_centre_classes_are_mixtures_and_test_classes_are_new():
 
 
 # ---------------------------------------------------------------------------------------------------- training
-def test_class_balanced_batches():
-    labels = torch.arange(10).repeat_interleave(9)  # 9 per class: 2 groups of 4, 1 sample dropped
-    batches = training.class_balanced_batches(labels, 16, 4, torch.Generator().manual_seed(0))
-    assert len(batches) == 5 and all(len(b) == 16 for b in batches)
-    flat = torch.cat(batches)
-    assert len(set(flat.tolist())) == len(flat)  # no sample twice in an epoch
-    for b in batches:
-        assert all(n % 4 == 0 for n in torch.bincount(labels[b]).tolist())
-    again = training.class_balanced_batches(labels, 16, 4, torch.Generator().manual_seed(0))
-    assert all(torch.equal(u, v) for u, v in zip(batches, again))
-
-
 def test_train_run_is_fair_deterministic_and_selects_the_best_validation_epoch():
     task = tiny_task()
     a = training.train_run(task, "proxy_anchor", 8, seed=3, epochs=3, batch_size=16)
@@ -116,6 +104,25 @@ class _NaNAfterOneStep(torch.nn.Module):
     def forward(self, embeddings, labels):
         self.calls += 1
         return embeddings.pow(2).mean() * (math.nan if self.calls > 1 else 1.0)
+
+
+def test_train_run_batches_come_from_the_m_per_class_sampler(monkeypatch):
+    """An epoch of train_run is an epoch of MPerClassSampler (per_class samples of each class in a batch), a new
+    one every epoch."""
+    epochs = []
+
+    class Spy(training.MPerClassSampler):
+        def __iter__(self):
+            epochs.append(torch.tensor(list(super().__iter__())))
+            return iter(epochs[-1].tolist())
+
+    monkeypatch.setattr(training, "MPerClassSampler", Spy)
+    task = tiny_task()
+    training.train_run(task, "proxy_anchor", 8, seed=3, epochs=2, batch_size=16)
+    assert len(epochs) == 2 and not torch.equal(epochs[0], epochs[1])
+    for batch in epochs[0].view(-1, 16):
+        counts = torch.bincount(task.y_train[batch])
+        assert sorted(counts[counts > 0].tolist()) == [4] * 4
 
 
 def test_a_diverging_loss_stops_its_run_and_keeps_the_best_epoch_before(monkeypatch):
