@@ -573,6 +573,21 @@ def test_with_reference_gradcheck(name):
     assert torch.autograd.gradcheck(lambda a, b: fn(a, y, ref_emb=b, ref_labels=ry, ref_self=ref_self), (x, r))
 
 
+@pytest.mark.parametrize("name", sorted(REFERENCED))
+def test_nan_in_the_reference_gives_nan_loss_and_gradients(name):
+    """The NaN rule covers the reference: one NaN entry makes the loss NaN and every gradient through it (entries
+    the loss does not use keep a 0), on every backend."""
+    fn, _, scale = REFERENCED[name]
+    x, y, r, ry, _ = referenced_batch()
+    r[4, 1] = math.nan
+    for backend in ("reference", "chunked") if name in STREAMED else ("reference",):
+        x_, r_ = (x * scale).requires_grad_(), (r * scale).requires_grad_()
+        loss = fn(x_, y, ref_emb=r_, ref_labels=ry, backend=backend)
+        assert torch.isnan(loss), backend
+        for grad in torch.autograd.grad(loss, (x_, r_)):
+            assert torch.isnan(grad).any() and not (torch.isfinite(grad) & (grad != 0)).any(), backend
+
+
 def test_reference_arguments_are_checked():
     x, y = make_batch(n=8, d=5, c=2)
     r, ry = make_batch(n=6, d=5, c=2, seed=1)

@@ -285,11 +285,11 @@ def margin_loss(embeddings, labels, margin=0.2, beta=1.2, generator=None, ref_em
     distance-weighted sampling (cutoff 0.5, nonzero_loss_cutoff 1.4, weights computed without gradient). The draw
     **(resolved)** is by inverse CDF: one uniform number per ordered pair, ``u = torch.rand(N, M,
     generator=generator)`` (M = N without a reference), and pair (a, p) takes the first n whose cumulative
-    probability exceeds ``u[a, p]`` times anchor a's total. The loss is the plain mean of ℓ over all positive and sampled negative
-    pairs **(resolved: not over the non-zero ones)**. Resolved edge cases: an anchor whose negatives all lie at
-    distance >= 1.4 samples uniformly among its negatives (the authors' code falls back to uniform sampling); a
-    positive pair whose anchor has no negative keeps its positive term and has no negative term. No positive pair:
-    a 0 that carries a graph.
+    probability exceeds ``u[a, p]`` times anchor a's total. The loss is the plain mean of ℓ over all positive and
+    sampled negative pairs **(resolved: not over the non-zero ones)**. Resolved edge cases: an anchor whose negatives
+    all lie at distance >= 1.4 samples uniformly among its negatives (the authors' code falls back to uniform
+    sampling); a positive pair whose anchor has no negative keeps its positive term and has no negative term. No
+    positive pair: a 0 that carries a graph.
 
     Args: embeddings [N, D]; labels [N] int64; generator: torch.Generator on the embeddings' device, or None;
     ref_emb [M, D], ref_labels [M], ref_self [N] or None (module docstring); anchors: `Anchors` or None (every call
