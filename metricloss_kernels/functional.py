@@ -16,8 +16,9 @@ reference the batch is compared with itself and the pairs (i, i) are left out. `
 the row of the reference that is embedding i itself (its slot in a cross-batch memory: `memory.CrossBatchMemory`),
 left out of i's pairs; negative: none. Gradients reach both tensors. Over a process group each rank passes its
 rows of the reference too (the same number on every rank; ref_self indexes them) and the candidates are the
-gathered reference. Contrastive and multi-similarity stream over blocks of the reference (`streamed_pairs`,
-backend "chunked", chosen by "auto" when the [N, M] similarities would exceed 64 MiB): no [N, M] tensor is held.
+gathered reference. Contrastive, lifted structure, N-pair and multi-similarity stream over blocks of the reference
+(`streamed_pairs`, backend "chunked", chosen by "auto" when the [N, M] similarities would exceed 64 MiB): no [N, M]
+tensor is held.
 """
 import functools
 
@@ -77,10 +78,9 @@ _LOSS_RULES = {  # per loss, where an argument's rule differs from the shared on
     "regular_polytope_loss": {"margin": lambda v, n: v == "max" or _degrees(v, n)},
     "center_loss": {"margin": _NONNEG, "backend": _PAIR_BACKEND},
     "multi_similarity_loss": {"beta": _POS, "backend": _STREAMED_BACKEND},
-    "contrastive_loss": {"backend": _STREAMED_BACKEND},
     "margin_loss": {"beta": lambda v, n: torch.is_tensor(v) or V.number(v, n), "backend": _PAIR_BACKEND},
-    **{name: {"backend": _PAIR_BACKEND} for name in ("triplet_margin_loss", "lifted_structure_loss", "npairs_loss",
-                                                    "exponential_triplet_loss")},
+    **{name: {"backend": _STREAMED_BACKEND} for name in ("contrastive_loss", "lifted_structure_loss", "npairs_loss")},
+    **{name: {"backend": _PAIR_BACKEND} for name in ("triplet_margin_loss", "exponential_triplet_loss")},
 }
 
 
@@ -356,19 +356,22 @@ def lifted_structure_loss(embeddings, labels, margin=0.5, backend="auto", proces
                           ref_labels=None, ref_self=None):
     """Generalised lifted structure loss (thesis eq. 2.21)."""
     with distributed.agreement(process_group):
-        labels, ref = _pair_inputs(embeddings, labels, backend, ref_emb, ref_labels, ref_self)
+        labels, ref = _pair_inputs(embeddings, labels, backend, ref_emb, ref_labels, ref_self,
+                                   supported=STREAMED_PAIR_BACKENDS)
         check_arguments("lifted_structure_loss", margin=margin)
     return _pair_loss(reference.lifted_structure_loss, embeddings, labels, ref, backend, process_group,
-                      margin=margin)
+                      streamed=streamed_pairs.lifted_structure_loss, margin=margin)
 
 
 def npairs_loss(embeddings, labels, l2_reg=0.02, backend="auto", process_group=None, ref_emb=None, ref_labels=None,
                 ref_self=None):
     """N-pair loss on raw dot products plus l2_reg * mean ‖x‖² (over the embeddings, not the reference)."""
     with distributed.agreement(process_group):
-        labels, ref = _pair_inputs(embeddings, labels, backend, ref_emb, ref_labels, ref_self)
+        labels, ref = _pair_inputs(embeddings, labels, backend, ref_emb, ref_labels, ref_self,
+                                   supported=STREAMED_PAIR_BACKENDS)
         check_arguments("npairs_loss", l2_reg=l2_reg)
-    return _pair_loss(reference.npairs_loss, embeddings, labels, ref, backend, process_group, l2_reg=l2_reg)
+    return _pair_loss(reference.npairs_loss, embeddings, labels, ref, backend, process_group,
+                      streamed=streamed_pairs.npairs_loss, l2_reg=l2_reg)
 
 
 def margin_loss(embeddings, labels, margin=0.2, beta=1.2, generator=None, backend="auto", process_group=None,

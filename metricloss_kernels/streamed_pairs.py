@@ -1,20 +1,22 @@
-"""Contrastive and multi-similarity losses streamed over blocks of the reference (the pair losses' "chunked"
-backend): with a large reference (a cross-batch memory, a gallery) no [N, M] tensor is held, forward or backward.
-Same arguments, mathematics and values as metricloss_kernels/reference/pair.py, which states them.
+"""The pair losses whose mining is a per-anchor reduction, streamed over blocks of the reference (the pair losses'
+"chunked" backend): contrastive, lifted structure, N-pair and multi-similarity. With a large reference (a
+cross-batch memory, a gallery) no [N, M] tensor is held, forward or backward. Same arguments, mathematics and values
+as metricloss_kernels/reference/pair.py, which states them.
 
-Both losses add up per-anchor reductions over the candidates: contrastive, sums of hinges; multi-similarity, two
-masked log-sum-exps whose masks depend on per-anchor statistics (the least similar positive, the most similar
-negative), found by a first pass without gradient. `_RowTerms` evaluates such reductions block by block of
+Each loss adds up per-anchor reductions over the candidates: contrastive, sums of hinges; lifted structure and
+N-pair, masked log-sum-exps over the positives and the negatives; multi-similarity, masked log-sum-exps whose masks
+depend on per-anchor statistics (the least similar positive, the most similar negative), found by a first pass
+without gradient. `_RowTerms` evaluates such reductions block by block of
 reference rows ([A, B] similarities, B from `BLOCK_ELEMS`) with an online log-sum-exp, and in the backward recomputes
 each block's similarities from the saved result (as FlashAttention does) to accumulate the gradients of the
 normalised anchors and candidates; autograd differentiates the normalisation and what follows the reductions.
-Eager only: under torch.compile the pair losses take the reference path ("auto" never picks this one there).
+torch.compile traces the blocks into one graph (the block plan depends on the shapes only).
 """
 import torch
 import torch.nn.functional as F
 
 from ._numerics import normalize, upcast
-from .reference.pair import _candidates, _mean, _pair_masks, _total_and_count, _zero
+from .reference.pair import _candidates, _masked_mean, _mean, _pair_masks, _total, _total_and_count, _zero
 
 # Similarities per block ([A, B], 4 MiB in fp32): a block's masks and exponentials stay in cache-sized pieces.
 BLOCK_ELEMS = 1 << 20
@@ -40,7 +42,7 @@ class _RowTerms(torch.autograd.Function):
     """Per anchor i and term t of `terms` ((kind, a, b), z = a S_ij + b): over the candidates j of the mask t of
     `masks(s, j0, j1)`, kind "lse": log-sum-exp of z (0 for an empty mask), kind "hinge": sum of [z]₊.
 
-    Args: x [A, D], r [M, D] (normalised); masks: (similarities [A, B], j0, j1) -> T bool masks [A, B]; terms: T
+    Args: x [A, D], r [M, D]; masks: (similarities [A, B], j0, j1) -> T bool masks [A, B]; terms: T
     triples. Returns (values [A, T], counts [A, T]: the size of each mask, in x's dtype).
 
     Every temporary is a block [A, B] in x's dtype or bool (no mask is summed or multiplied as such: torch would
@@ -105,6 +107,26 @@ def contrastive_loss(embeddings, labels, pos_margin=1.0, neg_margin=0.5, ref_emb
     zero = _zero(embeddings)
     return (_mean(sums[:, 0].sum(), counts[:, 0].sum(), zero, anchors)
             + _mean(sums[:, 1].sum(), counts[:, 1].sum(), zero, anchors))
+
+
+@upcast
+def lifted_structure_loss(embeddings, labels, margin=0.5, ref_emb=None, ref_labels=None, ref_self=None,
+                          anchors=None):
+    """reference.pair.lifted_structure_loss, streamed over blocks of the candidates. Returns a scalar."""
+    pairs = _Pairs(embeddings, labels, ref_emb, ref_labels, ref_self, anchors)
+    lse, counts = _RowTerms.apply(normalize(pairs.x, dim=1), normalize(pairs.r, dim=1),
+                                  lambda s, j0, j1: pairs(j0, j1), (("lse", -1.0, margin), ("lse", 1.0, 0.0)))
+    return _masked_mean(F.relu(lse.sum(dim=1)), (counts > 0).all(dim=1), embeddings, anchors)
+
+
+@upcast
+def npairs_loss(embeddings, labels, l2_reg=0.02, ref_emb=None, ref_labels=None, ref_self=None, anchors=None):
+    """reference.pair.npairs_loss (raw dot products), streamed over blocks of the candidates. Returns a scalar."""
+    pairs = _Pairs(embeddings, labels, ref_emb, ref_labels, ref_self, anchors)
+    reg = l2_reg * _total((pairs.x * pairs.x).sum(), anchors) / len(labels)
+    lse, counts = _RowTerms.apply(pairs.x, pairs.r, lambda s, j0, j1: pairs(j0, j1),
+                                  (("lse", -1.0, 0.0), ("lse", 1.0, 0.0)))
+    return _masked_mean(F.softplus(lse.sum(dim=1)), (counts > 0).all(dim=1), embeddings, anchors) + reg
 
 
 @upcast

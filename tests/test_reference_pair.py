@@ -527,7 +527,7 @@ REFERENCED = {
     "margin": (_with_generator(lambda x, y, **r: functional.margin_loss(x, y, 0.2, 0.9, **r)),
                lambda x, y, ref: margin_loop(x, y, 0.2, 0.9, seed=3, ref=ref), 1.0),
 }
-STREAMED = ("contrastive", "multi_similarity")
+STREAMED = ("contrastive", "lifted", "npairs", "multi_similarity")
 
 
 def referenced_batch(n=23, m=29, d=6, c=5, seed=20):
@@ -639,8 +639,23 @@ def test_streamed_matches_reference(name, own, dtype, monkeypatch):
     assert_close(fn(batch, y[:37], backend="chunked"), fn(batch, y[:37], backend="reference"), TOL[dtype])
 
 
-@pytest.mark.parametrize("n,m,backend", [(256, 100_000, "auto"), (512, 20_000, "chunked")])
 @pytest.mark.parametrize("name", STREAMED)
+def test_streamed_compiles_into_one_graph(name, monkeypatch):
+    """torch.compile(fullgraph=True) traces the blocks (3 here) and the recomputing backward: eager's value and
+    gradients."""
+    fn = REFERENCED[name][0]
+    monkeypatch.setattr(streamed_pairs, "BLOCK_ELEMS", 23 * 12)
+    x, y, r, ry, ref_self = referenced_batch()
+    eager = _value_and_grads(fn, x, y, r, ry, ref_self=ref_self, backend="chunked")
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for what, a, e in zip(("loss", "grad embeddings", "grad ref_emb"),
+                          _value_and_grads(compiled, x, y, r, ry, ref_self=ref_self, backend="chunked"), eager):
+        assert_close(a, e, TOL[torch.float64], f"{name} {what}")
+
+
+@pytest.mark.parametrize("name,n,m,backend", [(name, 512, 20_000, "chunked") for name in STREAMED]
+                         + [(name, 256, 100_000, "auto") for name in ("contrastive", "multi_similarity")])
 def test_streamed_holds_no_n_by_m_tensor(name, n, m, backend):
     """Forward and backward against a reference of M rows allocate nothing larger than the [M, D] inputs: no
     [N, M] similarity (at N=256, M=1e5, D=64 backend "auto" streams); at N=512, M=2e4 a [N, M] bool mask would
