@@ -6,10 +6,10 @@ as metricloss_kernels/reference/pair.py, which states them.
 Each loss adds up per-anchor reductions over the candidates: contrastive, sums of hinges; lifted structure and
 N-pair, masked log-sum-exps over the positives and the negatives; multi-similarity, masked log-sum-exps whose masks
 depend on per-anchor statistics (the least similar positive, the most similar negative), found by a first pass
-without gradient. `_RowTerms` evaluates such reductions block by block of
-reference rows ([A, B] similarities, B from `BLOCK_ELEMS`) with an online log-sum-exp, and in the backward recomputes
-each block's similarities from the saved result (as FlashAttention does) to accumulate the gradients of the
-normalised anchors and candidates; autograd differentiates the normalisation and what follows the reductions.
+without gradient. `_RowTerms` evaluates such reductions block by block of reference rows ([A, B] similarities, B
+from `BLOCK_ELEMS`) with an online log-sum-exp, and in the backward recomputes each block's similarities from the
+saved result (as FlashAttention does) to accumulate the gradients of the anchors and candidates; autograd
+differentiates the normalisation and what follows the reductions.
 torch.compile traces the blocks into one graph (the block plan depends on the shapes only).
 """
 import torch
@@ -23,13 +23,14 @@ BLOCK_ELEMS = 1 << 20
 
 
 class _Pairs:
-    """The anchors and candidates of reference.pair._candidates; called with a block [j0, j1) of the candidates,
-    the anchors' positives and negatives among it ([A, B] bool each, reference.pair._pair_masks)."""
+    """The anchors and candidates of reference.pair._candidates; as the `masks` of `_RowTerms`, called with a
+    block's similarities s [A, B] (unused: these masks follow from the labels) and its candidates [j0, j1), the
+    anchors' positives and negatives among them ([A, B] bool each, reference.pair._pair_masks)."""
 
     def __init__(self, *args):
         self.x, self.y, self.r, self.ry, self.own = _candidates(*args)
 
-    def __call__(self, j0, j1):
+    def __call__(self, s, j0, j1):
         return _pair_masks(self.y, self.ry[j0:j1], self.own, j0)
 
 
@@ -101,8 +102,7 @@ def contrastive_loss(embeddings, labels, pos_margin=1.0, neg_margin=0.5, ref_emb
                      ref_self=None, anchors=None):
     """reference.pair.contrastive_loss, streamed over blocks of the candidates. Returns a scalar."""
     pairs = _Pairs(embeddings, labels, ref_emb, ref_labels, ref_self, anchors)
-    sums, counts = _RowTerms.apply(normalize(pairs.x, dim=1), normalize(pairs.r, dim=1),
-                                   lambda s, j0, j1: pairs(j0, j1),
+    sums, counts = _RowTerms.apply(normalize(pairs.x, dim=1), normalize(pairs.r, dim=1), pairs,
                                    (("hinge", -1.0, pos_margin), ("hinge", 1.0, -neg_margin)))
     zero = _zero(embeddings)
     return (_mean(sums[:, 0].sum(), counts[:, 0].sum(), zero, anchors)
@@ -114,8 +114,8 @@ def lifted_structure_loss(embeddings, labels, margin=0.5, ref_emb=None, ref_labe
                           anchors=None):
     """reference.pair.lifted_structure_loss, streamed over blocks of the candidates. Returns a scalar."""
     pairs = _Pairs(embeddings, labels, ref_emb, ref_labels, ref_self, anchors)
-    lse, counts = _RowTerms.apply(normalize(pairs.x, dim=1), normalize(pairs.r, dim=1),
-                                  lambda s, j0, j1: pairs(j0, j1), (("lse", -1.0, margin), ("lse", 1.0, 0.0)))
+    lse, counts = _RowTerms.apply(normalize(pairs.x, dim=1), normalize(pairs.r, dim=1), pairs,
+                                  (("lse", -1.0, margin), ("lse", 1.0, 0.0)))
     return _masked_mean(F.relu(lse.sum(dim=1)), (counts > 0).all(dim=1), embeddings, anchors)
 
 
@@ -124,8 +124,7 @@ def npairs_loss(embeddings, labels, l2_reg=0.02, ref_emb=None, ref_labels=None, 
     """reference.pair.npairs_loss (raw dot products), streamed over blocks of the candidates. Returns a scalar."""
     pairs = _Pairs(embeddings, labels, ref_emb, ref_labels, ref_self, anchors)
     reg = l2_reg * _total((pairs.x * pairs.x).sum(), anchors) / len(labels)
-    lse, counts = _RowTerms.apply(pairs.x, pairs.r, lambda s, j0, j1: pairs(j0, j1),
-                                  (("lse", -1.0, 0.0), ("lse", 1.0, 0.0)))
+    lse, counts = _RowTerms.apply(pairs.x, pairs.r, pairs, (("lse", -1.0, 0.0), ("lse", 1.0, 0.0)))
     return _masked_mean(F.softplus(lse.sum(dim=1)), (counts > 0).all(dim=1), embeddings, anchors) + reg
 
 
@@ -138,7 +137,7 @@ def multi_similarity_loss(embeddings, labels, alpha=2.0, beta=50.0, base=0.5, ep
     x, r = normalize(pairs.x, dim=1), normalize(pairs.r, dim=1)
 
     def unmined(s, j0, j1):  # positives below 1 - 1e-5 (duplicates of the anchor are not positives), negatives
-        pos, neg = pairs(j0, j1)
+        pos, neg = pairs(s, j0, j1)
         return pos & (s < 1.0 - 1e-5), neg
 
     min_pos = x.new_full((x.shape[0],), float("inf"))
