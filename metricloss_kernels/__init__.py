@@ -5,6 +5,7 @@ from .losses import (ArcFaceLoss, CenterLoss, ContrastiveLoss, CosFaceLoss, Expo
                      L2SoftmaxLoss, LiftedStructureLoss, MarginLoss, MPALoss, MultiSimilarityLoss, NPairsLoss,
                      ProxyAnchorLoss, ProxyNCALoss, ProxyRepelLoss, RegularPolytopeLoss, SoftTripleLoss,
                      SubCenterArcFaceLoss, TripletMarginLoss, WeightedSumLoss)
+from .memory import CrossBatchMemory
 from .metrics import evaluate
 from .normalize import unit_bounce, unit_range
 from .polytopes import polytope_margin, regular_polytope
@@ -14,9 +15,9 @@ from .samplers import MPerClassSampler
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArcFaceLoss", "CenterLoss", "ContrastiveLoss", "CosFaceLoss", "ExponentialTripletLoss", "L2SoftmaxLoss",
-    "LiftedStructureLoss", "MarginLoss", "MPALoss", "MPerClassSampler", "MultiSimilarityLoss", "NPairsLoss",
-    "ProxyAnchorLoss", "ProxyNCALoss", "ProxyRepelLoss", "RegularPolytopeLoss", "SoftTripleLoss",
+    "ArcFaceLoss", "CenterLoss", "ContrastiveLoss", "CosFaceLoss", "CrossBatchMemory", "ExponentialTripletLoss",
+    "L2SoftmaxLoss", "LiftedStructureLoss", "MarginLoss", "MPALoss", "MPerClassSampler", "MultiSimilarityLoss",
+    "NPairsLoss", "ProxyAnchorLoss", "ProxyNCALoss", "ProxyRepelLoss", "RegularPolytopeLoss", "SoftTripleLoss",
     "SubCenterArcFaceLoss", "TripletMarginLoss", "WeightedSumLoss", "backends", "evaluate", "functional",
     "has_extension", "knn", "metrics", "polytope_margin", "regular_polytope", "unit_bounce", "unit_range",
 ]

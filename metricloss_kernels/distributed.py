@@ -345,6 +345,11 @@ class Shard(Local):
         y = _all_gather(labels.to(self.device), self.group).to(labels.device)
         return gather_rows(embeddings, self.group, float(self.world_size)), y
 
+    def gather_index(self, index):
+        """Every rank's indices into its own n rows (negative: none) as indices into the gathered rows, [N]."""
+        shifted = torch.where(index >= 0, index + self.rows[0], index)
+        return _all_gather(shifted.to(self.device), self.group).to(index.device)
+
     def local(self, labels):
         """Global labels -> this rank's class indices; other ranks' classes fall outside [0, C_local) (where
         class_lse leaves nothing out)."""

@@ -9,6 +9,16 @@ rows on each) and the value is the loss of the whole batch on every rank. Proxy 
 proxies (its contiguous block of classes, in rank order) and labels stay global; pair losses use the other ranks'
 rows as references. Gradient convention, communication and checks: metricloss_kernels/distributed.py.
 `sample_rate=` (row-wise proxy losses): PartialFC-style class sampling per rank (`distributed.sampled`).
+
+`ref_emb=None, ref_labels=None` (pair losses, PML's semantics): the anchors are the rows of `embeddings`, the
+candidates the rows of `ref_emb` [M, D] with labels `ref_labels` [M], and every (i, j) pair counts; without a
+reference the batch is compared with itself and the pairs (i, i) are left out. `ref_self` [N] (int, optional) names
+the row of the reference that is embedding i itself (its slot in a cross-batch memory: `memory.CrossBatchMemory`),
+left out of i's pairs; negative: none. Gradients reach both tensors. Over a process group each rank passes its
+rows of the reference too (the same number on every rank; ref_self indexes them) and the candidates are the
+gathered reference. Contrastive, lifted structure, N-pair and multi-similarity stream over blocks of the reference
+(`streamed_pairs`, backend "chunked", chosen by "auto" when the [N, M] similarities would exceed 64 MiB): no [N, M]
+tensor is held.
 """
 import functools
 
@@ -16,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from . import _validation as V
-from . import distributed, fused, reference
+from . import distributed, fused, reference, streamed_pairs
 from ._backend import BACKENDS, resolve
 from ._numerics import result_dtype, to_compute_dtype
 from .lse import class_lse
@@ -30,6 +40,7 @@ __all__ = [
 ]
 
 PAIR_BACKENDS = ("auto", "reference")
+STREAMED_PAIR_BACKENDS = ("auto", "reference", "chunked")  # the pair losses of `streamed_pairs`
 MPA_VARIANTS = ("mpa", "dw", "ap")
 REPEL_VARIANTS = ("proxies", "batch")
 DISTANCES = ("cosine", "euclidean", "squared_euclidean")
@@ -61,6 +72,7 @@ _RULES = {  # argument rules shared by the functions below and the modules' cons
     "sample_rate": _sample_rate,
 }
 _PAIR_BACKEND = lambda v, n: V.choice(v, n, PAIR_BACKENDS)  # noqa: E731
+_STREAMED_BACKEND = lambda v, n: V.choice(v, n, STREAMED_PAIR_BACKENDS)  # noqa: E731
 _LOSS_RULES = {  # per loss, where an argument's rule differs from the shared one
     "mpa_loss": {"variant": lambda v, n: V.choice(v, n, MPA_VARIANTS)},
     "proxy_repel_loss": {"variant": lambda v, n: V.choice(v, n, REPEL_VARIANTS)},
@@ -68,11 +80,10 @@ _LOSS_RULES = {  # per loss, where an argument's rule differs from the shared on
     "sub_center_arcface_loss": {"margin": _degrees},
     "regular_polytope_loss": {"margin": lambda v, n: v == "max" or _degrees(v, n)},
     "center_loss": {"margin": _NONNEG, "backend": _PAIR_BACKEND},
-    "multi_similarity_loss": {"beta": _POS, "backend": _PAIR_BACKEND},
+    "multi_similarity_loss": {"beta": _POS, "backend": _STREAMED_BACKEND},
     "margin_loss": {"beta": lambda v, n: torch.is_tensor(v) or V.number(v, n), "backend": _PAIR_BACKEND},
-    **{name: {"backend": _PAIR_BACKEND} for name in ("contrastive_loss", "triplet_margin_loss",
-                                                    "lifted_structure_loss", "npairs_loss",
-                                                    "exponential_triplet_loss")},
+    **{name: {"backend": _STREAMED_BACKEND} for name in ("contrastive_loss", "lifted_structure_loss", "npairs_loss")},
+    **{name: {"backend": _PAIR_BACKEND} for name in ("triplet_margin_loss", "exponential_triplet_loss")},
 }
 
 
@@ -137,22 +148,66 @@ def _two_classes(num_local, process_group, name, what):
     require_two_classes(max(num_local, world), name, what)
 
 
-def _pair_inputs(embeddings, labels, backend, num_classes=None):
+def _reference(embeddings, ref_emb, ref_labels, ref_self, num_classes):
+    """The validated reference as keyword arguments of the reference losses ({} without one)."""
+    if ref_emb is None and ref_labels is None:
+        if ref_self is not None:
+            raise ValueError("ref_self indexes rows of ref_emb: it needs ref_emb and ref_labels")
+        return {}
+    if ref_emb is None or ref_labels is None:
+        missing = "ref_emb" if ref_emb is None else "ref_labels"
+        raise ValueError(f"ref_emb and ref_labels must be given together (the reference rows and their labels); "
+                         f"{missing} is None")
+    V.embeddings(ref_emb, "ref_emb")
+    if ref_emb.shape[1] != embeddings.shape[1] or ref_emb.device != embeddings.device:
+        raise ValueError(f"ref_emb must have the embeddings' width {embeddings.shape[1]} and device "
+                         f"{embeddings.device}, got shape {tuple(ref_emb.shape)} on {ref_emb.device}")
+    ref_labels = V.labels(ref_labels, ref_emb.shape[0], embeddings.device, num_classes, "ref_labels")
+    if ref_self is not None:
+        V.tensor(ref_self, "ref_self")
+        if ref_self.is_floating_point() or ref_self.is_complex() or ref_self.dtype == torch.bool:
+            raise TypeError(f"ref_self must be an integer tensor, got dtype {ref_self.dtype}")
+        if ref_self.shape != (embeddings.shape[0],) or ref_self.device != embeddings.device:
+            raise ValueError(f"ref_self must have shape [{embeddings.shape[0]}] (one row of ref_emb per embedding) "
+                             f"on {embeddings.device}, got {tuple(ref_self.shape)} on {ref_self.device}")
+        ref_self = ref_self.long()
+        V.require(ref_self < ref_emb.shape[0], f"ref_self must index rows of ref_emb (< {ref_emb.shape[0]})")
+    return {"ref_emb": ref_emb, "ref_labels": ref_labels, "ref_self": ref_self}
+
+
+def _pair_inputs(embeddings, labels, backend, ref_emb, ref_labels, ref_self, num_classes=None,
+                 supported=PAIR_BACKENDS):
+    """Validates a pair loss's tensors; returns (labels as int64, the reference's keyword arguments)."""
     V.embeddings(embeddings)
-    resolve(backend, embeddings.device, 0, PAIR_BACKENDS)
-    return V.labels(labels, embeddings.shape[0], embeddings.device, num_classes)
+    resolve(backend, embeddings.device, 0, supported)
+    labels = V.labels(labels, embeddings.shape[0], embeddings.device, num_classes)
+    return labels, _reference(embeddings, ref_emb, ref_labels, ref_self, num_classes)
 
 
-def _pair_loss(fn, embeddings, labels, process_group=None, label_bound=None, **kwargs):
-    """fn(embeddings, labels, **kwargs); over a process group, on the gathered batch with this rank's rows as the
-    anchors (`reference.pair.Anchors`) and the tensors that require grad (replicated parameters) made to receive
-    the gradient of every rank's anchors."""
-    if process_group is None:
-        return fn(embeddings, labels, **kwargs)
-    part = distributed.agree(process_group, embeddings, labels, num_classes=label_bound)
-    x, y = part.gather(embeddings, labels)
-    kwargs = {k: part.replicated(v) if torch.is_tensor(v) and v.requires_grad else v for k, v in kwargs.items()}
-    return fn(x, y, **kwargs, anchors=part.anchors())
+def _pair_loss(fn, embeddings, labels, reference_kwargs, backend="auto", process_group=None, label_bound=None,
+               streamed=None, **kwargs):
+    """fn(embeddings, labels, **reference_kwargs, **kwargs), or `streamed` (the same loss streamed over blocks of
+    the reference) when the backend resolves to "chunked" for the [N, M] similarities. Over a process group, on the
+    gathered batch (and reference) with this rank's rows as the anchors (`reference.pair.Anchors`) and the tensors
+    that require grad (replicated parameters) made to receive the gradient of every rank's anchors."""
+    ref = dict(reference_kwargs)
+    anchors = None
+    if process_group is not None:
+        part = distributed.agree(process_group, embeddings, labels, num_classes=label_bound)
+        embeddings, labels = part.gather(embeddings, labels)
+        if ref:
+            ref_part = distributed.agree(process_group, ref["ref_emb"], ref["ref_labels"], num_classes=label_bound)
+            own = ref["ref_self"]
+            ref["ref_emb"], ref["ref_labels"] = ref_part.gather(ref["ref_emb"], ref["ref_labels"])
+            ref["ref_self"] = None if own is None else ref_part.gather_index(own)
+        kwargs = {k: part.replicated(v) if torch.is_tensor(v) and v.requires_grad else v for k, v in kwargs.items()}
+        anchors = part.anchors()
+    supported = PAIR_BACKENDS if streamed is None else STREAMED_PAIR_BACKENDS
+    rows = embeddings.shape[0] if anchors is None else anchors.stop - anchors.start
+    candidates = (ref["ref_emb"] if ref else embeddings).shape[0]
+    if resolve(backend, embeddings.device, rows * candidates, supported) == "chunked":
+        fn = streamed
+    return fn(embeddings, labels, **ref, **kwargs, anchors=anchors)
 
 
 def proxy_nca_loss(embeddings, labels, proxies, scale=2.0, exclude_positive=True, backend="auto",
@@ -298,45 +353,54 @@ def proxy_repel_loss(embeddings, labels, proxies, alpha=32.0, margin=0.1, varian
                        process_group=process_group, num_local=c)
 
 
-def contrastive_loss(embeddings, labels, pos_margin=1.0, neg_margin=0.5, backend="auto", process_group=None):
+def contrastive_loss(embeddings, labels, pos_margin=1.0, neg_margin=0.5, backend="auto", process_group=None,
+                     ref_emb=None, ref_labels=None, ref_self=None):
     """Contrastive on cosine similarities: mean [m_pos - S]₊ over positive pairs + mean [S - m_neg]₊ over negatives."""
     with distributed.agreement(process_group):
-        labels = _pair_inputs(embeddings, labels, backend)
+        labels, ref = _pair_inputs(embeddings, labels, backend, ref_emb, ref_labels, ref_self,
+                                   supported=STREAMED_PAIR_BACKENDS)
         check_arguments("contrastive_loss", pos_margin=pos_margin, neg_margin=neg_margin)
-    return _pair_loss(reference.contrastive_loss, embeddings, labels, process_group, pos_margin=pos_margin,
-                      neg_margin=neg_margin)
+    return _pair_loss(reference.contrastive_loss, embeddings, labels, ref, backend, process_group,
+                      streamed=streamed_pairs.contrastive_loss, pos_margin=pos_margin, neg_margin=neg_margin)
 
 
 def triplet_margin_loss(embeddings, labels, margin=0.1, distance="cosine", mining="all", backend="auto",
-                        process_group=None):
+                        process_group=None, ref_emb=None, ref_labels=None, ref_self=None):
     """Triplet margin loss with "all", "semi-hard" or "hard" mining; distance "cosine", "euclidean",
     "squared_euclidean" (on x̂)."""
     with distributed.agreement(process_group):
-        labels = _pair_inputs(embeddings, labels, backend)
+        labels, ref = _pair_inputs(embeddings, labels, backend, ref_emb, ref_labels, ref_self)
         check_arguments("triplet_margin_loss", margin=margin, distance=distance, mining=mining)
-    return _pair_loss(reference.triplet_margin_loss, embeddings, labels, process_group, margin=margin,
+    return _pair_loss(reference.triplet_margin_loss, embeddings, labels, ref, backend, process_group, margin=margin,
                       distance=distance, mining=mining)
 
 
-def lifted_structure_loss(embeddings, labels, margin=0.5, backend="auto", process_group=None):
+def lifted_structure_loss(embeddings, labels, margin=0.5, backend="auto", process_group=None, ref_emb=None,
+                          ref_labels=None, ref_self=None):
     """Generalised lifted structure loss (thesis eq. 2.21)."""
     with distributed.agreement(process_group):
-        labels = _pair_inputs(embeddings, labels, backend)
+        labels, ref = _pair_inputs(embeddings, labels, backend, ref_emb, ref_labels, ref_self,
+                                   supported=STREAMED_PAIR_BACKENDS)
         check_arguments("lifted_structure_loss", margin=margin)
-    return _pair_loss(reference.lifted_structure_loss, embeddings, labels, process_group, margin=margin)
+    return _pair_loss(reference.lifted_structure_loss, embeddings, labels, ref, backend, process_group,
+                      streamed=streamed_pairs.lifted_structure_loss, margin=margin)
 
 
-def npairs_loss(embeddings, labels, l2_reg=0.02, backend="auto", process_group=None):
-    """N-pair loss on raw dot products plus l2_reg * mean ‖x‖²."""
+def npairs_loss(embeddings, labels, l2_reg=0.02, backend="auto", process_group=None, ref_emb=None, ref_labels=None,
+                ref_self=None):
+    """N-pair loss on raw dot products plus l2_reg * mean ‖x‖² (over the embeddings, not the reference)."""
     with distributed.agreement(process_group):
-        labels = _pair_inputs(embeddings, labels, backend)
+        labels, ref = _pair_inputs(embeddings, labels, backend, ref_emb, ref_labels, ref_self,
+                                   supported=STREAMED_PAIR_BACKENDS)
         check_arguments("npairs_loss", l2_reg=l2_reg)
-    return _pair_loss(reference.npairs_loss, embeddings, labels, process_group, l2_reg=l2_reg)
+    return _pair_loss(reference.npairs_loss, embeddings, labels, ref, backend, process_group,
+                      streamed=streamed_pairs.npairs_loss, l2_reg=l2_reg)
 
 
-def margin_loss(embeddings, labels, margin=0.2, beta=1.2, generator=None, backend="auto", process_group=None):
+def margin_loss(embeddings, labels, margin=0.2, beta=1.2, generator=None, backend="auto", process_group=None,
+                ref_emb=None, ref_labels=None, ref_self=None):
     """Margin loss with distance-weighted negative sampling; beta a float, a 0-d tensor (one learnable beta) or a
-    per-class Tensor[C]. Sharded, every rank draws the [N, N] uniform matrix of the whole batch and uses its rows:
+    per-class Tensor[C]. Sharded, every rank draws the [N, M] uniform matrix of the whole batch and uses its rows:
     with the generators (or the global RNGs) of all ranks in the same state the draws are those of one process."""
     with distributed.agreement(process_group):
         V.embeddings(embeddings)
@@ -349,29 +413,32 @@ def margin_loss(embeddings, labels, margin=0.2, beta=1.2, generator=None, backen
             num_classes = beta.shape[0] if beta.dim() == 1 else None
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        labels = _pair_inputs(embeddings, labels, backend, num_classes)
-    return _pair_loss(reference.margin_loss, embeddings, labels, process_group, num_classes, margin=margin,
-                      beta=beta, generator=generator)
+        labels, ref = _pair_inputs(embeddings, labels, backend, ref_emb, ref_labels, ref_self, num_classes)
+    return _pair_loss(reference.margin_loss, embeddings, labels, ref, backend, process_group, num_classes,
+                      margin=margin, beta=beta, generator=generator)
 
 
 def multi_similarity_loss(embeddings, labels, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, backend="auto",
-                          process_group=None):
+                          process_group=None, ref_emb=None, ref_labels=None, ref_self=None):
     """Multi-Similarity loss with its pair mining."""
     with distributed.agreement(process_group):
-        labels = _pair_inputs(embeddings, labels, backend)
+        labels, ref = _pair_inputs(embeddings, labels, backend, ref_emb, ref_labels, ref_self,
+                                   supported=STREAMED_PAIR_BACKENDS)
         check_arguments("multi_similarity_loss", alpha=alpha, beta=beta, base=base, epsilon=epsilon)
-    return _pair_loss(reference.multi_similarity_loss, embeddings, labels, process_group, alpha=alpha, beta=beta,
-                      base=base, epsilon=epsilon)
+    return _pair_loss(reference.multi_similarity_loss, embeddings, labels, ref, backend, process_group,
+                      streamed=streamed_pairs.multi_similarity_loss, alpha=alpha, beta=beta, base=base,
+                      epsilon=epsilon)
 
 
 def exponential_triplet_loss(embeddings, labels, num_classes, overlap=1.2, distance="cosine", embedding_scale=1.0,
-                             pos_coef=1.0, neg_coef=1.0, backend="auto", process_group=None):
+                             pos_coef=1.0, neg_coef=1.0, backend="auto", process_group=None, ref_emb=None,
+                             ref_labels=None, ref_self=None):
     """Exponential triplet loss (Urtans et al.), batch-hard; num_classes = number of training classes."""
     with distributed.agreement(process_group):
         check_arguments("exponential_triplet_loss", num_classes=num_classes, overlap=overlap, distance=distance,
                         embedding_scale=embedding_scale, pos_coef=pos_coef, neg_coef=neg_coef)
-        labels = _pair_inputs(embeddings, labels, backend, num_classes)
-    return _pair_loss(reference.exponential_triplet_loss, embeddings, labels, process_group,
+        labels, ref = _pair_inputs(embeddings, labels, backend, ref_emb, ref_labels, ref_self, num_classes)
+    return _pair_loss(reference.exponential_triplet_loss, embeddings, labels, ref, backend, process_group,
                       num_classes=num_classes, overlap=overlap, distance=distance, embedding_scale=embedding_scale,
                       pos_coef=pos_coef, neg_coef=neg_coef)
 
@@ -382,7 +449,7 @@ def center_loss(embeddings, labels, centers, margin=0.0, backend="auto", process
     with distributed.agreement(process_group):
         V.embeddings(embeddings)
         num_classes = V.weights(centers, embeddings.shape[1], embeddings.device, "centers")
-        labels = _pair_inputs(embeddings, labels, backend, num_classes)
+        labels, _ = _pair_inputs(embeddings, labels, backend, None, None, None, num_classes)
         check_arguments("center_loss", margin=margin)
-    return _pair_loss(reference.center_loss, embeddings, labels, process_group, num_classes, centers=centers,
-                      margin=margin)
+    return _pair_loss(reference.center_loss, embeddings, labels, {}, backend, process_group, num_classes,
+                      centers=centers, margin=margin)

@@ -274,7 +274,9 @@ class ProxyRepelLoss(_ProxyLoss):
 
 
 class _PairLoss(nn.Module):
-    """A loss with no weights: stores its keyword arguments and forwards them to `functional.<fn>`."""
+    """A pair loss: stores its keyword arguments and forwards them to `functional.<fn>`.
+    `loss(embeddings, labels, ref_emb=None, ref_labels=None)`: with a reference [M, D] / [M], the embeddings are
+    the anchors and the reference rows the candidates (every pair counts; functional's docstring)."""
     fn = None
 
     def __init__(self, backend="auto", process_group=None, **kwargs):
@@ -283,9 +285,18 @@ class _PairLoss(nn.Module):
         distributed.check_group(process_group)
         self.backend, self.process_group, self.kwargs = backend, process_group, kwargs
 
-    def forward(self, embeddings, labels):
-        return type(self).fn(embeddings, labels, **self.kwargs, backend=self.backend,
-                             process_group=self.process_group)
+    def arguments(self) -> dict:
+        """The functional loss's hyper-parameters."""
+        return self.kwargs
+
+    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+        return self.compute(embeddings, labels, ref_emb=ref_emb, ref_labels=ref_labels)
+
+    def compute(self, embeddings, labels, **reference):
+        """The functional loss with this module's arguments; `reference`: ref_emb, ref_labels and ref_self (as
+        `functional` takes them; CrossBatchMemory passes its slots as ref_self)."""
+        return type(self).fn(embeddings, labels, **self.arguments(), backend=self.backend,
+                             process_group=self.process_group, **reference)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
@@ -338,26 +349,24 @@ class ExponentialTripletLoss(_PairLoss):
             raise ValueError(f"overlap / num_classes must be < 1, got {overlap} / {num_classes}")
 
 
-class MarginLoss(nn.Module):
+class MarginLoss(_PairLoss):
     """Margin loss (Wu et al.); `learn_beta=True` makes beta a parameter, per class when `num_classes` is given.
     With a process group, beta is replicated: every rank's gets the whole gradient (keep the generators, or the
     global RNGs, of the ranks in the same state to draw what one process would)."""
+    fn = F.margin_loss
 
     def __init__(self, margin=0.2, beta=1.2, learn_beta=False, num_classes=None, generator=None, backend="auto",
                  process_group=None):
-        super().__init__()
-        F.check_arguments("margin_loss", margin=margin, beta=beta, backend=backend)
-        distributed.check_group(process_group)
-        self.margin, self.generator, self.backend, self.process_group = margin, generator, backend, process_group
+        super().__init__(backend, process_group, margin=margin, beta=beta)
+        self.margin, self.generator = margin, generator
         if learn_beta:  # per class when num_classes is given, else one global learnable beta (0-d)
             shape = () if num_classes is None else (V.positive_int(num_classes, "num_classes"),)
             self.beta = nn.Parameter(torch.full(shape, float(beta)))
         else:
             self.beta = beta
 
-    def forward(self, embeddings, labels):
-        return F.margin_loss(embeddings, labels, self.margin, self.beta, self.generator, self.backend,
-                             self.process_group)
+    def arguments(self):
+        return {"margin": self.margin, "beta": self.beta, "generator": self.generator}
 
 
 class CenterLoss(nn.Module):

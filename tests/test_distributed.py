@@ -7,6 +7,7 @@ the same value on every rank, each rank's proxies exactly their rows of the sing
 embeddings W x the single-process gradient of its rows (the DDP convention).
 """
 import datetime
+import itertools
 import os
 import socket
 import time
@@ -246,6 +247,44 @@ def _check_pair_losses(rank, world, group):
         assert_close(grads[0], world * truth_grads[0][rows], RTOL, what + ": embeddings' gradient")
         for got, expected in zip(grads[1:], truth_grads[1:]):
             assert_close(got, expected, RTOL, what + ": replicated parameter's gradient")
+
+    # With a reference: each rank passes its rows of it (and ref_self indexes them); the reference's gradient
+    # follows the embeddings' convention. The streamed losses also through backend "chunked".
+    r, ry, _, _ = _batch(world, 4)
+    ry = ry % PAIR_CLASSES
+    own = torch.randint(-1, N_LOCAL, (world * N_LOCAL,), generator=torch.Generator().manual_seed(6))
+    global_own = torch.where(own >= 0, own + torch.arange(world).repeat_interleave(N_LOCAL) * N_LOCAL, own)
+    cases = [(n, k) for n, k in PAIR_CASES if n != "center_loss"]
+    cases += [(n, dict(backend="chunked")) for n in ("contrastive_loss", "lifted_structure_loss", "npairs_loss",
+                                                     "multi_similarity_loss")]
+    for (name, kwargs), with_own in itertools.product(cases, (False, True)):
+        def call(x, y, r, ry, ref_self, **extra):
+            args = dict(kwargs)
+            x, r = x.clone().requires_grad_(), r.clone().requires_grad_()
+            torch.manual_seed(5)
+            if args.get("generator"):
+                args["generator"] = torch.Generator().manual_seed(5)
+            if args.get("beta") == "per class":
+                args["beta"] = torch.full((PAIR_CLASSES,), 1.2, dtype=x.dtype)
+            value = getattr(F, name)(x, y, **args, ref_emb=r, ref_labels=ry,
+                                     ref_self=ref_self if with_own else None, **extra)
+            value.backward()
+            return value.detach(), x.grad, r.grad
+
+        what = f"{name} {kwargs} with a reference{' and ref_self' if with_own else ''}, rank {rank}/{world}"
+        truth = call(x, y, r, ry, global_own)
+        got = call(x[rows], y[rows], r[rows], ry[rows], own[rows], process_group=group)
+        assert_close(got[0], truth[0], RTOL, what + ": value")
+        assert_close(got[1], world * truth[1][rows], RTOL, what + ": embeddings' gradient")
+        assert_close(got[2], world * truth[2][rows], RTOL, what + ": reference's gradient")
+
+    # CrossBatchMemory: a ring of 2 local batches per rank holds the rows that one ring of 2 whole batches holds.
+    single = mlk.CrossBatchMemory(mlk.ContrastiveLoss(), D, memory_size=2 * world * N_LOCAL)
+    sharded = mlk.CrossBatchMemory(mlk.ContrastiveLoss(process_group=group), D, memory_size=2 * N_LOCAL)
+    for step in range(3):
+        x, y, _, _ = _batch(world, 10 + step)
+        y = y % PAIR_CLASSES
+        assert_close(sharded(x[rows], y[rows]), single(x, y), RTOL, f"rank {rank}: CrossBatchMemory, step {step}")
 
     # CenterLoss in training mode: replicated centres move by the whole batch's means, as in one process.
     x = x.float()

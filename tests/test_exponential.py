@@ -13,21 +13,24 @@ F64 = torch.float64
 REL = 1e-6
 
 
-def dist_loop(x, i, j, distance):
+def dist_loop(u, v, distance):
     if distance == "cosine":
-        return 1.0 - float(x[i] @ x[j]) / (float(x[i].norm()) * float(x[j].norm()))
-    d = float((x[i] - x[j]).norm())
+        return 1.0 - float(u @ v) / (float(u.norm()) * float(v.norm()))
+    d = float((u - v).norm())
     return d * d if distance == "squared_euclidean" else d
 
 
-def exp_loop(x, y, num_classes, overlap=1.2, distance="cosine", cs=1.0, cp=1.0, cn=1.0):
+def exp_loop(x, y, num_classes, overlap=1.2, distance="cosine", cs=1.0, cp=1.0, cn=1.0, ref=None):
+    """ref: None (the batch against itself, pairs (a, a) left out) or (r, ry, own): candidates r with labels ry, and
+    own[a] the row of r left out of a's positives (< 0: none)."""
     d_max = {"cosine": 2.0, "euclidean": 2.0 * cs, "squared_euclidean": (2.0 * cs) ** 2}[distance]
     c_pos = overlap / num_classes
-    y = y.tolist()
+    r, ry, own = (x, y, torch.arange(len(y))) if ref is None else ref
+    y, ry, own = y.tolist(), ry.tolist(), own.tolist()
     hp, hn = [], []
     for a in range(len(y)):
-        dp = [dist_loop(x, a, j, distance) for j in range(len(y)) if j != a and y[j] == y[a]]
-        dn = [dist_loop(x, a, k, distance) for k in range(len(y)) if y[k] != y[a]]
+        dp = [dist_loop(x[a], r[j], distance) for j in range(len(ry)) if j != own[a] and ry[j] == y[a]]
+        dn = [dist_loop(x[a], r[k], distance) for k in range(len(ry)) if ry[k] != y[a]]
         if dp:
             hp.append(max(max(dp) / d_max - c_pos, 0.0))
         if dn:
@@ -56,6 +59,28 @@ def test_exponential_matches_loop(distance, seed):
     got = ex.exponential_triplet_loss(x, y, 12, distance=distance, embedding_scale=cs, pos_coef=0.7, neg_coef=1.3)
     assert got.item() > 0
     assert_rel(got.item(), exp_loop(x, y, 12, 1.2, distance, cs, 0.7, 1.3))
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+@pytest.mark.parametrize("own", [False, True])
+def test_exponential_with_reference_matches_loop(distance, own):
+    """Anchors against a reference (every pair counts, or each anchor's own row left out), value and gradients
+    (both tensors) through the public function."""
+    x, y = make_batch(n=23, d=12, c=5, seed=8)
+    r, ry = make_batch(n=31, d=12, c=5, seed=9)
+    cs = 1.0 if distance == "cosine" else 2.5
+    if distance != "cosine":
+        x, r = unit_range(x * 0.4, cs), unit_range(r * 0.4, cs)
+    ref_self = torch.randint(-1, 31, (23,), generator=torch.Generator().manual_seed(0)) if own else None
+    x, r = x.requires_grad_(), r.requires_grad_()
+    got = F.exponential_triplet_loss(x, y, 12, distance=distance, embedding_scale=cs, ref_emb=r, ref_labels=ry,
+                                     ref_self=ref_self)
+    loop_own = ref_self if own else torch.full((23,), -1)
+    assert got.item() > 0
+    assert_rel(got.item(), exp_loop(x.detach(), y, 12, 1.2, distance, cs, ref=(r.detach(), ry, loop_own)))
+    assert torch.autograd.gradcheck(
+        lambda a, b: ex.exponential_triplet_loss(a, y, 12, distance=distance, embedding_scale=cs, ref_emb=b,
+                                                 ref_labels=ry, ref_self=ref_self), (x, r))
 
 
 def test_exponential_both_terms_active():

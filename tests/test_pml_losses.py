@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 from pytorch_metric_learning import distances, miners, reducers, regularizers  # noqa: E402
 
+import metricloss_kernels as mlk  # noqa: E402
 from metricloss_kernels import functional as F  # noqa: E402
 from metricloss_kernels import pml  # noqa: E402
 from utils import TOL, assert_close, largest_allocation  # noqa: E402  (tests/ is on sys.path)
@@ -321,3 +322,76 @@ else:
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+# ----------------------------------------------------------- pair losses: a reference set and the cross-batch memory
+# id -> (PML's loss (fresh distance and reducer objects), PML's miner or None, ours: the same loss)
+PAIR_CASES = {
+    "contrastive": (lambda: pml_losses.ContrastiveLoss(pos_margin=0.8, neg_margin=0.1,
+                                                       distance=distances.CosineSimilarity(),
+                                                       reducer=reducers.MeanReducer()),
+                    None, lambda: mlk.ContrastiveLoss(0.8, 0.1)),
+    "triplet_cosine": (lambda: pml_losses.TripletMarginLoss(margin=0.2, distance=distances.CosineSimilarity(),
+                                                            reducer=reducers.MeanReducer(),
+                                                            triplets_per_anchor="all"),
+                       None, lambda: mlk.TripletMarginLoss(0.2, "cosine", "all")),
+    "triplet_euclidean": (lambda: pml_losses.TripletMarginLoss(margin=0.2, reducer=reducers.MeanReducer(),
+                                                               triplets_per_anchor="all"),
+                          None, lambda: mlk.TripletMarginLoss(0.2, "euclidean", "all")),
+    "lifted_structure": (lambda: pml_losses.GeneralizedLiftedStructureLoss(neg_margin=0.0, pos_margin=1.5,
+                                                                          distance=distances.CosineSimilarity()),
+                         None, lambda: mlk.LiftedStructureLoss(1.5)),
+    "multi_similarity": (lambda: pml_losses.MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5),
+                         lambda: miners.MultiSimilarityMiner(epsilon=0.1),
+                         lambda: mlk.MultiSimilarityLoss(2.0, 50.0, 0.5, 0.1)),
+}
+PAIR_N, PAIR_M, PAIR_MEMORY = 23, 31, 50
+
+
+def _pair_batch(n, seed):
+    """Embeddings [n, D] and labels of 5 classes with at least 4 samples each (every anchor has positives and
+    negatives: PML's lifted structure and multi-similarity count anchors without them differently)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, D, generator=g, dtype=torch.float64), (torch.arange(n) % 5)[torch.randperm(n, generator=g)]
+
+
+@pytest.mark.parametrize("case", sorted(PAIR_CASES))
+def test_pair_losses_with_ref_emb_match_pml(case):
+    """loss(embeddings, labels, ref_emb=..., ref_labels=...): PML's value and gradients (embeddings and
+    reference); PML's multi-similarity with the miner that the mining of ours stands for."""
+    make_theirs, make_miner, make_ours = PAIR_CASES[case]
+    x, y = _pair_batch(PAIR_N, 40)
+    r, ry = _pair_batch(PAIR_M, 41)
+
+    def run(loss, mined):
+        xx, rr = x.clone().requires_grad_(), r.clone().requires_grad_()
+        kwargs = {"indices_tuple": make_miner()(xx, y, rr, ry)} if mined else {}
+        value = loss(xx, y, ref_emb=rr, ref_labels=ry, **kwargs)
+        return (value, *torch.autograd.grad(value, (xx, rr)))
+
+    expected, actual = run(make_theirs(), make_miner is not None), run(make_ours(), False)
+    for what, a, e in zip(("loss", "grad embeddings", "grad ref_emb"), actual, expected):
+        assert e.abs().max() > 0, what
+        assert_close(a, e, TOL[torch.float64], f"{case} {what}")
+
+
+@pytest.mark.parametrize("case", sorted(PAIR_CASES))
+def test_cross_batch_memory_matches_pml(case):
+    """mlk.CrossBatchMemory (also metricloss_kernels.pml.CrossBatchMemory) against PML's CrossBatchMemory wrapping
+    PML's loss: values and gradients over five steps of 23 rows through a memory of 50 (wrapping around inside a
+    batch), and the same ring."""
+    make_theirs, make_miner, make_ours = PAIR_CASES[case]
+    theirs = pml_losses.CrossBatchMemory(make_theirs(), D, memory_size=PAIR_MEMORY,
+                                         miner=make_miner() if make_miner else None)
+    ours = pml.CrossBatchMemory(make_ours(), D, memory_size=PAIR_MEMORY)
+    assert pml.CrossBatchMemory is mlk.CrossBatchMemory
+    for step in range(5):
+        x, y = _pair_batch(PAIR_N, 50 + step)
+        xe, xa = x.clone().requires_grad_(), x.clone().requires_grad_()
+        expected, actual = theirs(xe, y), ours(xa, y)
+        (expected_grad,), (actual_grad,) = torch.autograd.grad(expected, xe), torch.autograd.grad(actual, xa)
+        assert_close(actual, expected, TOL[torch.float64], f"{case} step {step}: loss")
+        assert_close(actual_grad, expected_grad, TOL[torch.float64], f"{case} step {step}: grad")
+        assert ours.queue_idx == theirs.queue_idx and ours.has_been_filled == theirs.has_been_filled
+        assert torch.equal(ours.embedding_memory, theirs.embedding_memory)
+        assert torch.equal(ours.label_memory, theirs.label_memory)

@@ -1,12 +1,13 @@
-"""Pair-family references (metricloss_kernels/reference/pair.py) against explicit loops written from docs/formulas.md."""
+"""Pair-family references (metricloss_kernels/reference/pair.py) against explicit loops written from docs/formulas.md,
+with and without a reference set; the streamed backend (metricloss_kernels/streamed_pairs.py) against the reference."""
 import itertools
 import math
 
 import pytest
 import torch
-from utils import make_batch  # noqa: E402  (tests/ is on sys.path)
+from utils import TOL, assert_close, largest_allocation, make_batch  # noqa: E402  (tests/ is on sys.path)
 
-from metricloss_kernels import functional
+from metricloss_kernels import functional, streamed_pairs
 from metricloss_kernels.reference import pair
 
 F64 = torch.float64
@@ -17,15 +18,25 @@ def unit(v):
     return v / max(float(v.norm()), 1e-12)
 
 
-def sims(x):
-    """Python list-of-lists of cosine similarities, pair by pair."""
-    xs = [unit(v) for v in x]
-    return [[float(xs[i] @ xs[j]) for j in range(len(xs))] for i in range(len(xs))], xs
+def candidates(x, y, ref=None):
+    """(r, ry, own) as lists: the candidates of the anchors x, y and each anchor's own row among them: the batch
+    itself (own row i) without a reference, else ref = (r, ry) (no own row) or (r, ry, own) (own[i] < 0: none)."""
+    if ref is None:
+        return list(x), y.tolist(), list(range(len(y)))
+    r, ry, *own = ref
+    return list(r), ry.tolist(), own[0].tolist() if own else [-1] * len(y)
 
 
-def pos_neg(y, i):
-    n = len(y)
-    return ([j for j in range(n) if j != i and y[j] == y[i]], [k for k in range(n) if y[k] != y[i]])
+def sims(x, r):
+    """Python list-of-lists of cosine similarities of x's rows with r's, pair by pair, and the unit vectors."""
+    xs, rs = [unit(v) for v in x], [unit(v) for v in r]
+    return [[float(a @ b) for b in rs] for a in xs], xs, rs
+
+
+def pos_neg(y, i, ry, own):
+    """Anchor i's positives (same label, not its own row) and negatives among the candidates."""
+    m = len(ry)
+    return ([j for j in range(m) if j != own[i] and ry[j] == y[i]], [k for k in range(m) if ry[k] != y[i]])
 
 
 def lse(vals):
@@ -54,29 +65,35 @@ def assert_zero_with_graph(fn, x, y, **kw):
 
 
 # ---------------------------------------------------------------- loop references, written from the formulas
-def contrastive_loop(x, y, mp=1.0, mn=0.5):
-    s, _ = sims(x)
+# Each takes the batch (x, y) and `ref` (see `candidates`): the anchors are x's rows, the candidates ref's.
+def contrastive_loop(x, y, mp=1.0, mn=0.5, ref=None):
+    r, ry, own = candidates(x, y, ref)
+    s, _, _ = sims(x, r)
     y = y.tolist()
-    pos = [relu(mp - s[i][j]) for i in range(len(y)) for j in range(len(y)) if i != j and y[i] == y[j]]
-    neg = [relu(s[i][j] - mn) for i in range(len(y)) for j in range(len(y)) if y[i] != y[j]]
+    pos, neg = [], []
+    for i in range(len(y)):
+        P, N = pos_neg(y, i, ry, own)
+        pos += [relu(mp - s[i][j]) for j in P]
+        neg += [relu(s[i][k] - mn) for k in N]
     return (sum(pos) / len(pos) if pos else 0.0) + (sum(neg) / len(neg) if neg else 0.0)
 
 
-def triplet_loop(x, y, margin, distance, mining):
-    s, xs = sims(x)
+def triplet_loop(x, y, margin, distance, mining, ref=None):
+    r, ry, own = candidates(x, y, ref)
+    s, xs, rs = sims(x, r)
     y = y.tolist()
 
     def tl(a, p, n):
         if distance == "cosine":
             return relu(s[a][n] - s[a][p] + margin)
-        dap, dan = float((xs[a] - xs[p]).norm()), float((xs[a] - xs[n]).norm())
+        dap, dan = float((xs[a] - rs[p]).norm()), float((xs[a] - rs[n]).norm())
         if distance == "squared_euclidean":
             dap, dan = dap ** 2, dan ** 2
         return relu(dap - dan + margin)
 
     losses = []
     for a in range(len(y)):
-        P, N = pos_neg(y, a)
+        P, N = pos_neg(y, a, ry, own)
         if mining == "all":
             losses += [tl(a, p, n) for p in P for n in N]
         elif mining == "semi-hard":
@@ -89,35 +106,38 @@ def triplet_loop(x, y, margin, distance, mining):
     return sum(losses) / len(losses)
 
 
-def lifted_loop(x, y, lam=0.5):
-    s, _ = sims(x)
+def lifted_loop(x, y, lam=0.5, ref=None):
+    r, ry, own = candidates(x, y, ref)
+    s, _, _ = sims(x, r)
     y = y.tolist()
     terms = []
     for i in range(len(y)):
-        P, N = pos_neg(y, i)
+        P, N = pos_neg(y, i, ry, own)
         if P and N:
             terms.append(relu(lse([lam - s[i][k] for k in P]) + lse([s[i][k] for k in N])))
     return sum(terms) / len(terms)
 
 
-def npairs_loop(x, y, l2=0.02):
+def npairs_loop(x, y, l2=0.02, ref=None):
+    r, ry, own = candidates(x, y, ref)
     y = y.tolist()
-    S = [[float(x[i] @ x[j]) for j in range(len(y))] for i in range(len(y))]
+    S = [[float(a @ b) for b in r] for a in x]
     terms = []
     for i in range(len(y)):
-        P, N = pos_neg(y, i)
+        P, N = pos_neg(y, i, ry, own)
         if P and N:
             terms.append(softplus(lse([S[i][k] - S[i][j] for j in P for k in N])))
     reg = l2 * sum(float(v @ v) for v in x) / len(y)
     return (sum(terms) / len(terms) if terms else 0.0) + reg
 
 
-def ms_loop(x, y, alpha=2.0, beta=50.0, lam=0.5, eps=0.1):
-    s, _ = sims(x)
+def ms_loop(x, y, alpha=2.0, beta=50.0, lam=0.5, eps=0.1, ref=None):
+    r, ry, own = candidates(x, y, ref)
+    s, _, _ = sims(x, r)
     y = y.tolist()
     total = 0.0
     for i in range(len(y)):
-        P, N = pos_neg(y, i)
+        P, N = pos_neg(y, i, ry, own)
         pos = [s[i][j] for j in P if s[i][j] < 1 - 1e-5]
         neg = [s[i][k] for k in N]
         if not pos or not neg:
@@ -131,20 +151,20 @@ def ms_loop(x, y, alpha=2.0, beta=50.0, lam=0.5, eps=0.1):
     return total / len(y)
 
 
-def dw_probs_loop(x, y, a, cutoff=0.5, nz=1.4):
-    """Distance-weighted sampling distribution of anchor a over the batch (list), from Wu et al. Section 4."""
-    _, xs = sims(x)
+def dw_probs_loop(x, y, a, cutoff=0.5, nz=1.4, ref=None):
+    """Distance-weighted sampling distribution of anchor a over the candidates (list), from Wu et al. Section 4."""
+    r, ry, _ = candidates(x, y, ref)
     dim = x.shape[1]
-    y = y.tolist()
-    w = [0.0] * len(y)
+    ya = int(y[a])
+    w = [0.0] * len(ry)
     logs = {}
-    for n in range(len(y)):
-        d = float((xs[a] - xs[n]).norm())
-        if y[n] != y[a] and d < nz:
+    for n in range(len(ry)):
+        d = float((unit(x[a]) - unit(r[n])).norm())
+        if ry[n] != ya and d < nz:
             dc = max(d, cutoff)
             logs[n] = (2 - dim) * math.log(dc) - (dim - 3) / 2 * math.log(1 - dc * dc / 4)
     if not logs:  # fallback: uniform over the anchor's negatives
-        logs = {n: 0.0 for n in range(len(y)) if y[n] != y[a]}
+        logs = {n: 0.0 for n in range(len(ry)) if ry[n] != ya}
     if logs:
         m = max(logs.values())
         z = sum(math.exp(v - m) for v in logs.values())
@@ -153,19 +173,19 @@ def dw_probs_loop(x, y, a, cutoff=0.5, nz=1.4):
     return w
 
 
-def margin_loop(x, y, alpha, beta, seed):
+def margin_loop(x, y, alpha, beta, seed, ref=None):
     """Margin loss with the negatives drawn from loop-computed probabilities by inverse CDF: ordered positive pair
     (a, p) takes the first negative whose cumulative probability exceeds u[a, p] times the anchor's total, with
-    u = torch.rand(N, N) from a generator seeded with `seed` (the draw the reference makes)."""
-    _, xs = sims(x)
+    u = torch.rand(N, M) from a generator seeded with `seed` (the draw the reference makes)."""
+    r, ry, own = candidates(x, y, ref)
     yl = y.tolist()
     b = (lambda a: float(beta[yl[a]])) if torch.is_tensor(beta) else (lambda a: beta)
-    u = torch.rand(len(yl), len(yl), generator=torch.Generator().manual_seed(seed), dtype=F64).tolist()
-    dist = lambda i, j: float((xs[i] - xs[j]).norm())  # noqa: E731
+    u = torch.rand(len(yl), len(ry), generator=torch.Generator().manual_seed(seed), dtype=F64).tolist()
+    dist = lambda i, j: float((unit(x[i]) - unit(r[j])).norm())  # noqa: E731
     losses = []
     for a in range(len(yl)):
-        probs = dw_probs_loop(x, y, a)
-        for p in pos_neg(yl, a)[0]:
+        probs = dw_probs_loop(x, y, a, ref=ref)
+        for p in pos_neg(yl, a, ry, own)[0]:
             losses.append(relu(alpha + dist(a, p) - b(a)))
             if sum(probs) > 0:
                 cdf = list(itertools.accumulate(probs))
@@ -241,11 +261,12 @@ def clustered_batch(n=37, d=6, c=5, noise=0.6, seed=0):
 
 def ms_mined_counts(x, y, eps=0.1):
     """(negatives dropped, positives dropped) by the MS mining over the whole batch, by loops."""
-    s, _ = sims(x)
+    s, _, _ = sims(x, x)
+    own = list(range(len(y)))
     y = y.tolist()
     dropped_neg = dropped_pos = 0
     for i in range(len(y)):
-        P, N = pos_neg(y, i)
+        P, N = pos_neg(y, i, y, own)
         pos = [s[i][j] for j in P if s[i][j] < 1 - 1e-5]
         neg = [s[i][k] for k in N]
         if pos and neg:
@@ -289,8 +310,8 @@ def test_multi_similarity_drops_near_duplicate_positives():
 def test_distance_weighted_probabilities_match_loop(d):
     x, y = make_batch(n=25, d=d, c=5, seed=d)
     xn = torch.nn.functional.normalize(x, dim=1)
-    dist = pair._safe_sqrt(pair._sq_dist(xn))
-    _, neg = pair._masks(y)
+    dist = pair._safe_sqrt(pair._sq_dist(xn, xn))
+    neg = y[:, None] != y[None, :]
     probs = pair._distance_weighted_probs(dist, neg, x.shape[1], 0.5, 1.4)
     expected = torch.tensor([dw_probs_loop(x, y, a) for a in range(len(y))], dtype=F64)
     torch.testing.assert_close(probs, expected, rtol=1e-9, atol=1e-12)
@@ -301,8 +322,9 @@ def test_distance_weighted_fallback_is_uniform_over_negatives():
     """Every negative at distance >= 1.4: sampling falls back to uniform over the anchor's negatives."""
     x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [-1.0, 0.0], [-1.0, 0.05]], dtype=F64)
     y = torch.tensor([0, 0, 1, 1])
-    dist = pair._safe_sqrt(pair._sq_dist(torch.nn.functional.normalize(x, dim=1)))
-    probs = pair._distance_weighted_probs(dist, pair._masks(y)[1], 2, 0.5, 1.4)
+    xn = torch.nn.functional.normalize(x, dim=1)
+    dist = pair._safe_sqrt(pair._sq_dist(xn, xn))
+    probs = pair._distance_weighted_probs(dist, y[:, None] != y[None, :], 2, 0.5, 1.4)
     expected = torch.tensor([[0, 0, .5, .5], [0, 0, .5, .5], [.5, .5, 0, 0], [.5, .5, 0, 0]], dtype=F64)
     torch.testing.assert_close(probs, expected)
 
@@ -477,3 +499,176 @@ def test_dead_rows_get_zero_gradient_not_inf(name, dtype):
     (grad,) = torch.autograd.grad(loss, x)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert (grad[[2, 5]] == 0).all() and grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ with a reference (ref_emb, ref_labels, ref_self)
+def _with_generator(fn, seed=3):
+    return lambda *args, **kwargs: fn(*args, **kwargs, generator=torch.Generator().manual_seed(seed))
+
+
+# name -> (the public function with its hyper-parameters, the loop with the same ones, scale of the inputs)
+REFERENCED = {
+    "contrastive": (lambda x, y, **r: functional.contrastive_loss(x, y, 0.8, 0.1, **r),
+                    lambda x, y, ref: contrastive_loop(x, y, 0.8, 0.1, ref=ref), 1.0),
+    "triplet_all_cosine": (lambda x, y, **r: functional.triplet_margin_loss(x, y, 0.1, "cosine", "all", **r),
+                           lambda x, y, ref: triplet_loop(x, y, 0.1, "cosine", "all", ref=ref), 1.0),
+    "triplet_semi-hard_euclidean": (
+        lambda x, y, **r: functional.triplet_margin_loss(x, y, 0.3, "euclidean", "semi-hard", **r),
+        lambda x, y, ref: triplet_loop(x, y, 0.3, "euclidean", "semi-hard", ref=ref), 1.0),
+    "triplet_hard_squared": (
+        lambda x, y, **r: functional.triplet_margin_loss(x, y, 0.3, "squared_euclidean", "hard", **r),
+        lambda x, y, ref: triplet_loop(x, y, 0.3, "squared_euclidean", "hard", ref=ref), 1.0),
+    "lifted": (lambda x, y, **r: functional.lifted_structure_loss(x, y, 1.5, **r),
+               lambda x, y, ref: lifted_loop(x, y, 1.5, ref=ref), 1.0),
+    "npairs": (lambda x, y, **r: functional.npairs_loss(x, y, 0.5, **r),
+               lambda x, y, ref: npairs_loop(x, y, 0.5, ref=ref), 0.3),
+    "multi_similarity": (lambda x, y, **r: functional.multi_similarity_loss(x, y, 1.0, 10.0, 0.3, 0.3, **r),
+                         lambda x, y, ref: ms_loop(x, y, 1.0, 10.0, 0.3, 0.3, ref=ref), 1.0),
+    "margin": (_with_generator(lambda x, y, **r: functional.margin_loss(x, y, 0.2, 0.9, **r)),
+               lambda x, y, ref: margin_loop(x, y, 0.2, 0.9, seed=3, ref=ref), 1.0),
+}
+STREAMED = ("contrastive", "lifted", "npairs", "multi_similarity")
+
+
+def referenced_batch(n=23, m=29, d=6, c=5, seed=20):
+    """A clustered batch and reference of the same classes, and ref_self: some anchors' own rows (-1: none)."""
+    x, y = clustered_batch(n + m, d, c, seed=seed)
+    own = torch.randint(-1, m, (n,), generator=torch.Generator().manual_seed(seed))
+    return x[:n], y[:n], x[n:], y[n:], own
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["every_pair", "ref_self"])
+@pytest.mark.parametrize("name", sorted(REFERENCED))
+def test_with_reference_matches_loop(name, own, monkeypatch):
+    """Anchors against a reference: every (i, j) pair counts, or each anchor's ref_self row is left out of its
+    positives; the streamed losses also in blocks of 7 candidates (the last one partial)."""
+    fn, loop, scale = REFERENCED[name]
+    x, y, r, ry, ref_self = referenced_batch()
+    x, r = x * scale, r * scale
+    ref = (r, ry, ref_self) if own else (r, ry)
+    expected = loop(x, y, ref)
+    assert expected > 0
+    kwargs = dict(ref_emb=r, ref_labels=ry, ref_self=ref_self if own else None)
+    assert_rel(fn(x, y, **kwargs).item(), expected)
+    if name in STREAMED:
+        monkeypatch.setattr(streamed_pairs, "BLOCK_ELEMS", 23 * 7)
+        assert_rel(fn(x, y, **kwargs, backend="chunked").item(), expected)
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCED))
+def test_batch_as_its_own_reference_with_ref_self_is_no_reference(name):
+    """ref_emb = the batch and ref_self = arange(N) leave out the same pairs as no reference."""
+    fn, _, scale = REFERENCED[name]
+    x, y = make_batch(n=17, d=6, c=4, seed=21)
+    x = x * scale
+    assert_rel(fn(x, y, ref_emb=x, ref_labels=y, ref_self=torch.arange(17)).item(), fn(x, y).item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCED))
+def test_with_reference_gradcheck(name):
+    """Gradients of both the embeddings and the reference (float64 finite differences)."""
+    fn, _, scale = REFERENCED[name]
+    x, y, r, ry, ref_self = referenced_batch(n=7, m=9, d=5, c=3, seed=22)
+    x, r = (x * scale).requires_grad_(), (r * scale).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: fn(a, y, ref_emb=b, ref_labels=ry, ref_self=ref_self), (x, r))
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCED))
+def test_nan_in_the_reference_gives_nan_loss_and_gradients(name):
+    """The NaN rule covers the reference: one NaN entry makes the loss NaN and every gradient through it (entries
+    the loss does not use keep a 0), on every backend."""
+    fn, _, scale = REFERENCED[name]
+    x, y, r, ry, _ = referenced_batch()
+    r[4, 1] = math.nan
+    for backend in ("reference", "chunked") if name in STREAMED else ("reference",):
+        x_, r_ = (x * scale).requires_grad_(), (r * scale).requires_grad_()
+        loss = fn(x_, y, ref_emb=r_, ref_labels=ry, backend=backend)
+        assert torch.isnan(loss), backend
+        for grad in torch.autograd.grad(loss, (x_, r_)):
+            assert torch.isnan(grad).any() and not (torch.isfinite(grad) & (grad != 0)).any(), backend
+
+
+def test_reference_arguments_are_checked():
+    x, y = make_batch(n=8, d=5, c=2)
+    r, ry = make_batch(n=6, d=5, c=2, seed=1)
+    bad = [
+        (dict(ref_emb=r), ValueError, "ref_labels is None"),
+        (dict(ref_labels=ry), ValueError, "ref_emb is None"),
+        (dict(ref_self=torch.arange(8)), ValueError, "ref_self"),
+        (dict(ref_emb=r[:, :4], ref_labels=ry), ValueError, "ref_emb must have the embeddings' width 5"),
+        (dict(ref_emb=r.long(), ref_labels=ry), TypeError, "ref_emb must be a floating-point"),
+        (dict(ref_emb=r, ref_labels=ry[:5]), ValueError, r"ref_labels must have shape \[6\]"),
+        (dict(ref_emb=r, ref_labels=ry, ref_self=torch.zeros(7, dtype=torch.long)), ValueError, r"shape \[8\]"),
+        (dict(ref_emb=r, ref_labels=ry, ref_self=torch.zeros(8)), TypeError, "ref_self must be an integer"),
+        (dict(ref_emb=r, ref_labels=ry, ref_self=torch.full((8,), 6)), ValueError, "ref_self must index rows"),
+    ]
+    for kwargs, error, match in bad:
+        for fn in (functional.contrastive_loss, functional.npairs_loss):
+            with pytest.raises(error, match=match):
+                fn(x, y, **kwargs)
+    with pytest.raises(ValueError, match=r"ref_labels must be in \[0, num_classes = 3\)"):
+        functional.exponential_triplet_loss(x, y, 3, ref_emb=r, ref_labels=ry + 1)
+
+
+# ------------------------------------------------------------------ streamed over blocks of the reference
+def _value_and_grads(fn, x, y, r, ry, **kwargs):
+    x, r = x.clone().requires_grad_(), r.clone().requires_grad_()
+    loss = fn(x, y, ref_emb=r, ref_labels=ry, **kwargs)
+    return (loss, *torch.autograd.grad(loss, (x, r)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("own", [False, True], ids=["every_pair", "ref_self"])
+@pytest.mark.parametrize("name", STREAMED)
+def test_streamed_matches_reference(name, own, dtype, monkeypatch):
+    """backend="chunked" (blocks of 11 candidates) gives the reference's value and gradients, at N=37, M=53,
+    D=40, and without a reference (the batch against itself)."""
+    fn = REFERENCED[name][0]
+    x, y = clustered_batch(37 + 53, 40, 6, noise=2.0, seed=23)
+    x = x.to(dtype)
+    ref_self = torch.randint(-1, 53, (37,), generator=torch.Generator().manual_seed(0)) if own else None
+    args = (x[:37], y[:37], x[37:], y[37:])
+    expected = _value_and_grads(fn, *args, ref_self=ref_self, backend="reference")
+    monkeypatch.setattr(streamed_pairs, "BLOCK_ELEMS", 37 * 11)
+    actual = _value_and_grads(fn, *args, ref_self=ref_self, backend="chunked")
+    for what, a, e in zip(("loss", "grad embeddings", "grad ref_emb"), actual, expected):
+        assert e.abs().max() > 0
+        assert_close(a, e, TOL[dtype], f"{name} {what}")
+    batch = x[:37].clone().requires_grad_()
+    monkeypatch.setattr(streamed_pairs, "BLOCK_ELEMS", 37 * 10)
+    assert_close(fn(batch, y[:37], backend="chunked"), fn(batch, y[:37], backend="reference"), TOL[dtype])
+
+
+@pytest.mark.parametrize("name", STREAMED)
+def test_streamed_compiles_into_one_graph(name, monkeypatch):
+    """torch.compile(fullgraph=True) traces the blocks (3 here) and the recomputing backward: eager's value and
+    gradients."""
+    fn = REFERENCED[name][0]
+    monkeypatch.setattr(streamed_pairs, "BLOCK_ELEMS", 23 * 12)
+    x, y, r, ry, ref_self = referenced_batch()
+    eager = _value_and_grads(fn, x, y, r, ry, ref_self=ref_self, backend="chunked")
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for what, a, e in zip(("loss", "grad embeddings", "grad ref_emb"),
+                          _value_and_grads(compiled, x, y, r, ry, ref_self=ref_self, backend="chunked"), eager):
+        assert_close(a, e, TOL[torch.float64], f"{name} {what}")
+
+
+@pytest.mark.parametrize("name,n,m,backend", [(name, 512, 20_000, "chunked") for name in STREAMED]
+                         + [(name, 256, 100_000, "auto") for name in ("contrastive", "multi_similarity")])
+def test_streamed_holds_no_n_by_m_tensor(name, n, m, backend):
+    """Forward and backward against a reference of M rows allocate nothing larger than the [M, D] inputs: no
+    [N, M] similarity (at N=256, M=1e5, D=64 backend "auto" streams); at N=512, M=2e4 a [N, M] bool mask would
+    exceed that bound too."""
+    d = 64
+    g = torch.Generator().manual_seed(24)
+    x, r = torch.randn(n, d, generator=g), torch.randn(m, d, generator=g)
+    y, ry = torch.randint(0, 100, (n,), generator=g), torch.randint(0, 100, (m,), generator=g)
+    fn = REFERENCED[name][0]
+
+    def step():
+        xx, rr = x.clone().requires_grad_(), r.clone().requires_grad_()
+        fn(xx, y, ref_emb=rr, ref_labels=ry, backend=backend).backward()
+
+    largest = largest_allocation(step)
+    assert largest <= m * d * 4, largest

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .._numerics import compute_dtype, normalize, upcast
 from .._validation import require
-from .pair import _masked_mean, _masks, _rows, _total, _zero
+from .pair import _masked_mean, _rows, _sides, _total, _zero
 
 _DISTANCES = ("cosine", "euclidean", "squared_euclidean")
 _EPS = 1e-20
@@ -18,15 +18,16 @@ _EPS = 1e-20
 _BALL_TOLERANCE = 1e-2
 
 
-def _distances(embeddings, distance, embedding_scale, anchors=None):
-    """Distance matrix [A, N] of the anchors to the batch and its maximum D_max.
+def _distances(x, r, distance, embedding_scale):
+    """Distance matrix [A, M] of the anchors x to the candidates r and its maximum D_max.
     cosine: 1 - x̂_i·x̂_j = ||x̂_i - x̂_j||² / 2 (D_max = 2); euclidean: ||x_i - x_j|| on the embeddings as given
     (D_max = 2 c_s); squared_euclidean: ||x_i - x_j||² (D_max = (2 c_s)²).
     All from the differences x_i - x_j (cdist without its matmul expansion), never from |a|² + |b|² - 2 a·b: the
     distance of duplicated rows is exactly 0 (not a rounding error of either sign, which the log of the loss
     turns into a NaN or a value that depends on the dtype), and its gradient is 0."""
-    x = normalize(embeddings, dim=1) if distance == "cosine" else embeddings
-    d = torch.cdist(x[_rows(anchors)], x, compute_mode="donot_use_mm_for_euclid_dist")
+    if distance == "cosine":
+        x, r = normalize(x, dim=1), normalize(r, dim=1)
+    d = torch.cdist(x, r, compute_mode="donot_use_mm_for_euclid_dist")
     if distance == "cosine":
         return d.square() / 2, 2.0
     if distance == "squared_euclidean":
@@ -36,7 +37,8 @@ def _distances(embeddings, distance, embedding_scale, anchors=None):
 
 @upcast
 def exponential_triplet_loss(embeddings, labels, num_classes, overlap=1.2, distance="cosine",
-                             embedding_scale=1.0, pos_coef=1.0, neg_coef=1.0, anchors=None):
+                             embedding_scale=1.0, pos_coef=1.0, neg_coef=1.0, ref_emb=None, ref_labels=None,
+                             ref_self=None, anchors=None):
     """Exponential triplet loss (Urtans et al., following the authors' code), batch-hard.
 
     Per anchor a: ``d_ap`` = distance to its farthest positive (j != a, same label), ``d_an`` = distance to its
@@ -52,7 +54,8 @@ def exponential_triplet_loss(embeddings, labels, num_classes, overlap=1.2, dista
     ``unit_range``/``unit_bounce`` or an L2 normalisation scaled by ``embedding_scale``); cosine normalises.
 
     Args: embeddings [N, D]; labels [N] int64; num_classes: the number of training classes K_train;
-    distance in {"cosine", "euclidean", "squared_euclidean"}; anchors: `Anchors` or None. Returns a scalar.
+    distance in {"cosine", "euclidean", "squared_euclidean"}; ref_emb [M, D], ref_labels [M], ref_self [N] or None
+    (candidates, as for the pair losses: reference/pair.py); anchors: `Anchors` or None. Returns a scalar.
     Raises ValueError when ``overlap / num_classes >= 1`` (c_pos must be below 1), and when a Euclidean distance
     leaves the ball (checked by ``_validation.require``: a ValueError on eager CPU tensors, an asynchronous
     RuntimeError on other devices and under torch.compile).
@@ -63,8 +66,8 @@ def exponential_triplet_loss(embeddings, labels, num_classes, overlap=1.2, dista
     if c_pos >= 1.0:
         raise ValueError(f"overlap / num_classes must be < 1 (c_pos = overlap / K_train), got overlap={overlap}, "
                          f"num_classes={num_classes}: c_pos = {c_pos}")
-    pos, neg = _masks(labels, anchors)
-    d, d_max = _distances(embeddings, distance, embedding_scale, anchors)
+    x, r, pos, neg = _sides(embeddings, labels, ref_emb, ref_labels, ref_self, anchors)
+    d, d_max = _distances(x, r, distance, embedding_scale)
     if distance != "cosine":  # written as "not above" so that NaN distances pass (the NaN rule is not this check's)
         largest = d.max() if anchors is None else anchors.max(d.max())
         require(~(largest > d_max * (1 + _BALL_TOLERANCE)),

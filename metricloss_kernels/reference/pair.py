@@ -1,19 +1,25 @@
 """Pure-torch references of the pair-based losses (docs/formulas.md, "Pair losses").
 
-All of them work on the batch x batch similarity matrix ``S_ij = x̂_i · x̂_j`` (N-pair: raw dot products), with
-boolean masks for positives ``P_i = {j != i : y_j = y_i}`` and negatives ``N_i = {j : y_j != y_i}``. N is a batch,
-so N x N intermediates are fine here. Every shape is fixed by N: pairs, triplets and anchors are selected by masks
-(masked means with tensor counts, ``torch.where``, masked min/max), never by boolean indexing, so that nothing is
-read back to the host and the losses compile into one graph. When no pair / triplet / anchor is valid, a loss
-returns ``embeddings.sum() * 0``: a zero that still carries a graph, so ``backward()`` works.
+Every loss compares anchors with candidates through the similarity matrix ``S_ij = x̂_i · r̂_j`` (N-pair: raw dot
+products), with boolean masks for positives ``P_i = {j : y_j = y_i, j not i's own row}`` and negatives
+``N_i = {j : y_j != y_i}``. Without a reference the candidates are the batch itself and i's own row is row i
+(self-pairs are left out); with ``ref_emb`` [M, D], ``ref_labels`` [M] the candidates are the reference rows and
+every (i, j) pair counts (PML's semantics), unless ``ref_self`` [N] names each anchor's own row of the reference
+(a cross-batch memory's slot; negative: none). The matrices are [N, M] here: N is a batch and M a reference the
+caller sized (metricloss_kernels/streamed_pairs.py streams the large ones). Every shape is fixed by N and M: pairs,
+triplets and anchors are selected by masks (masked means with tensor counts, ``torch.where``, masked min/max),
+never by boolean indexing, so that nothing is read back to the host and the losses compile into one graph. When no
+pair / triplet / anchor is valid, a loss returns ``embeddings.sum() * 0``: a zero that still carries a graph, so
+``backward()`` works.
 
 Shapes: ``embeddings`` [N, D] float, ``labels`` [N] int64; every loss returns a scalar in the embeddings' dtype
-(half precision is computed in fp32, see ``metricloss_kernels._numerics.upcast``).
+(half precision is computed in fp32, see ``metricloss_kernels._numerics.upcast``). Gradients reach the embeddings
+and the reference.
 
 Every loss is a sum of per-anchor terms over global normalisers, so it also takes ``anchors`` (`Anchors`): the rows
-of the batch that this call uses as anchors, against every row as a reference, with the partial sums and counts
-combined by ``anchors.sum`` before the division. A process group splits the anchors between its ranks this way
-(metricloss_kernels.distributed): each rank computes [A, N] matrices, A its local rows, and the value is exact.
+of the batch that this call uses as anchors, with the partial sums and counts combined by ``anchors.sum`` before
+the division. A process group splits the anchors between its ranks this way (metricloss_kernels.distributed): each
+rank computes [A, M] matrices, A its local rows, against the gathered batch or reference, and the value is exact.
 """
 from typing import Callable, NamedTuple
 
@@ -29,7 +35,7 @@ _TRIPLET_BLOCK_ELEMS = 1 << 24
 
 
 class Anchors(NamedTuple):
-    """The anchor rows [start, stop) of the batch that one call computes (every row is a reference), `sum`, which
+    """The anchor rows [start, stop) of the batch that one call computes (against every candidate), `sum`, which
     adds up a tensor of partial sums over the calls that split the anchors between them, and `max` (no gradient),
     their maximum. None in place of an Anchors: every row, one call."""
     start: int
@@ -47,19 +53,36 @@ def _total(t, anchors):
     return t if anchors is None else anchors.sum(t)
 
 
-def _masks(labels, anchors=None):
-    """Positive mask (same label, j != i) and negative mask (different label) of the anchors against the batch,
-    both [A, N] bool."""
+def _candidates(embeddings, labels, ref_emb, ref_labels, ref_self, anchors):
+    """(x [A, D], y [A], r [M, D], ry [M], own [A] or None): this call's anchor rows and their labels, the
+    candidates (the reference, or the embeddings themselves) with theirs, and each anchor's own row among the
+    candidates (row i without a reference, ref_self[i] with one; None: no such row)."""
     rows = _rows(anchors)
-    same = labels[rows, None] == labels[None, :]
-    index = torch.arange(len(labels), device=labels.device)
-    return same & (index[rows, None] != index[None, :]), ~same
+    if ref_emb is None:
+        ref_emb, ref_labels = embeddings, labels
+        ref_self = torch.arange(len(labels), device=labels.device)
+    return embeddings[rows], labels[rows], ref_emb, ref_labels, None if ref_self is None else ref_self[rows]
 
 
-def _cosine(embeddings, anchors=None):
-    """S = x̂_a x̂ᵀ, [A, N]."""
-    x = normalize(embeddings, dim=1)
-    return x[_rows(anchors)] @ x.T
+def _pair_masks(y, ry, own, start=0):
+    """(pos, neg) [A, B] bool: the positives (same label, not the anchor's own row) and the negatives (different
+    label) of the anchors y [A] among the candidates ry [B], numbered from `start`."""
+    same = y[:, None] == ry[None, :]
+    if own is None:
+        return same, ~same
+    index = torch.arange(start, start + len(ry), device=ry.device)
+    return same & (index[None, :] != own[:, None]), ~same
+
+
+def _sides(embeddings, labels, ref_emb, ref_labels, ref_self, anchors):
+    """(x [A, D], r [M, D], pos [A, M], neg [A, M]): the anchors, the candidates and the masks of `_pair_masks`."""
+    x, y, r, ry, own = _candidates(embeddings, labels, ref_emb, ref_labels, ref_self, anchors)
+    return (x, r, *_pair_masks(y, ry, own))
+
+
+def _cosine(x, r):
+    """S = x̂ r̂ᵀ, [A, M]."""
+    return normalize(x, dim=1) @ normalize(r, dim=1).T
 
 
 def _safe_sqrt(z):
@@ -68,11 +91,9 @@ def _safe_sqrt(z):
     return torch.where(pos, torch.sqrt(torch.where(pos, z, torch.ones_like(z))), torch.zeros_like(z))
 
 
-def _sq_dist(x, anchors=None):
-    """Squared Euclidean distances ||x_a - x_j||², [A, N], through the Gram matrix (clamped at 0)."""
-    rows = _rows(anchors)
-    sq = (x * x).sum(dim=1)
-    return (sq[rows, None] + sq[None, :] - 2.0 * (x[rows] @ x.T)).clamp_min(0.0)
+def _sq_dist(x, r):
+    """Squared Euclidean distances ||x_a - r_j||², [A, M], through the Gram matrix (clamped at 0)."""
+    return ((x * x).sum(dim=1)[:, None] + (r * r).sum(dim=1)[None, :] - 2.0 * (x @ r.T)).clamp_min(0.0)
 
 
 def _zero(embeddings, *extra):
@@ -111,34 +132,37 @@ def _masked_mean(values, mask, embeddings, anchors=None, empty=0.0):
 
 
 @upcast
-def contrastive_loss(embeddings, labels, pos_margin=1.0, neg_margin=0.5, anchors=None):
+def contrastive_loss(embeddings, labels, pos_margin=1.0, neg_margin=0.5, ref_emb=None,
+                     ref_labels=None, ref_self=None, anchors=None):
     """Contrastive loss on cosine similarities.
 
     ``L = mean_{pos pairs (i != j)} [m_pos - S_ij]₊ + mean_{neg pairs} [S_ij - m_neg]₊``.
     Each mean is a plain mean over all pairs of its kind (not over the non-zero ones); an empty kind of pair
     contributes 0 **(resolved)**; with neither kind (N = 1) the loss is a 0 that carries a graph.
 
-    Args: embeddings [N, D]; labels [N] int64; anchors: `Anchors` or None. Returns a scalar.
+    Args: embeddings [N, D]; labels [N] int64; ref_emb [M, D], ref_labels [M], ref_self [N] or None (module
+    docstring); anchors: `Anchors` or None. Returns a scalar.
     """
-    pos, neg = _masks(labels, anchors)
-    s = _cosine(embeddings, anchors)
+    x, r, pos, neg = _sides(embeddings, labels, ref_emb, ref_labels, ref_self, anchors)
+    s = _cosine(x, r)
     return (_masked_mean(F.relu(pos_margin - s), pos, embeddings, anchors)
             + _masked_mean(F.relu(s - neg_margin), neg, embeddings, anchors))
 
 
-def _dissimilarity(embeddings, distance, anchors=None):
-    """Returns (S, G): cosine similarities [A, N] and the matrix G [A, N] the triplet loss is linear in:
-    G = -S for "cosine", ||x̂_i - x̂_j|| for "euclidean", ||x̂_i - x̂_j||² for "squared_euclidean"."""
-    x = normalize(embeddings, dim=1)
-    s = x[_rows(anchors)] @ x.T
+def _dissimilarity(x, r, distance):
+    """Returns (S, G): cosine similarities [A, M] and the matrix G [A, M] the triplet loss is linear in:
+    G = -S for "cosine", ||x̂_i - r̂_j|| for "euclidean", ||x̂_i - r̂_j||² for "squared_euclidean"."""
+    x, r = normalize(x, dim=1), normalize(r, dim=1)
+    s = x @ r.T
     if distance == "cosine":
         return s, -s
-    d2 = _sq_dist(x, anchors)
+    d2 = _sq_dist(x, r)
     return s, (_safe_sqrt(d2) if distance == "euclidean" else d2)
 
 
 @upcast
-def triplet_margin_loss(embeddings, labels, margin=0.1, distance="cosine", mining="all", anchors=None):
+def triplet_margin_loss(embeddings, labels, margin=0.1, distance="cosine", mining="all", ref_emb=None,
+                        ref_labels=None, ref_self=None, anchors=None):
     """Triplet margin loss on normalised embeddings, mean over the triplets used.
 
     Per triplet (a, p, n): ``[S_an - S_ap + m]₊`` for ``distance="cosine"``, ``[d_ap - d_an + m]₊`` for
@@ -153,19 +177,20 @@ def triplet_margin_loss(embeddings, labels, margin=0.1, distance="cosine", minin
     No triplet: a 0 that carries a graph.
 
     Args: embeddings [N, D]; labels [N] int64; distance in {"cosine", "euclidean", "squared_euclidean"};
-    mining in {"all", "semi-hard", "hard"}; anchors: `Anchors` or None. Returns a scalar.
+    mining in {"all", "semi-hard", "hard"}; ref_emb [M, D], ref_labels [M], ref_self [N] or None (module docstring);
+    anchors: `Anchors` or None. Returns a scalar.
     """
     if distance not in _DISTANCES:
         raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}")
     if mining not in _MINING:
         raise ValueError(f"mining must be one of {_MINING}, got {mining!r}")
-    pos, neg = _masks(labels, anchors)
-    s, g = _dissimilarity(embeddings, distance, anchors)
+    x, r, pos, neg = _sides(embeddings, labels, ref_emb, ref_labels, ref_self, anchors)
+    s, g = _dissimilarity(x, r, distance)
     sd = s.detach()
 
     if mining == "all":
-        n = len(labels)
-        block = max(1, _TRIPLET_BLOCK_ELEMS // max(1, n * n))  # a plan from the shape only
+        m = r.shape[0]
+        block = max(1, _TRIPLET_BLOCK_ELEMS // max(1, m * m))  # a plan from the shape only
         total, count = _zero(embeddings), 0
         for a0 in range(0, pos.shape[0], block):
             gb = g[a0:a0 + block]
@@ -178,12 +203,12 @@ def triplet_margin_loss(embeddings, labels, margin=0.1, distance="cosine", minin
         # For each (a, p): the first negative of a, in descending similarity, that is below S_ap. A stable sort
         # puts equal similarities in index order, so ties go to the lower index (as an argmax would). NaN
         # similarities are never candidates, and a NaN S_ap has no negative below it.
-        n = len(labels)
+        m = r.shape[0]
         valid_s = ~torch.isnan(sd)
         desc, order = sd.masked_fill(~(neg & valid_s), float("-inf")).sort(dim=1, descending=True, stable=True)
         first = torch.searchsorted(-desc, -sd, right=True)  # [a, p]: how many negatives of a have S >= S_ap
-        at = first.clamp(max=n - 1)
-        found = (first < n) & (desc.gather(1, at) > float("-inf"))
+        at = first.clamp(max=m - 1)
+        found = (first < m) & (desc.gather(1, at) > float("-inf"))
         keep = pos & valid_s & found
         n_idx = order.gather(1, at)
         return _masked_mean(F.relu(g - g.gather(1, n_idx) + margin), keep, embeddings, anchors)
@@ -197,23 +222,24 @@ def triplet_margin_loss(embeddings, labels, margin=0.1, distance="cosine", minin
 
 
 @upcast
-def lifted_structure_loss(embeddings, labels, margin=0.5, anchors=None):
+def lifted_structure_loss(embeddings, labels, margin=0.5, ref_emb=None, ref_labels=None, ref_self=None, anchors=None):
     """Generalised lifted structure loss (thesis eq. 2.21) on cosine similarities.
 
     Per anchor i with at least one positive and one negative:
     ``[ LSE_{k in P_i}(λ - S_ik) + LSE_{k in N_i}(S_ik) ]₊``, λ = ``margin``; mean over those anchors.
     No such anchor: a 0 that carries a graph.
 
-    Args: embeddings [N, D]; labels [N] int64; anchors: `Anchors` or None. Returns a scalar.
+    Args: embeddings [N, D]; labels [N] int64; ref_emb [M, D], ref_labels [M], ref_self [N] or None (module
+    docstring); anchors: `Anchors` or None. Returns a scalar.
     """
-    pos, neg = _masks(labels, anchors)
+    x, r, pos, neg = _sides(embeddings, labels, ref_emb, ref_labels, ref_self, anchors)
     keep = pos.any(dim=1) & neg.any(dim=1)
-    s = _cosine(embeddings, anchors)
+    s = _cosine(x, r)
     return _masked_mean(F.relu(_masked_lse(margin - s, pos) + _masked_lse(s, neg)), keep, embeddings, anchors)
 
 
 @upcast
-def npairs_loss(embeddings, labels, l2_reg=0.02, anchors=None):
+def npairs_loss(embeddings, labels, l2_reg=0.02, ref_emb=None, ref_labels=None, ref_self=None, anchors=None):
     """N-pair loss (Sohn) on raw dot products ``S = x xᵀ`` (no normalisation).
 
     Per anchor i with positives and negatives: ``softplus( LSE_{j in P_i, k in N_i} (S_ik - S_ij) )``, computed as
@@ -221,13 +247,13 @@ def npairs_loss(embeddings, labels, l2_reg=0.02, anchors=None):
     plus ``l2_reg * mean_i ||x_i||²`` over all N samples. With no such anchor the first term is 0 and the
     regulariser is still added **(resolved)**.
 
-    Args: embeddings [N, D]; labels [N] int64; anchors: `Anchors` or None. Returns a scalar.
+    Args: embeddings [N, D]; labels [N] int64; ref_emb [M, D], ref_labels [M], ref_self [N] or None (module
+    docstring); anchors: `Anchors` or None. Returns a scalar.
     """
-    pos, neg = _masks(labels, anchors)
-    x = embeddings[_rows(anchors)]
+    x, r, pos, neg = _sides(embeddings, labels, ref_emb, ref_labels, ref_self, anchors)
     reg = l2_reg * _total((x * x).sum(), anchors) / len(labels)
     keep = pos.any(dim=1) & neg.any(dim=1)
-    s = x @ embeddings.T
+    s = x @ r.T
     return _masked_mean(F.softplus(_masked_lse(s, neg) + _masked_lse(-s, pos)), keep, embeddings, anchors) + reg
 
 
@@ -248,7 +274,8 @@ def _distance_weighted_probs(dist, neg, dim, cutoff, nonzero_loss_cutoff):
 
 
 @upcast
-def margin_loss(embeddings, labels, margin=0.2, beta=1.2, generator=None, anchors=None):
+def margin_loss(embeddings, labels, margin=0.2, beta=1.2, generator=None, ref_emb=None, ref_labels=None,
+                ref_self=None, anchors=None):
     """Margin loss (Wu et al.) with distance-weighted negative sampling.
 
     ``D_ij = ||x̂_i - x̂_j||``, ``ℓ_ij = [α + t_ij (D_ij - β)]₊``, t = +1 for positives, -1 for negatives,
@@ -256,33 +283,33 @@ def margin_loss(embeddings, labels, margin=0.2, beta=1.2, generator=None, anchor
     it requires grad); a pair (a, b) uses β of the anchor's class y_a.
     Pairs: every ordered positive pair (a, p), p in P_a, and for each of them one negative n of anchor a drawn by
     distance-weighted sampling (cutoff 0.5, nonzero_loss_cutoff 1.4, weights computed without gradient). The draw
-    **(resolved)** is by inverse CDF: one uniform number per ordered pair, ``u = torch.rand(N, N,
-    generator=generator)``, and pair (a, p) takes the first n whose cumulative probability exceeds
-    ``u[a, p]`` times anchor a's total. The loss is the plain mean of ℓ over all positive and sampled negative
-    pairs **(resolved: not over the non-zero ones)**. Resolved edge cases: an anchor whose negatives all lie at
-    distance >= 1.4 samples uniformly among its negatives (the authors' code falls back to uniform sampling); a
-    positive pair whose anchor has no negative keeps its positive term and has no negative term. No positive pair:
-    a 0 that carries a graph.
+    **(resolved)** is by inverse CDF: one uniform number per ordered pair, ``u = torch.rand(N, M,
+    generator=generator)`` (M = N without a reference), and pair (a, p) takes the first n whose cumulative
+    probability exceeds ``u[a, p]`` times anchor a's total. The loss is the plain mean of ℓ over all positive and
+    sampled negative pairs **(resolved: not over the non-zero ones)**. Resolved edge cases: an anchor whose negatives
+    all lie at distance >= 1.4 samples uniformly among its negatives (the authors' code falls back to uniform
+    sampling); a positive pair whose anchor has no negative keeps its positive term and has no negative term. No
+    positive pair: a 0 that carries a graph.
 
     Args: embeddings [N, D]; labels [N] int64; generator: torch.Generator on the embeddings' device, or None;
-    anchors: `Anchors` or None (every call draws the whole [N, N] matrix u and uses its anchors' rows: calls whose
-    generators are in the same state draw what one call on the whole batch draws). Returns a scalar.
+    ref_emb [M, D], ref_labels [M], ref_self [N] or None (module docstring); anchors: `Anchors` or None (every call
+    draws the whole [N, M] matrix u and uses its anchors' rows: calls whose generators are in the same state draw
+    what one call on the whole batch draws). Returns a scalar.
     """
-    pos, neg = _masks(labels, anchors)
-    rows, n = _rows(anchors), len(labels)
-    x = normalize(embeddings, dim=1)
-    dist = _safe_sqrt(_sq_dist(x, anchors))
+    x, r, pos, neg = _sides(embeddings, labels, ref_emb, ref_labels, ref_self, anchors)
+    rows, n, m = _rows(anchors), len(labels), r.shape[0]
+    dist = _safe_sqrt(_sq_dist(normalize(x, dim=1), normalize(r, dim=1)))
     with torch.no_grad():
-        probs = _distance_weighted_probs(dist.detach(), neg, embeddings.shape[1], 0.5, 1.4)  # [A, N] per anchor
+        probs = _distance_weighted_probs(dist.detach(), neg, embeddings.shape[1], 0.5, 1.4)  # [A, M] per anchor
         cdf = probs.cumsum(dim=1)
         total = cdf[:, -1:]
         # (the generator overload of rand needs concrete sizes, which a compiled graph with a dynamic batch size
         # does not have)
-        u = torch.rand((n, n), dtype=cdf.dtype, device=cdf.device) if generator is None else torch.rand(
-            (n, n), generator=generator, dtype=cdf.dtype, device=cdf.device)
+        u = torch.rand((n, m), dtype=cdf.dtype, device=cdf.device) if generator is None else torch.rand(
+            (n, m), generator=generator, dtype=cdf.dtype, device=cdf.device)
         # Strictly below the total, so that the first n with cdf > u * total has a non-zero probability.
         target = torch.minimum(u[rows] * total, torch.nextafter(total, torch.zeros_like(total)))
-        n_idx = torch.searchsorted(cdf, target, right=True).clamp_(max=n - 1)  # [a, p]
+        n_idx = torch.searchsorted(cdf, target, right=True).clamp_(max=m - 1)  # [a, p]
     if torch.is_tensor(beta):
         b = beta[labels[rows]] if beta.dim() else beta.expand(dist.shape[0])  # β per anchor, [A]
     else:
@@ -295,7 +322,8 @@ def margin_loss(embeddings, labels, margin=0.2, beta=1.2, generator=None, anchor
 
 
 @upcast
-def multi_similarity_loss(embeddings, labels, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, anchors=None):
+def multi_similarity_loss(embeddings, labels, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, ref_emb=None,
+                          ref_labels=None, ref_self=None, anchors=None):
     """Multi-Similarity loss (Wang et al.; authors' code) on cosine similarities.
 
     Per anchor i: ``pos = {S_ij : j in P_i, S_ij < 1 - 1e-5}``, ``neg = {S_ik : k in N_i}``; mining keeps the
@@ -305,10 +333,11 @@ def multi_similarity_loss(embeddings, labels, alpha=2.0, beta=50.0, base=0.5, ep
     authors' code skips such an anchor entirely)**; the sum is still divided by N. No anchor left: a 0 that carries
     a graph.
 
-    Args: embeddings [N, D]; labels [N] int64; anchors: `Anchors` or None. Returns a scalar.
+    Args: embeddings [N, D]; labels [N] int64; ref_emb [M, D], ref_labels [M], ref_self [N] or None (module
+    docstring); anchors: `Anchors` or None. Returns a scalar.
     """
-    pos, neg = _masks(labels, anchors)
-    s = _cosine(embeddings, anchors)
+    x, r, pos, neg = _sides(embeddings, labels, ref_emb, ref_labels, ref_self, anchors)
+    s = _cosine(x, r)
     sd = s.detach()
     pos = pos & (sd < 1.0 - 1e-5)
     min_pos = sd.masked_fill(~pos, float("inf")).amin(dim=1, keepdim=True)
