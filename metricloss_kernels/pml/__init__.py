@@ -15,9 +15,9 @@ except ImportError as error:
         "metricloss_kernels.pml needs pytorch-metric-learning, which is not installed: "
         "pip install pytorch-metric-learning (or pip install 'metricloss_kernels[pml]')") from error
 
-from .accuracy import AccuracyCalculator, ExactKNN, SklearnKMeans
+from .accuracy import AccuracyCalculator, ExactKNN, KMeans, SklearnKMeans
 from .losses import (ArcFaceLoss, CosFaceLoss, NormalizedSoftmaxLoss, ProxyAnchorLoss, ProxyNCALoss,
                      SoftTripleLoss, SubCenterArcFaceLoss)
 
-__all__ = ["AccuracyCalculator", "ArcFaceLoss", "CosFaceLoss", "ExactKNN", "NormalizedSoftmaxLoss",
+__all__ = ["AccuracyCalculator", "ArcFaceLoss", "CosFaceLoss", "ExactKNN", "KMeans", "NormalizedSoftmaxLoss",
            "ProxyAnchorLoss", "ProxyNCALoss", "SklearnKMeans", "SoftTripleLoss", "SubCenterArcFaceLoss"]
