@@ -11,7 +11,6 @@ out of its means.
 Neighbours missing from the list (positions past L) count as not relevant, so map@r and r_precision are lower
 bounds when R_q > L (see :func:`evaluate`'s ``max_k``).
 """
-import functools
 import math
 import re
 import warnings
@@ -210,7 +209,8 @@ def range_accuracy(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 # of the query set alone, which need no neighbours.
 _PER_K = {"recall": recall_at_k, "precision": precision_at_k, "map": map_at_k, "ndcg": ndcg_at_k}
 _RANKED = {"r_precision": r_precision, "map@r": map_at_r}
-_UNRANKED = ("nmi", "closest_center_accuracy", "range_accuracy")
+_UNRANKED = {"nmi": nmi, "closest_center_accuracy": lambda x, y: float(closest_center_accuracy(x, y).mean()),
+             "range_accuracy": lambda x, y: float(range_accuracy(x, y).mean())}
 # pytorch-metric-learning's AccuracyCalculator names for the same metrics (docs/formulas.md, "Retrieval metrics");
 # its "<family>_at_<k>" spelling of the per-k metrics is accepted too
 PML_NAMES = {"precision_at_1": "precision@1", "r_precision": "r_precision", "mean_average_precision_at_r": "map@r",
@@ -311,10 +311,10 @@ def evaluate(embeddings: torch.Tensor, labels: torch.Tensor, reference: torch.Te
         check.positive_int(k, "ks entries")
     check.positive_int(max_k, "max_k")
     names = select_metrics(ks, include, exclude)
-    functions = {name: _ranking_function(name) for name in names if name not in _UNRANKED}
-    if not functions:  # nothing to rank: no neighbour search
-        return _unranked_metrics(embeddings, labels, names)
-    largest_k = max([fn.keywords["k"] for fn in functions.values() if "k" in fn.keywords], default=1)
+    ranked = {name: _per_k(name) for name in names if name not in _UNRANKED}
+    if not ranked:  # no neighbour search
+        return {name: _UNRANKED[name](embeddings, labels) for name in names}
+    largest_k = max((k for _, k in ranked.values() if k is not None), default=1)
     if max_k < largest_k:
         raise ValueError(f"max_k must be >= the largest k of the metrics (ks, include) = {largest_k}, got {max_k}")
     available = embeddings.shape[0] - 1 if leave_one_out else reference.shape[0]
@@ -349,24 +349,15 @@ def evaluate(embeddings: torch.Tensor, labels: torch.Tensor, reference: torch.Te
         rows = slice(q0, q0 + block)
         relevance = ref_labels[indices[rows]] == labels[rows, None]
         counted, keep = num_relevant[rows], valid[rows]
-        for name, fn in functions.items():
-            sums[name] = sums.get(name, 0.0) + float(fn(relevance, counted)[keep].sum())
+        for name, (family, k) in ranked.items():
+            v = _RANKED[name](relevance, counted) if k is None else _PER_K[family](relevance, counted, k)
+            sums[name] = sums.get(name, 0.0) + float(v[keep].sum())
     num_valid = int(valid.sum())
     out = {name: total / num_valid for name, total in sums.items()}
-    out.update(_unranked_metrics(embeddings, labels, names))
-    return {name: out[name] for name in names}
+    return {name: out[name] if name in out else _UNRANKED[name](embeddings, labels) for name in names}
 
 
-def _ranking_function(name: str):
-    """fn(relevance, num_relevant) -> float [Q] for a ranking metric of evaluate's (a partial, k as a keyword)."""
+def _per_k(name: str):
+    """(family, k) of a per-k metric name of evaluate's ("recall@4" -> ("recall", 4)), else (name, None)."""
     family, _, k = name.partition("@")
-    if family in _PER_K and k.isdigit():
-        return functools.partial(_PER_K[family], k=int(k))
-    return functools.partial(_RANKED[name])
-
-
-def _unranked_metrics(embeddings, labels, names) -> dict:
-    """The selected metrics of the query set alone (no neighbours): {name: float}."""
-    functions = {"nmi": nmi, "closest_center_accuracy": lambda x, y: float(closest_center_accuracy(x, y).mean()),
-                 "range_accuracy": lambda x, y: float(range_accuracy(x, y).mean())}
-    return {name: functions[name](embeddings, labels) for name in names if name in functions}
+    return (family, int(k)) if k.isdigit() else (name, None)
