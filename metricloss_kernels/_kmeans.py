@@ -40,15 +40,15 @@ def _seed(x: torch.Tensor, n_clusters: int, generator: torch.Generator) -> torch
     return x[chosen]
 
 
-def _update(x: torch.Tensor, labels: torch.Tensor, distances: torch.Tensor, n_clusters: int) -> torch.Tensor:
-    """Centres [n_clusters, D] = the means of their points; an empty cluster takes the farthest point."""
-    sums = torch.zeros(n_clusters, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, labels,
-                                                                                              x.double())
+def _update(x64: torch.Tensor, labels: torch.Tensor, distances: torch.Tensor, n_clusters: int) -> torch.Tensor:
+    """Centres [n_clusters, D] (fp32) = the means of their points (x64 [N, D] fp64); an empty cluster takes the
+    point farthest from its centre."""
+    sums = torch.zeros(n_clusters, x64.shape[1], dtype=torch.float64, device=x64.device).index_add_(0, labels, x64)
     counts = torch.bincount(labels, minlength=n_clusters)
     empty = (counts == 0).nonzero()[:, 0]
-    centres = (sums / counts.clamp_min(1)[:, None]).to(x.dtype)
+    centres = (sums / counts.clamp_min(1)[:, None]).float()
     if len(empty):
-        centres[empty] = x[distances.topk(len(empty)).indices]
+        centres[empty] = x64[distances.topk(len(empty)).indices].float()
     return centres
 
 
@@ -63,10 +63,11 @@ def kmeans(x: torch.Tensor, n_clusters: int, seed: int = 0, max_iter: int = 300,
     generator = torch.Generator(device=x.device).manual_seed(seed)
     # a few small ops per centre: single-threaded, so that none waits for a descheduled thread
     centres = _parallel.serial(lambda: _seed(x, n_clusters, generator), x)
-    threshold = tol * float(x.var(0, unbiased=False).mean())
+    x64 = x.double()  # the centre sums' operand
+    threshold = tol * float(x64.var(0, unbiased=False).mean())
     for _ in range(max_iter):
         distances, labels = knn(x, centres, 1, "euclidean")
-        new = _update(x, labels[:, 0], distances[:, 0], n_clusters)
+        new = _update(x64, labels[:, 0], distances[:, 0], n_clusters)
         shift = float((new - centres).double().square().sum())
         centres = new
         if shift <= threshold:

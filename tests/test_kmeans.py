@@ -68,7 +68,7 @@ def test_empty_cluster_takes_the_farthest_point():
     x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0], [0.0, 1.0]])
     labels = torch.tensor([0, 0, 0, 1])
     distances = torch.tensor([0.5, 0.4, 9.0, 0.0])
-    centres = _kmeans._update(x, labels, distances, 3)
+    centres = _kmeans._update(x.double(), labels, distances, 3)
     torch.testing.assert_close(centres, torch.tensor([[2.0, 5 / 3], [0.0, 1.0], [5.0, 5.0]]))
 
 
