@@ -64,7 +64,7 @@ def _progress(stages, enabled: bool):
         from tqdm import tqdm
     except ImportError:
         return stages
-    return tqdm(stages, disable=None if enabled else True, leave=False, file=sys.stderr)
+    return tqdm(stages, desc="eval", unit="stage", disable=None if enabled else True, leave=False, file=sys.stderr)
 
 
 def evaluate_files(argv):
