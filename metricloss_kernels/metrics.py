@@ -11,12 +11,14 @@ out of its means.
 Neighbours missing from the list (positions past L) count as not relevant, so map@r and r_precision are lower
 bounds when R_q > L (see :func:`evaluate`'s ``max_k``).
 """
+import math
+import re
 import warnings
 
-import numpy as np
 import torch
 
 from . import _validation as check
+from ._kmeans import kmeans
 from .retrieval import knn
 
 # evaluate() computes the ranking metrics over blocks of queries of at most this many ranked neighbours in all.
@@ -120,19 +122,36 @@ def _embedding_args(embeddings, labels):
     check.labels(labels, embeddings.shape[0], embeddings.device)
 
 
+def normalized_mutual_info(labels: torch.Tensor, clusters: torch.Tensor) -> float:
+    """Normalised mutual information of two labellings (integer [N] each): I(labels; clusters) divided by the mean
+    of their entropies (the arithmetic normalisation, scikit-learn's default); 1 when both have a single class,
+    0 when they share no information. Computed from the non-zero cells of the contingency table only."""
+    n = labels.shape[0]
+    _, a = torch.unique(labels, return_inverse=True)
+    _, b = torch.unique(clusters, return_inverse=True)
+    size_a, size_b = torch.bincount(a).double(), torch.bincount(b).double()
+    if len(size_a) == len(size_b) == 1:
+        return 1.0
+    cells, joint = torch.unique(a * len(size_b) + b, return_counts=True)
+    joint = joint.double()
+    expected = size_a[cells // len(size_b)] * size_b[cells % len(size_b)]
+    mutual = float((joint * (joint.log() + math.log(n) - expected.log())).sum() / n)
+    if mutual <= 0:
+        return 0.0
+
+    def entropy(sizes):
+        return float(-(sizes / n * (sizes / n).log()).sum())
+
+    return mutual / max((entropy(size_a) + entropy(size_b)) / 2, torch.finfo(torch.float64).eps)
+
+
 def nmi(embeddings: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> float:
     """Normalised mutual information between the labels and a k-means clustering of the embeddings (as given,
-    not normalised) with n_clusters = number of distinct labels (scikit-learn KMeans, k-means++ with
-    ``random_state=seed``; normalized_mutual_info_score, arithmetic normalisation)."""
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import normalized_mutual_info_score
-
+    not normalised) with n_clusters = number of distinct labels (greedy k-means++ seeded with ``seed``, Lloyd
+    iterations on the kNN op: :mod:`metricloss_kernels._kmeans`), by :func:`normalized_mutual_info`."""
     _embedding_args(embeddings, labels)
-    x = embeddings.detach().to(torch.float64).cpu().numpy()
-    y = labels.detach().cpu().numpy()
-    n_clusters = len(np.unique(y))
-    clusters = KMeans(n_clusters=n_clusters, n_init=1, random_state=seed).fit_predict(x)
-    return float(normalized_mutual_info_score(y, clusters))
+    n_clusters = len(torch.unique(labels))
+    return normalized_mutual_info(labels, kmeans(embeddings, n_clusters, seed=seed))
 
 
 def _centroid_distances(embeddings, labels, block_elements=1 << 24):
@@ -186,14 +205,65 @@ def range_accuracy(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return out
 
 
+# evaluate()'s metrics. Per-k families (one key "{family}@{k}" per k), the other ranking metrics, and the metrics
+# of the query set alone, which need no neighbours.
+_PER_K = {"recall": recall_at_k, "precision": precision_at_k, "map": map_at_k, "ndcg": ndcg_at_k}
+_RANKED = {"r_precision": r_precision, "map@r": map_at_r}
+_UNRANKED = {"nmi": nmi, "closest_center_accuracy": lambda x, y: float(closest_center_accuracy(x, y).mean()),
+             "range_accuracy": lambda x, y: float(range_accuracy(x, y).mean())}
+# pytorch-metric-learning's AccuracyCalculator names for the same metrics (docs/formulas.md, "Retrieval metrics");
+# its "<family>_at_<k>" spelling of the per-k metrics is accepted too
+PML_NAMES = {"precision_at_1": "precision@1", "r_precision": "r_precision", "mean_average_precision_at_r": "map@r",
+             "NMI": "nmi"}
+_PML_ONLY = ("AMI", "mean_average_precision", "mean_reciprocal_rank")  # metricloss_kernels.pml computes these
+_PER_K_NAME = re.compile(r"(recall|precision|map|ndcg)(?:@|_at_)([1-9][0-9]*)")
+
+
+def _metric_name(name, argument: str) -> str:
+    """evaluate()'s name for a metric name of evaluate's or of PML's AccuracyCalculator."""
+    if not isinstance(name, str):
+        raise TypeError(f"{argument} must hold metric names (str), got {name!r}")
+    name = PML_NAMES.get(name, name)
+    per_k = _PER_K_NAME.fullmatch(name)
+    if per_k:
+        return f"{per_k[1]}@{per_k[2]}"
+    if name in _RANKED or name in _UNRANKED:
+        return name
+    if name in _PML_ONLY:
+        raise ValueError(f"{argument}: {name!r} is a metric of PML's AccuracyCalculator that evaluate does not "
+                         f"compute (metricloss_kernels.pml.AccuracyCalculator does)")
+    raise ValueError(f"{argument}: unknown metric {name!r}; evaluate computes recall@k, precision@k, map@k, "
+                     f"ndcg@k (any k), {', '.join((*_RANKED, *_UNRANKED))}, or PML's names for them: "
+                     f"{', '.join(PML_NAMES)}")
+
+
+def select_metrics(ks=(1, 2, 4, 8), include=None, exclude=()) -> list:
+    """The names of the metrics :func:`evaluate` computes, in the order of its result: ``include`` (None or empty:
+    the per-k metrics of every k in ``ks``, then r_precision, map@r, nmi, closest_center_accuracy,
+    range_accuracy) less ``exclude``. Names are evaluate's or PML's (``PML_NAMES``); a ValueError names an
+    unknown one, or a selection that leaves no metric."""
+    for argument, names in (("include", include), ("exclude", exclude)):
+        if isinstance(names, str) or not (names is None or hasattr(names, "__iter__")):
+            raise TypeError(f"{argument} must be a sequence of metric names, got {names!r}")
+    if include is None or not len(include := tuple(include)):
+        include = [f"{family}@{k}" for k in ks for family in _PER_K] + [*_RANKED, *_UNRANKED]
+    excluded = {_metric_name(name, "exclude") for name in exclude}
+    chosen = [name for name in dict.fromkeys(_metric_name(name, "include") for name in include)
+              if name not in excluded]
+    if not chosen:
+        raise ValueError(f"include / exclude leave no metric to compute (include={include!r}, exclude={exclude!r})")
+    return chosen
+
+
 def evaluate(embeddings: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None = None,
              reference_labels: torch.Tensor | None = None, ks=(1, 2, 4, 8), metric: str = "cosine",
-             max_k: int = 1024) -> dict:
+             max_k: int = 1024, include=None, exclude=()) -> dict:
     """Retrieval and clustering metrics of ``embeddings`` [Q, D] (queries) with integer ``labels`` [Q].
 
     Neighbours are searched in ``reference`` [R, D] (labels ``reference_labels`` [R]) or, when both are None or
-    ``reference`` is ``embeddings`` itself, in the queries with each query's own row excluded (leave-one-out). One :func:`~.retrieval.knn` call
-    fetches L = min(max(max(ks), max_q R_q), max_k, reference size) neighbours per query, so memory is O(Q * L):
+    ``reference`` is ``embeddings`` itself, in the queries with each query's own row excluded (leave-one-out). One
+    :func:`~.retrieval.knn` call fetches L = min(max(largest k, max_q R_q), max_k, reference size) neighbours per
+    query, so memory is O(Q * L):
     when a query has more than ``max_k`` relevant items, "map@r" and "r_precision" count only the first
     ``max_k`` neighbours (missing ranks count as not relevant, so they are lower bounds); raise ``max_k`` for exact
     values.
@@ -201,9 +271,15 @@ def evaluate(embeddings: torch.Tensor, labels: torch.Tensor, reference: torch.Te
     The ranking metrics are averaged over the queries with R_q > 0. "nmi", "closest_center_accuracy" and
     "range_accuracy" are computed on the query embeddings and labels only (the reference set is not used).
 
+    ``include`` / ``exclude`` select the metrics as PML's AccuracyCalculator does (:func:`select_metrics`): by
+    evaluate's names ("recall@16", "map@r", "nmi", ...; a per-k name need not have its k in ``ks``) or PML's
+    ("precision_at_1", "mean_average_precision_at_r", "r_precision", "NMI"). ``include`` None or empty: every
+    metric of ``ks``. E.g. ``exclude=("nmi",)`` skips the k-means; without a ranking metric no neighbour is searched.
+
     Returns:
-        dict of Python floats in [0, 1]: "recall@{k}", "precision@{k}", "map@{k}", "ndcg@{k}" for each k in ks,
-        "r_precision", "map@r", "nmi", "closest_center_accuracy", "range_accuracy".
+        dict of Python floats in [0, 1], keyed by evaluate's names in :func:`select_metrics`'s order; by default
+        "recall@{k}", "precision@{k}", "map@{k}", "ndcg@{k}" for each k in ks, "r_precision", "map@r", "nmi",
+        "closest_center_accuracy", "range_accuracy".
     """
     _embedding_args(embeddings, labels)
     if (reference is None) != (reference_labels is None):
@@ -234,12 +310,18 @@ def evaluate(embeddings: torch.Tensor, labels: torch.Tensor, reference: torch.Te
     for k in ks:
         check.positive_int(k, "ks entries")
     check.positive_int(max_k, "max_k")
-    if max_k < max(ks):
-        raise ValueError(f"max_k must be >= max(ks) = {max(ks)}, got {max_k}")
+    names = select_metrics(ks, include, exclude)
+    ranked = {name: _per_k(name) for name in names if name not in _UNRANKED}
+    if not ranked:  # no neighbour search
+        return {name: _UNRANKED[name](embeddings, labels) for name in names}
+    largest_k = max((k for _, k in ranked.values() if k is not None), default=1)
+    if max_k < largest_k:
+        raise ValueError(f"max_k must be >= the largest k of the metrics (ks, include) = {largest_k}, got {max_k}")
     available = embeddings.shape[0] - 1 if leave_one_out else reference.shape[0]
-    if max(ks) > available:
+    if largest_k > available:
         what = "number of embeddings minus 1 (leave-one-out)" if leave_one_out else "reference size"
-        raise ValueError(f"ks must be <= the {what} = {available}, got max(ks) = {max(ks)}")
+        raise ValueError(f"the k of every metric (ks, include) must be <= the {what} = {available}, got "
+                         f"{largest_k}")
 
     labels = labels.long()
     ref_labels = labels if leave_one_out else reference_labels.long()
@@ -253,14 +335,13 @@ def evaluate(embeddings: torch.Tensor, labels: torch.Tensor, reference: torch.Te
         raise ValueError("labels: no query has a relevant item in the reference set (every class has a single "
                          "sample, or no query label occurs in reference_labels)")
 
-    num_neighbours = min(max(max(ks), int(num_relevant.max())), max_k, available)
+    num_neighbours = min(max(largest_k, int(num_relevant.max())), max_k, available)
     if int(num_relevant.max()) > max_k:
         warnings.warn(f"evaluate: some queries have up to {int(num_relevant.max())} relevant items but only "
                       f"max_k = {max_k} neighbours are fetched, so map@r and r_precision are lower bounds; raise "
                       f"max_k for exact values", stacklevel=2)
     _, indices = knn(embeddings, reference, num_neighbours, metric)
 
-    per_k = {"recall": recall_at_k, "precision": precision_at_k, "map": map_at_k, "ndcg": ndcg_at_k}
     sums = {}
     # the metrics' float temporaries are [rows, L]: bound them by working through blocks of queries
     block = max(1, _METRIC_BLOCK_ELEMENTS // num_neighbours)
@@ -268,14 +349,15 @@ def evaluate(embeddings: torch.Tensor, labels: torch.Tensor, reference: torch.Te
         rows = slice(q0, q0 + block)
         relevance = ref_labels[indices[rows]] == labels[rows, None]
         counted, keep = num_relevant[rows], valid[rows]
-        values = {f"{name}@{k}": fn(relevance, counted, k) for k in ks for name, fn in per_k.items()}
-        values["r_precision"] = r_precision(relevance, counted)
-        values["map@r"] = map_at_r(relevance, counted)
-        for name, v in values.items():
+        for name, (family, k) in ranked.items():
+            v = _RANKED[name](relevance, counted) if k is None else _PER_K[family](relevance, counted, k)
             sums[name] = sums.get(name, 0.0) + float(v[keep].sum())
     num_valid = int(valid.sum())
     out = {name: total / num_valid for name, total in sums.items()}
-    out["nmi"] = nmi(embeddings, labels)
-    out["closest_center_accuracy"] = float(closest_center_accuracy(embeddings, labels).mean())
-    out["range_accuracy"] = float(range_accuracy(embeddings, labels).mean())
-    return out
+    return {name: out[name] if name in out else _UNRANKED[name](embeddings, labels) for name in names}
+
+
+def _per_k(name: str):
+    """(family, k) of a per-k metric name of evaluate's ("recall@4" -> ("recall", 4)), else (name, None)."""
+    family, _, k = name.partition("@")
+    return (family, int(k)) if k.isdigit() else (name, None)

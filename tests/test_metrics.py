@@ -237,6 +237,64 @@ def test_evaluate_validation():
         metrics.evaluate(x, torch.arange(5), ks=(1,))  # every class has a single sample
 
 
+def _random_set(seed=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(37, 6, generator=g), torch.randint(0, 5, (37,), generator=g)
+
+
+def test_evaluate_include_exclude_select_metrics():
+    x, y = _random_set()
+    full = metrics.evaluate(x, y, ks=(1, 3, 10))
+    # PML's names map to evaluate's, the result follows include's order, duplicates count once
+    got = metrics.evaluate(x, y, include=("mean_average_precision_at_r", "recall@3", "NMI", "precision_at_1",
+                                          "map@r", "ndcg_at_10"))
+    assert list(got) == ["map@r", "recall@3", "nmi", "precision@1", "ndcg@10"]
+    assert got == {name: full[name] for name in got}
+    # a per-k metric need not have its k in ks
+    assert metrics.evaluate(x, y, include=("map@5",)) == {"map@5": metrics.evaluate(x, y, ks=(5,))["map@5"]}
+    left = metrics.evaluate(x, y, ks=(1, 3, 10), exclude=("nmi", "range_accuracy", "recall@3", "recall@7"))
+    assert list(left) == [n for n in full if n not in ("nmi", "range_accuracy", "recall@3")]
+    assert left == {name: full[name] for name in left}
+    assert metrics.evaluate(x, y, ks=(1, 3, 10), include=()) == full      # empty include: everything, as PML's
+
+
+def test_evaluate_runs_only_what_is_selected(monkeypatch):
+    x, y = _random_set()
+    expected = metrics.evaluate(x, y)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("not selected, must not run")
+
+    monkeypatch.setattr(metrics, "knn", forbidden)        # no ranking metric: no neighbour search
+    got = metrics.evaluate(x, y, include=("nmi", "closest_center_accuracy"))
+    assert got == {"nmi": expected["nmi"], "closest_center_accuracy": expected["closest_center_accuracy"]}
+    monkeypatch.undo()
+    monkeypatch.setattr(metrics, "kmeans", forbidden)     # NMI excluded: no k-means
+    assert metrics.evaluate(x, y, exclude=("NMI",)) == {n: v for n, v in expected.items() if n != "nmi"}
+
+
+def test_evaluate_selection_errors():
+    x, y = _random_set()
+    with pytest.raises(ValueError, match="include: unknown metric 'recall'"):
+        metrics.evaluate(x, y, include=("recall",))
+    with pytest.raises(ValueError, match="include: unknown metric 'recall@0'"):
+        metrics.evaluate(x, y, include=("recall@0",))
+    with pytest.raises(ValueError, match="exclude: unknown metric 'nmi_score'"):
+        metrics.evaluate(x, y, exclude=("nmi_score",))
+    with pytest.raises(ValueError, match="'AMI' is a metric of PML's AccuracyCalculator"):
+        metrics.evaluate(x, y, include=("AMI",))
+    with pytest.raises(TypeError, match="include must be a sequence"):
+        metrics.evaluate(x, y, include="nmi")
+    with pytest.raises(TypeError, match="exclude must hold metric names"):
+        metrics.evaluate(x, y, exclude=(1,))
+    with pytest.raises(ValueError, match="no metric"):
+        metrics.evaluate(x, y, include=("nmi",), exclude=("NMI",))
+    with pytest.raises(ValueError, match="must be <= the number of embeddings minus 1"):
+        metrics.evaluate(x, y, include=("recall@37",))
+    with pytest.raises(ValueError, match="max_k"):
+        metrics.evaluate(x, y, include=("ndcg@20",), max_k=10)
+
+
 # --- clustering and centroid metrics --------------------------------------------------------------------------------
 
 def test_nmi_perfect_clustering_is_one():

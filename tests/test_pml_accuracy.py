@@ -139,13 +139,15 @@ def test_extra_metrics_are_opt_in_and_match_the_metrics_module():
         "ndcg_at_5": pytest.approx(mlk.metrics.ndcg_at_k(relevance, counts, 5).mean().item(), rel=1e-12)}
 
 
-def test_clustering_metrics_without_faiss():
-    """NMI and AMI on scikit-learn's k-means: two well separated blobs are found."""
+@pytest.mark.parametrize("kmeans_func", [None, pml.SklearnKMeans()], ids=["default", "sklearn"])
+def test_clustering_metrics_without_faiss(kmeans_func):
+    """NMI and AMI on the library's k-means (the default) or scikit-learn's: well separated blobs are found."""
     g = torch.Generator().manual_seed(5)
-    x = torch.cat([torch.randn(200, 4, generator=g), torch.randn(200, 4, generator=g) + 10])
-    y = torch.cat([torch.zeros(200), torch.ones(200)])
-    got = pml.AccuracyCalculator(device=CPU, include=("NMI", "AMI")).get_accuracy(x, y)
-    assert got == {"AMI": pytest.approx(1.0), "NMI": pytest.approx(1.0)}
+    x = torch.cat([torch.randn(200, 4, generator=g) + 10 * k for k in range(3)])
+    y = torch.arange(3).repeat_interleave(200)
+    calculator = pml.AccuracyCalculator(device=CPU, include=("NMI", "AMI"), kmeans_func=kmeans_func)
+    assert isinstance(calculator.kmeans_func, pml.KMeans if kmeans_func is None else pml.SklearnKMeans)
+    assert calculator.get_accuracy(x, y) == {"AMI": pytest.approx(1.0), "NMI": pytest.approx(1.0)}
 
 
 def test_errors():

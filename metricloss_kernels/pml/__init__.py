@@ -19,10 +19,10 @@ except ImportError as error:
         "pip install pytorch-metric-learning (or pip install 'metricloss_kernels[pml]')") from error
 
 from ..memory import CrossBatchMemory
-from .accuracy import AccuracyCalculator, ExactKNN, SklearnKMeans
+from .accuracy import AccuracyCalculator, ExactKNN, KMeans, SklearnKMeans
 from .losses import (ArcFaceLoss, CosFaceLoss, NormalizedSoftmaxLoss, ProxyAnchorLoss, ProxyNCALoss,
                      SoftTripleLoss, SubCenterArcFaceLoss)
 
-__all__ = ["AccuracyCalculator", "ArcFaceLoss", "CosFaceLoss", "CrossBatchMemory", "ExactKNN",
+__all__ = ["AccuracyCalculator", "ArcFaceLoss", "CosFaceLoss", "CrossBatchMemory", "ExactKNN", "KMeans",
            "NormalizedSoftmaxLoss", "ProxyAnchorLoss", "ProxyNCALoss", "SklearnKMeans", "SoftTripleLoss",
            "SubCenterArcFaceLoss"]

@@ -6,8 +6,9 @@ label_comparison_fn, device, knn_func, kmeans_func), metric names, warnings and 
 
 - defaults that need no faiss: knn_func=ExactKNN() (`metricloss_kernels.knn`; squared Euclidean distances like PML's
   default faiss IndexFlatL2, ties broken towards the lower reference index like faiss's flat indexes) and
-  kmeans_func=SklearnKMeans() (for "NMI" and "AMI"; k-means differs from faiss's, so these two agree with PML's
-  only as two k-means runs agree);
+  kmeans_func=KMeans() (for "NMI" and "AMI": the library's k-means, `metricloss_kernels._kmeans`; SklearnKMeans()
+  runs scikit-learn's instead; k-means differs from faiss's, so these two agree with PML's only as two k-means
+  runs agree);
 - memory: `get_accuracy` works through blocks of queries. With ExactKNN the neighbours themselves are searched one
   block at a time, so memory is O(block * k + Q + R) instead of PML's O(Q * k) neighbour lists and float64
   temporaries; a user knn_func is called once for all queries (PML's protocol) and the metrics still run by blocks.
@@ -28,6 +29,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 
 from .. import _validation as V
 from .. import metrics
+from .._kmeans import kmeans
 from ..retrieval import knn
 
 _EXTRA = re.compile(r"(ndcg|recall|precision)_at_([1-9][0-9]*)")
@@ -79,6 +81,18 @@ class ExactKNN:
         return scores, indices
 
 
+class KMeans:
+    """PML's kmeans_func protocol on the library's k-means (greedy k-means++ seeded with ``seed``, Lloyd iterations
+    on the exact kNN op, as for `metricloss_kernels.metrics.nmi`): ``kmeans_func(x [N, D], n_clusters) -> cluster
+    ids [N]``."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def __call__(self, x, nmb_clusters):
+        return kmeans(x, nmb_clusters, seed=self.seed)
+
+
 class SklearnKMeans:
     """PML's kmeans_func protocol on scikit-learn: ``kmeans_func(x [N, D], n_clusters) -> cluster ids [N]``
     (KMeans with k-means++, n_init=1, ``random_state=seed``, on float64)."""
@@ -87,9 +101,9 @@ class SklearnKMeans:
         self.seed = seed
 
     def __call__(self, x, nmb_clusters):
-        from sklearn.cluster import KMeans
+        from sklearn import cluster
 
-        clusters = KMeans(n_clusters=nmb_clusters, n_init=1, random_state=self.seed).fit_predict(
+        clusters = cluster.KMeans(n_clusters=nmb_clusters, n_init=1, random_state=self.seed).fit_predict(
             x.detach().to(torch.float64).cpu().numpy())
         return torch.as_tensor(clusters, dtype=torch.long, device=x.device)
 
@@ -135,7 +149,7 @@ def _match_counts(labels, reference_labels):
 
 class AccuracyCalculator(pml_ac.AccuracyCalculator):
     """PML's AccuracyCalculator with an exact kNN and bounded memory (see the module docstring). Same arguments as
-    PML's; knn_func defaults to ExactKNN() and kmeans_func to SklearnKMeans()."""
+    PML's; knn_func defaults to ExactKNN() and kmeans_func to KMeans()."""
 
     # a block holds at most this many (query, neighbour) entries: with the kNN output and the metrics' temporaries,
     # about 64 bytes each, so 64 MiB
@@ -146,7 +160,7 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         super().__init__(include=include, exclude=exclude, avg_of_avgs=avg_of_avgs,
                          return_per_class=return_per_class, k=k, label_comparison_fn=label_comparison_fn,
                          device=device, knn_func=ExactKNN() if knn_func is None else knn_func,
-                         kmeans_func=SklearnKMeans() if kmeans_func is None else kmeans_func)
+                         kmeans_func=KMeans() if kmeans_func is None else kmeans_func)
 
     # -- metric names: PML's plus the opt-in extras
     def check_primary_metrics(self, include=(), exclude=()):

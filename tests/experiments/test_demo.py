@@ -1,7 +1,4 @@
-"""The demo trains on seen digits and must improve retrieval on the unseen ones; the CLI entry points run."""
-import subprocess
-import sys
-
+"""The demo trains on seen digits and must improve retrieval on the unseen ones (the CLI: tests/test_cli.py)."""
 import torch
 
 from metricloss_kernels.experiments import demo
@@ -30,28 +27,3 @@ def test_short_training_improves_unseen_class_retrieval():
     result = demo.run("proxy_anchor", epochs=3, out=lambda *_: None)
     assert result["after"]["map@r"] > result["before"]["map@r"] + 0.1
     assert result["after"]["recall@1"] > result["before"]["recall@1"]
-
-
-def test_cli_backends_and_usage():
-    out = subprocess.run([sys.executable, "-m", "metricloss_kernels", "backends"], capture_output=True, text=True,
-                         check=True).stdout
-    assert "reference" in out and "chunked" in out and "triton" in out
-    bad = subprocess.run([sys.executable, "-m", "metricloss_kernels", "nonsense"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "usage" in bad.stdout
-
-
-def test_cli_eval_matches_evaluate(tmp_path):
-    import numpy as np
-
-    import metricloss_kernels as mlk
-    g = torch.Generator().manual_seed(3)
-    x, y = torch.randn(50, 8, generator=g), torch.randint(0, 5, (50,), generator=g)
-    np.save(tmp_path / "x.npy", x.numpy())
-    torch.save(y, tmp_path / "y.pt")
-    out = subprocess.run([sys.executable, "-m", "metricloss_kernels", "eval", str(tmp_path / "x.npy"),
-                          str(tmp_path / "y.pt"), "--ks", "1", "4"], capture_output=True, text=True, check=True)
-    printed = dict(line.split() for line in out.stdout.strip().splitlines())
-    expected = mlk.evaluate(x, y, ks=(1, 4))
-    assert set(printed) == set(expected)
-    for name, value in expected.items():
-        assert abs(float(printed[name]) - 100 * value) < 0.006
