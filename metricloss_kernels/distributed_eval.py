@@ -46,6 +46,16 @@ def _collective(op, t, group, *args):
     return (out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else out).to(t.device)
 
 
+def all_gather(t, group):
+    """cat_r t_r (the same shape on every rank), waited for, on t's device."""
+    return _collective(_all_gather, t, group)
+
+
+def all_reduce(t, group, op="sum"):
+    """op_r t_r, waited for, on t's device."""
+    return _collective(_all_reduce, t, group, op)
+
+
 def _same(info, column, what, describe=str):
     """ValueError on every rank unless every rank passed the same value in `column` (quoted through `describe`,
     unless None)."""
@@ -119,7 +129,7 @@ def search(queries, reference, k, metric, group, reference_labels=None):
         rows = min(per_round, max(query_sizes) - start)
         counts = [min(rows, max(0, n - start)) for n in query_sizes]
         sent = torch.nn.functional.pad(q[start:start + rows], (0, 0, 0, rows - counts[rank]))
-        gathered = _collective(_all_gather, sent, group).view(world, rows, dim)
+        gathered = all_gather(sent, group).view(world, rows, dim)
         values = q.new_full((world, rows, k), worst)
         found = torch.full((world, rows, k, columns), _PAD_INDEX, dtype=torch.long, device=q.device)
         sources = [r for r in range(world) if counts[r] and not (leave_one_out and r == rank)]
@@ -155,19 +165,19 @@ def _merge(values, ids, k, largest):
 # ------------------------------------------------------------------------------------------------ evaluate
 def _gather_varying(t, group):
     """cat_r t_r of 1-D tensors whose lengths differ between ranks (padded to the longest for the all-gather)."""
-    sizes = _collective(_all_gather, torch.tensor([len(t)]), group).tolist()
+    sizes = all_gather(torch.tensor([len(t)]), group).tolist()
     padded = torch.nn.functional.pad(t, (0, max(sizes) - len(t)))
-    stacked = _collective(_all_gather, padded, group).view(len(sizes), -1)
+    stacked = all_gather(padded, group).view(len(sizes), -1)
     return torch.cat([stacked[r, :s] for r, s in enumerate(sizes)])
 
 
-def _global_classes(labels, group):
+def global_classes(labels, group):
     """(the sorted classes of every rank's labels [C], their counts over all ranks [C], this rank's labels as indices
     into the classes)."""
     classes = torch.unique(_gather_varying(torch.unique(labels), group))
     inverse = torch.searchsorted(classes, labels)
     counts = torch.bincount(inverse, minlength=len(classes))
-    return classes, _collective(_all_reduce, counts, group), inverse
+    return classes, all_reduce(counts, group) if len(classes) else counts, inverse
 
 
 def evaluate(embeddings, labels, reference, reference_labels, ks, metric, max_k, group) -> dict:
@@ -185,11 +195,11 @@ def evaluate(embeddings, labels, reference, reference_labels, ks, metric, max_k,
     _same(info, 4, "max_k")
     labels = labels.long()
     ref_labels = labels if leave_one_out else reference_labels.long()
-    classes, counts, _ = _global_classes(ref_labels, group)
+    classes, counts, _ = global_classes(ref_labels, group)
     num_relevant = metrics._count_matches(labels, classes, counts) - int(leave_one_out)
     valid = num_relevant > 0
     mine = torch.tensor([int(valid.sum()), int(num_relevant.max()) if len(labels) else 0])
-    summary = _collective(_all_gather, mine, group).view(-1, 2)
+    summary = all_gather(mine, group).view(-1, 2)
     num_valid = int(summary[:, 0].sum())
     available = int(info[:, _QUERIES].sum()) - 1 if leave_one_out else int(info[:, _REFERENCE].sum())
     num_neighbours = metrics._num_neighbours(ks, max_k, available, num_valid, int(summary[:, 1].max()),
@@ -197,7 +207,7 @@ def evaluate(embeddings, labels, reference, reference_labels, ks, metric, max_k,
     _, _, neighbour_labels = search(embeddings, reference, num_neighbours, metric, group, ref_labels)
     sums = metrics._ranking_sums(lambda rows: neighbour_labels[rows], labels, num_relevant, valid, ks,
                                  num_neighbours)
-    totals = _collective(_all_reduce, torch.tensor(list(sums.values()), dtype=torch.float64), group)
+    totals = all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64), group)
     out = {name: float(total) / num_valid for name, total in zip(sums, totals)}
     out.update(_centroid_metrics(embeddings, labels, group, int(info[:, _QUERIES].sum())))
     return out
@@ -206,14 +216,14 @@ def evaluate(embeddings, labels, reference, reference_labels, ks, metric, max_k,
 def _centroid_metrics(embeddings, labels, group, total):
     """"closest_center_accuracy" and "range_accuracy" of the union of the ranks' queries: the class sums and
     counts (and the classes' radii) all-reduced over the classes of every rank, each sample scored where it lives."""
-    classes, counts, inverse = _global_classes(labels, group)
+    classes, counts, inverse = global_classes(labels, group)
     x = metrics._statistics_input(embeddings)
     sums = torch.zeros(len(classes), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
-    centroids = _collective(_all_reduce, sums, group) / counts.to(x.dtype)[:, None]
+    centroids = all_reduce(sums, group) / counts.to(x.dtype)[:, None]
     closest = metrics._closest_center(x, inverse, centroids).sum()
     own = metrics._own_distances(x, inverse, centroids)
     radius = own.new_zeros(len(classes)).scatter_reduce_(0, inverse, own, reduce="amax")
-    radius = _collective(_all_reduce, radius, group, "max")
+    radius = all_reduce(radius, group, "max")
     ranged = metrics._range_values(x, inverse, centroids, radius).sum()
-    totals = _collective(_all_reduce, torch.stack([closest, ranged]), group) / total
+    totals = all_reduce(torch.stack([closest, ranged]), group) / total
     return {"closest_center_accuracy": float(totals[0]), "range_accuracy": float(totals[1])}

@@ -4,11 +4,14 @@ checks (every rank raises, the group stays usable) and the memory bound (no rank
 
 One world per size (gloo on 127.0.0.1, spawned, bounded by test_distributed's TIMEOUT_S), many checks each.
 """
+import importlib.util
+
 import pytest
 import torch
 import torch.distributed as dist
 
 import metricloss_kernels as mlk
+from metricloss_kernels import distributed_eval
 from test_distributed import run_world
 from utils import TOL, assert_close, largest_allocation
 
@@ -60,7 +63,7 @@ def _check_knn(rank, world, group):
         mine, shard = _split(queries, query_sizes, rank), _split(reference, ref_sizes, rank)
         for metric in METRICS:
             exact = metric == "euclidean" or 1 not in ref_sizes
-            for k in (1, 7, len(reference)):
+            for k in (2, len(reference)):
                 what = f"{metric} k={k} sizes {query_sizes} / {ref_sizes} rank {rank}"
                 got = mlk.knn(mine, shard, k, metric, process_group=group)
                 _assert_same(got, mlk.knn(queries, reference, k, metric), query_sizes, rank, what, exact)
@@ -68,7 +71,24 @@ def _check_knn(rank, world, group):
                 what = f"{metric} leave-one-out k={k} sizes {query_sizes} rank {rank}"
                 got = mlk.knn(mine, None, k, metric, process_group=group)
                 _assert_same(got, mlk.knn(queries, None, k, metric), query_sizes, rank, what)
-    query_sizes = _layouts(world)[0][0]
+    # several rounds of 3 queries per rank, the ranks running out of queries in different rounds. Blocks of < 4
+    # queries take the BLAS's small-matrix path: the cosine and dot scores' last bit as above, and so the order of
+    # exact duplicates (tied scores) too, hence no duplicates here
+    query_sizes, ref_sizes = _layouts(world)[0]
+    queries, _ = _data(5, sum(query_sizes))
+    reference, _ = _data(6, sum(ref_sizes))
+    block, distributed_eval._BLOCK_ELEMENTS = distributed_eval._BLOCK_ELEMENTS, world * D * 3
+    try:
+        for metric in METRICS:
+            got = mlk.knn(_split(queries, query_sizes, rank), _split(reference, ref_sizes, rank), 5, metric,
+                          process_group=group)
+            _assert_same(got, mlk.knn(queries, reference, 5, metric), query_sizes, rank, f"rounds {metric}",
+                         metric == "euclidean")
+            got = mlk.knn(_split(queries, query_sizes, rank), None, 5, metric, process_group=group)
+            _assert_same(got, mlk.knn(queries, None, 5, metric), query_sizes, rank, f"rounds {metric} loo",
+                         metric == "euclidean")
+    finally:
+        distributed_eval._BLOCK_ELEMENTS = block
     for dtype in (torch.float32, torch.float16):
         queries, _ = _data(7, sum(query_sizes), duplicates=3, dtype=dtype)
         for metric in METRICS:
@@ -83,7 +103,7 @@ def _check_evaluate(rank, world, group):
     queries, labels = _data(11, sum(query_sizes), duplicates=3)
     reference, ref_labels = _data(12, sum(ref_sizes))
     mine, my_labels = _split(queries, query_sizes, rank), _split(labels, query_sizes, rank)
-    for metric in METRICS:
+    for metric in ("cosine", "euclidean"):  # (the search of every metric: _check_knn)
         for args, sharded in (((), ()), ((reference, ref_labels),
                                          (_split(reference, ref_sizes, rank), _split(ref_labels, ref_sizes, rank)))):
             expected = mlk.evaluate(queries, labels, *args, ks=(1, 3, 5), metric=metric)
@@ -98,6 +118,31 @@ def _check_evaluate(rank, world, group):
     with pytest.warns(UserWarning, match="lower bounds"):
         expected = mlk.evaluate(queries, labels, ks=(1,), max_k=2)
     assert got["map@r"] == pytest.approx(expected["map@r"], rel=RTOL)
+
+
+def _check_pml(rank, world, group):
+    """pml.AccuracyCalculator(process_group=): every ranking metric of one process on the concatenations (PML's
+    own and the extras, plain means, avg_of_avgs and per class), leave-one-out and with a reference; NMI and AMI
+    left out."""
+    from metricloss_kernels import pml
+
+    query_sizes, ref_sizes = _layouts(world)[-1]
+    queries, labels = _data(40, sum(query_sizes), duplicates=2)
+    reference, ref_labels = _data(41, sum(ref_sizes))
+    mine, my_labels = _split(queries, query_sizes, rank), _split(labels, query_sizes, rank)
+    shards = (_split(reference, ref_sizes, rank), _split(ref_labels, ref_sizes, rank))
+    for options in (dict(), dict(k=5, avg_of_avgs=True, include=("precision_at_1", "mean_average_precision", "ndcg_at_3")),
+                    dict(k="max_bin_count", return_per_class=True, include=("mean_average_precision_at_r",
+                                                                             "recall_at_2"))):
+        for args, sharded in (((), ()), ((reference, ref_labels), shards)):
+            no_kmeans = {} if "include" in options else dict(exclude=("NMI", "AMI"))
+            expected = pml.AccuracyCalculator(**options, **no_kmeans).get_accuracy(queries, labels, *args)
+            got = pml.AccuracyCalculator(**options, process_group=group).get_accuracy(mine, my_labels, *sharded)
+            assert got.keys() == expected.keys(), (got.keys(), expected.keys())
+            for name, value in expected.items():
+                assert got[name] == pytest.approx(value, rel=RTOL, abs=RTOL), f"{options} {name} rank {rank}"
+    with pytest.raises(ValueError, match="ref_includes_query: with a process_group"):
+        pml.AccuracyCalculator(process_group=group).get_accuracy(mine, my_labels, *shards, ref_includes_query=True)
 
 
 def _check_errors(rank, world, group):
@@ -151,6 +196,8 @@ def _worker(rank, world):
     group = dist.group.WORLD
     _check_knn(rank, world, group)
     _check_evaluate(rank, world, group)
+    if importlib.util.find_spec("pytorch_metric_learning") is not None:  # (an optional dependency)
+        _check_pml(rank, world, group)
     _check_errors(rank, world, group)
     _check_memory(rank, world, group)
 
