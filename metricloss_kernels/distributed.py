@@ -118,7 +118,8 @@ class CommunicationLog:
 
 def note_collective(op: str, t: torch.Tensor, group) -> None:
     """Records in the active CommunicationLog, if any, a collective `op` ("all_gather", "reduce_scatter",
-    "all_reduce", "all_to_all") of the tensor `t` that code outside this module makes (e.g. DDP's all-reduce of a gradient)."""
+    "all_reduce", "all_to_all") of the tensor `t` that code outside this module makes (e.g. DDP's all-reduce of a
+    gradient)."""
     if _LOG is not None:
         _LOG.records.append((op, tuple(t.shape), t.dtype, dist.get_world_size(group)))
 

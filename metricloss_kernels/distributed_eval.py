@@ -19,7 +19,6 @@ Checks: every rank's local checks pass inside `distributed.agreement`, then one 
 (`distributed.exchange_checks`) and the same checks on every rank: a ValueError on every rank, never a hang.
 """
 import math
-import warnings
 
 import torch
 import torch.distributed._functional_collectives as funcol
@@ -28,8 +27,7 @@ from . import _validation as check
 from . import metrics, retrieval
 from ._numerics import compute_dtype
 from ._validation import require
-from .distributed import (_all_gather, _all_reduce, _all_to_all, _group_device, agreement, exchange_checks,
-                          group_rank)
+from .distributed import _all_gather, _all_reduce, _all_to_all, _group_device, agreement, exchange_checks, group_rank
 
 # The exchanged sizes: local checks passed, queries Q_r, reference rows R_r (-1: leave-one-out), then per call.
 _OK, _QUERIES, _REFERENCE = range(3)
@@ -147,7 +145,8 @@ def search(queries, reference, k, metric, group, reference_labels=None):
             found[rank, :counts[rank], :own[0].shape[1]] = own[1][mine]
         scores[mine], ids[mine] = _merge(values[:, :counts[rank]], found[:, :counts[rank]], k, largest)
     labels = ids[..., 1] if reference_labels is not None else None
-    return scores.to(queries.dtype), ids[..., 0], labels
+    # rounded as the op rounds: to its compute dtype (euclidean: from fp64), then to the input dtype
+    return scores.to(compute_dtype(queries.dtype)).to(queries.dtype), ids[..., 0], labels
 
 
 def _merge(values, ids, k, largest):

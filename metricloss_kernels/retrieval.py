@@ -104,9 +104,8 @@ def check_inputs(queries, reference, metric):
             raise ValueError(f"reference must be on the queries' device {queries.device}, got {reference.device}")
     check.choice(metric, "metric", METRICS)
     for name, x in (("queries", queries), ("reference", reference)):
-        if not exclude_self or name == "queries":
-            if not bool(torch.isfinite(x).all()):
-                raise ValueError(f"{name} contains NaN or infinite values")
+        if (not exclude_self or name == "queries") and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or infinite values")
     return exclude_self, reference
 
 

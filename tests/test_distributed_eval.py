@@ -9,11 +9,11 @@ import importlib.util
 import pytest
 import torch
 import torch.distributed as dist
+from test_distributed import run_world
+from utils import TOL, assert_close, largest_allocation
 
 import metricloss_kernels as mlk
 from metricloss_kernels import distributed_eval
-from test_distributed import run_world
-from utils import TOL, assert_close, largest_allocation
 
 D = 12
 METRICS = ("cosine", "dot", "euclidean")
@@ -131,11 +131,12 @@ def _check_pml(rank, world, group):
     reference, ref_labels = _data(41, sum(ref_sizes))
     mine, my_labels = _split(queries, query_sizes, rank), _split(labels, query_sizes, rank)
     shards = (_split(reference, ref_sizes, rank), _split(ref_labels, ref_sizes, rank))
-    for options in (dict(), dict(k=5, avg_of_avgs=True, include=("precision_at_1", "mean_average_precision", "ndcg_at_3")),
-                    dict(k="max_bin_count", return_per_class=True, include=("mean_average_precision_at_r",
-                                                                             "recall_at_2"))):
+    for options in ({}, {"k": 5, "avg_of_avgs": True, "include": ("precision_at_1", "mean_average_precision",
+                                                                     "ndcg_at_3")},
+                    {"k": "max_bin_count", "return_per_class": True,
+                     "include": ("mean_average_precision_at_r", "recall_at_2")}):
         for args, sharded in (((), ()), ((reference, ref_labels), shards)):
-            no_kmeans = {} if "include" in options else dict(exclude=("NMI", "AMI"))
+            no_kmeans = {} if "include" in options else {"exclude": ("NMI", "AMI")}
             expected = pml.AccuracyCalculator(**options, **no_kmeans).get_accuracy(queries, labels, *args)
             got = pml.AccuracyCalculator(**options, process_group=group).get_accuracy(mine, my_labels, *sharded)
             assert got.keys() == expected.keys(), (got.keys(), expected.keys())
