@@ -38,6 +38,11 @@ def require(ok: torch.Tensor, message: str, detail=None) -> None:
         torch._assert_async(ok.all(), message)
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN or infinity in x: one aminmax pass (it propagates NaN), no x-sized temporaries."""
+    return x.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(x))).all())
+
+
 def labels(y, n: int, device: torch.device, num_classes: int | None = None, name: str = "labels") -> torch.Tensor:
     """An integer [N] tensor on `device`, values in [0, num_classes) (>= 0 without num_classes); returned as int64.
     The value range is checked by `require`."""

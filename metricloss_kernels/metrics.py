@@ -115,7 +115,7 @@ def _ranks(relevance: torch.Tensor) -> torch.Tensor:
 
 def _embedding_args(embeddings, labels, min_rows=1):
     check.embeddings(embeddings, min_rows=min_rows)
-    if not bool(torch.isfinite(embeddings).all()):
+    if not check.all_finite(embeddings):
         raise ValueError("embeddings must be finite (found NaN or inf)")
     check.labels(labels, embeddings.shape[0], embeddings.device)
 

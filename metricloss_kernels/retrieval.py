@@ -104,7 +104,7 @@ def check_inputs(queries, reference, metric):
             raise ValueError(f"reference must be on the queries' device {queries.device}, got {reference.device}")
     check.choice(metric, "metric", METRICS)
     for name, x in (("queries", queries), ("reference", reference)):
-        if (not exclude_self or name == "queries") and not bool(torch.isfinite(x).all()):
+        if (not exclude_self or name == "queries") and not check.all_finite(x):
             raise ValueError(f"{name} contains NaN or infinite values")
     return exclude_self, reference
 
