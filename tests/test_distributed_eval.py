@@ -144,6 +144,10 @@ def _check_pml(rank, world, group):
                 assert got[name] == pytest.approx(value, rel=RTOL, abs=RTOL), f"{options} {name} rank {rank}"
     with pytest.raises(ValueError, match="ref_includes_query: with a process_group"):
         pml.AccuracyCalculator(process_group=group).get_accuracy(mine, my_labels, *shards, ref_includes_query=True)
+    with pytest.raises(ValueError, match="knn_func: with a process_group"):
+        pml.AccuracyCalculator(knn_func=lambda *args: None, process_group=group)
+    with pytest.raises(ValueError, match="label_comparison_fn: with a process_group"):
+        pml.AccuracyCalculator(label_comparison_fn=torch.eq, process_group=group)
 
 
 def _check_errors(rank, world, group):

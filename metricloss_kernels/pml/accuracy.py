@@ -141,7 +141,8 @@ def _match_counts(labels, reference_labels):
 
 class AccuracyCalculator(pml_ac.AccuracyCalculator):
     """PML's AccuracyCalculator with an exact kNN and bounded memory (see the module docstring). Same arguments as
-    PML's; knn_func defaults to ExactKNN() and kmeans_func to SklearnKMeans()."""
+    PML's; knn_func defaults to ExactKNN() and kmeans_func to SklearnKMeans(). ``process_group``: a
+    torch.distributed group over whose ranks the queries and the reference are sharded (module docstring)."""
 
     # a block holds at most this many (query, neighbour) entries: with the kNN output and the metrics' temporaries,
     # about 64 bytes each, so 64 MiB
