@@ -16,14 +16,14 @@ def tensor(value, name: str) -> torch.Tensor:
     return value
 
 
-def embeddings(x, name: str = "embeddings") -> torch.Tensor:
-    """A floating [N, D] tensor with N >= 1, D >= 1."""
+def embeddings(x, name: str = "embeddings", min_rows: int = 1) -> torch.Tensor:
+    """A floating [N, D] tensor with N >= min_rows, D >= 1."""
     tensor(x, name)
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(x.shape)}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
+    if x.shape[0] < min_rows or x.shape[1] == 0:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)}")
     return x
 
@@ -36,6 +36,11 @@ def require(ok: torch.Tensor, message: str, detail=None) -> None:
             raise ValueError(message + (detail() if detail is not None else ""))
     else:
         torch._assert_async(ok.all(), message)
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN or infinity in x: one aminmax pass (it propagates NaN), no x-sized temporaries."""
+    return x.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(x))).all())
 
 
 def labels(y, n: int, device: torch.device, num_classes: int | None = None, name: str = "labels") -> torch.Tensor:

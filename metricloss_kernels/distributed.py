@@ -87,10 +87,11 @@ class CommunicationLog:
     """Context manager recording every collective of this module that runs inside it (eager mode):
     `.records` = [(op, shape, dtype, world size)], `.payload_bytes()` = bytes of the tensors handed to the
     collectives, `.sent_bytes()` = bytes this rank sends with ring algorithms (all-gather: (W - 1) x its input;
-    reduce-scatter: (W - 1) / W x its input; all-reduce: 2 (W - 1) / W x its input)."""
+    reduce-scatter: (W - 1) / W x its input; all-reduce: 2 (W - 1) / W x its input; all-to-all of equal splits:
+    (W - 1) / W x its input)."""
 
     _SENT = {"all_gather": lambda w: w - 1, "reduce_scatter": lambda w: (w - 1) / w,
-             "all_reduce": lambda w: 2 * (w - 1) / w}
+             "all_reduce": lambda w: 2 * (w - 1) / w, "all_to_all": lambda w: (w - 1) / w}
 
     def __init__(self):
         self.records = []
@@ -117,7 +118,8 @@ class CommunicationLog:
 
 def note_collective(op: str, t: torch.Tensor, group) -> None:
     """Records in the active CommunicationLog, if any, a collective `op` ("all_gather", "reduce_scatter",
-    "all_reduce") of the tensor `t` that code outside this module makes (e.g. DDP's all-reduce of a gradient)."""
+    "all_reduce", "all_to_all") of the tensor `t` that code outside this module makes (e.g. DDP's all-reduce of a
+    gradient)."""
     if _LOG is not None:
         _LOG.records.append((op, tuple(t.shape), t.dtype, dist.get_world_size(group)))
 
@@ -135,6 +137,12 @@ def _reduce_scatter(t, group):
 def _all_reduce(t, group, op="sum"):
     note_collective("all_reduce", t, group)
     return funcol.all_reduce(t.contiguous(), op, group)
+
+
+def _all_to_all(t, group):
+    """t [W, ...]: t[r] goes to rank r; returns [W, ...] with row r from rank r."""
+    note_collective("all_to_all", t, group)
+    return funcol.all_to_all_single(t.contiguous(), None, None, group)
 
 
 # ---------------------------------------------------------------------------------- differentiable collectives
@@ -238,6 +246,15 @@ def _check_valid(info, group, error=None):
     require(info[:, _OK] == 1, "process_group: the inputs of a rank failed validation: ", relay)
 
 
+def exchange_checks(group, values: torch.Tensor) -> torch.Tensor:
+    """The exchange a sharded call starts with once its local checks passed (inside `agreement`): all-gathers this
+    rank's six int64 `values` (values[0] = 1: checks passed; the rest the call's sizes) and returns every rank's
+    as [W, 6], after a ValueError on every rank if some rank's local checks failed."""
+    info = _exchange(values.to(_group_device(group)), group)
+    _check_valid(info, group)
+    return info
+
+
 @contextlib.contextmanager
 def agreement(group):
     """Wraps the local validation of a sharded call: a ValueError or TypeError raised inside is announced to the
@@ -265,8 +282,7 @@ def agree(group, embeddings, labels, num_local_classes=None, num_classes=None) -
     device = _group_device(group)
     n, d = embeddings.shape
     sizes = torch.tensor([1, n, d, num_local_classes or 0], device=device)
-    info = _exchange(torch.cat([sizes, torch.stack(torch.aminmax(labels)).to(device)]), group)
-    _check_valid(info, group)
+    info = exchange_checks(group, torch.cat([sizes, torch.stack(torch.aminmax(labels)).to(device)]))
     world = dist.get_world_size(group)
     for column, what in ((_ROWS, "number of rows"), (_WIDTH, "width")):
         require(info[:, column] == info[0, column],

@@ -115,9 +115,9 @@ def _ranks(relevance: torch.Tensor) -> torch.Tensor:
     return torch.arange(1, relevance.shape[1] + 1, device=relevance.device)
 
 
-def _embedding_args(embeddings, labels):
-    check.embeddings(embeddings)
-    if not bool(torch.isfinite(embeddings).all()):
+def _embedding_args(embeddings, labels, min_rows=1):
+    check.embeddings(embeddings, min_rows=min_rows)
+    if not check.all_finite(embeddings):
         raise ValueError("embeddings must be finite (found NaN or inf)")
     check.labels(labels, embeddings.shape[0], embeddings.device)
 
@@ -154,24 +154,56 @@ def nmi(embeddings: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> float:
     return normalized_mutual_info(labels, kmeans(embeddings, n_clusters, seed=seed))
 
 
-def _centroid_distances(embeddings, labels, block_elements=1 << 24):
-    """Yields (rows, distances [rows, C]) from every sample to every class centroid in bounded blocks, plus the
-    class index of every sample. Exact per-pair differences (no ||a||^2 - 2ab + ||b||^2 cancellation), so a
-    sample's distance to its own centroid is the same number in every pass; float64 where ``_dtype`` allows, as
-    float32 class sums of data far from the origin lose the spread."""
+def _statistics_input(embeddings):
+    """The embeddings in the dtype of the class statistics: float64 where ``_dtype`` allows, as float32 class sums
+    of data far from the origin lose the spread."""
+    return embeddings.detach().to(torch.float64 if embeddings.dtype == torch.float64 else _dtype(embeddings))
+
+
+def _centroids(embeddings, labels):
+    """(x in the statistics dtype [N, D], the class index of every sample [N], the class centroids [C, D])."""
     classes, inverse = torch.unique(labels, return_inverse=True)
-    x = embeddings.detach().to(torch.float64 if embeddings.dtype == torch.float64 else _dtype(embeddings))
+    x = _statistics_input(embeddings)
     sums = torch.zeros(len(classes), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
     counts = torch.bincount(inverse, minlength=len(classes)).to(x.dtype)
-    centroids = sums / counts[:, None]
-    block = max(1, block_elements // max(len(classes), 1))
+    return x, inverse, sums / counts[:, None]
 
-    def blocks():
-        for i0 in range(0, x.shape[0], block):
-            d = torch.cdist(x[i0:i0 + block], centroids, compute_mode="donot_use_mm_for_euclid_dist")
-            yield slice(i0, i0 + block), d
 
-    return inverse, len(classes), blocks
+def _centroid_distances(x, centroids, block_elements=1 << 24):
+    """Yields (rows, distances [rows, C]) from every sample to every class centroid in bounded blocks. Exact
+    per-pair differences (no ||a||^2 - 2ab + ||b||^2 cancellation), so a sample's distance to its own centroid is
+    the same number in every pass."""
+    block = max(1, block_elements // max(len(centroids), 1))
+    for i0 in range(0, x.shape[0], block):
+        yield slice(i0, i0 + block), torch.cdist(x[i0:i0 + block], centroids,
+                                                 compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def _closest_center(x, inverse, centroids):
+    """Per sample: 1.0 if the nearest centroid is its own class's (ties to the lower class index), else 0.0."""
+    out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    for rows, d in _centroid_distances(x, centroids):
+        out[rows] = (d.argmin(dim=1) == inverse[rows]).to(out.dtype)
+    return out
+
+
+def _own_distances(x, inverse, centroids):
+    """Per sample: the distance to its own class's centroid, float64 [N]."""
+    own = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    for rows, d in _centroid_distances(x, centroids):
+        own[rows] = d.gather(1, inverse[rows, None])[:, 0].to(own.dtype)
+    return own
+
+
+def _range_values(x, inverse, centroids, radius):
+    """Per sample: 1/m if it lies inside the balls (centroids, radius [C]) of m classes including its own, else 0."""
+    out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    for rows, d in _centroid_distances(x, centroids):
+        inside = d.to(out.dtype) <= radius
+        m = inside.sum(dim=1).to(out.dtype)
+        own_inside = inside.gather(1, inverse[rows, None])[:, 0]
+        out[rows] = torch.where(own_inside, 1.0 / m.clamp_min(1), torch.zeros_like(m))
+    return out
 
 
 def closest_center_accuracy(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -179,11 +211,7 @@ def closest_center_accuracy(embeddings: torch.Tensor, labels: torch.Tensor) -> t
     own class's, else 0. A tie between centroids counts as correct only if the own class has the lowest index
     among the tied classes (sorted labels)."""
     _embedding_args(embeddings, labels)
-    inverse, _, blocks = _centroid_distances(embeddings, labels)
-    out = torch.empty(embeddings.shape[0], dtype=torch.float64, device=embeddings.device)
-    for rows, d in blocks():
-        out[rows] = (d.argmin(dim=1) == inverse[rows]).to(out.dtype)
-    return out
+    return _closest_center(*_centroids(embeddings, labels))
 
 
 def range_accuracy(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -191,18 +219,10 @@ def range_accuracy(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     of a class is the ball around its centroid whose radius is the largest distance of its samples to it
     (Euclidean); a ball includes its boundary."""
     _embedding_args(embeddings, labels)
-    inverse, num_classes, blocks = _centroid_distances(embeddings, labels)
-    own = torch.empty(embeddings.shape[0], dtype=torch.float64, device=embeddings.device)
-    for rows, d in blocks():
-        own[rows] = d.gather(1, inverse[rows, None])[:, 0].to(own.dtype)
-    radius = own.new_zeros(num_classes).scatter_reduce_(0, inverse, own, reduce="amax")
-    out = torch.empty_like(own)
-    for rows, d in blocks():
-        inside = d.to(own.dtype) <= radius
-        m = inside.sum(dim=1).to(own.dtype)
-        own_inside = inside.gather(1, inverse[rows, None])[:, 0]
-        out[rows] = torch.where(own_inside, 1.0 / m.clamp_min(1), torch.zeros_like(m))
-    return out
+    x, inverse, centroids = _centroids(embeddings, labels)
+    own = _own_distances(x, inverse, centroids)
+    radius = own.new_zeros(len(centroids)).scatter_reduce_(0, inverse, own, reduce="amax")
+    return _range_values(x, inverse, centroids, radius)
 
 
 # evaluate()'s metrics. Per-k families (one key "{family}@{k}" per k), the other ranking metrics, and the metrics
@@ -255,45 +275,21 @@ def select_metrics(ks=(1, 2, 4, 8), include=None, exclude=()) -> list:
     return chosen
 
 
-def evaluate(embeddings: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None = None,
-             reference_labels: torch.Tensor | None = None, ks=(1, 2, 4, 8), metric: str = "cosine",
-             max_k: int = 1024, include=None, exclude=()) -> dict:
-    """Retrieval and clustering metrics of ``embeddings`` [Q, D] (queries) with integer ``labels`` [Q].
-
-    Neighbours are searched in ``reference`` [R, D] (labels ``reference_labels`` [R]) or, when both are None or
-    ``reference`` is ``embeddings`` itself, in the queries with each query's own row excluded (leave-one-out). One
-    :func:`~.retrieval.knn` call fetches L = min(max(largest k, max_q R_q), max_k, reference size) neighbours per
-    query, so memory is O(Q * L):
-    when a query has more than ``max_k`` relevant items, "map@r" and "r_precision" count only the first
-    ``max_k`` neighbours (missing ranks count as not relevant, so they are lower bounds); raise ``max_k`` for exact
-    values.
-
-    The ranking metrics are averaged over the queries with R_q > 0. "nmi", "closest_center_accuracy" and
-    "range_accuracy" are computed on the query embeddings and labels only (the reference set is not used).
-
-    ``include`` / ``exclude`` select the metrics as PML's AccuracyCalculator does (:func:`select_metrics`): by
-    evaluate's names ("recall@16", "map@r", "nmi", ...; a per-k name need not have its k in ``ks``) or PML's
-    ("precision_at_1", "mean_average_precision_at_r", "r_precision", "NMI"). ``include`` None or empty: every
-    metric of ``ks``. E.g. ``exclude=("nmi",)`` skips the k-means; without a ranking metric no neighbour is searched.
-
-    Returns:
-        dict of Python floats in [0, 1], keyed by evaluate's names in :func:`select_metrics`'s order; by default
-        "recall@{k}", "precision@{k}", "map@{k}", "ndcg@{k}" for each k in ks, "r_precision", "map@r", "nmi",
-        "closest_center_accuracy", "range_accuracy".
-    """
-    _embedding_args(embeddings, labels)
+def _evaluate_args(embeddings, labels, reference, reference_labels, ks, max_k, min_rows=1):
+    """evaluate's checks of its arguments on their own (the sizes they imply are checked by the caller). Returns
+    (the reference, None for leave-one-out; ks as a tuple)."""
+    _embedding_args(embeddings, labels, min_rows)
     if (reference is None) != (reference_labels is None):
         raise ValueError("reference and reference_labels must be given together (or both None), got "
                          f"reference={'None' if reference is None else 'a tensor'} and reference_labels="
                          f"{'None' if reference_labels is None else 'a tensor'}")
-    leave_one_out = reference is None or reference is embeddings
     if reference is embeddings:
-        _embedding_args(reference, reference_labels)
+        _embedding_args(reference, reference_labels, min_rows)
         if not torch.equal(reference_labels, labels):
             raise ValueError("reference_labels must equal labels when reference is embeddings itself")
         reference = None
-    elif not leave_one_out:
-        _embedding_args(reference, reference_labels)
+    elif reference is not None:
+        _embedding_args(reference, reference_labels, min_rows)
         if reference.shape[1] != embeddings.shape[1]:
             raise ValueError(f"reference must have shape [R, {embeddings.shape[1]}] (the embeddings' D), "
                              f"got {tuple(reference.shape)}")
@@ -310,54 +306,116 @@ def evaluate(embeddings: torch.Tensor, labels: torch.Tensor, reference: torch.Te
     for k in ks:
         check.positive_int(k, "ks entries")
     check.positive_int(max_k, "max_k")
-    names = select_metrics(ks, include, exclude)
-    ranked = {name: _per_k(name) for name in names if name not in _UNRANKED}
-    if not ranked:  # no neighbour search
-        return {name: _UNRANKED[name](embeddings, labels) for name in names}
-    largest_k = max((k for _, k in ranked.values() if k is not None), default=1)
-    if max_k < largest_k:
-        raise ValueError(f"max_k must be >= the largest k of the metrics (ks, include) = {largest_k}, got {max_k}")
-    available = embeddings.shape[0] - 1 if leave_one_out else reference.shape[0]
-    if largest_k > available:
-        what = "number of embeddings minus 1 (leave-one-out)" if leave_one_out else "reference size"
-        raise ValueError(f"the k of every metric (ks, include) must be <= the {what} = {available}, got "
-                         f"{largest_k}")
+    if max_k < max(ks):
+        raise ValueError(f"max_k must be >= max(ks) = {max(ks)}, got {max_k}")
+    return reference, ks
 
-    labels = labels.long()
-    ref_labels = labels if leave_one_out else reference_labels.long()
-    classes, counts = torch.unique(ref_labels, return_counts=True)
+
+def _count_matches(labels, classes, counts):
+    """For each label, the count of its class (classes sorted [C], counts [C]; 0 for a label not among them)."""
+    if len(classes) == 0:
+        return torch.zeros_like(labels)
     pos = torch.searchsorted(classes, labels).clamp(max=len(classes) - 1)
-    num_relevant = torch.where(classes[pos] == labels, counts[pos], torch.zeros_like(counts[pos]))
-    if leave_one_out:
-        num_relevant = num_relevant - 1
-    valid = num_relevant > 0
-    if not bool(valid.any()):
-        raise ValueError("labels: no query has a relevant item in the reference set (every class has a single "
-                         "sample, or no query label occurs in reference_labels)")
+    return torch.where(classes[pos] == labels, counts[pos], torch.zeros_like(counts[pos]))
 
-    num_neighbours = min(max(largest_k, int(num_relevant.max())), max_k, available)
-    if int(num_relevant.max()) > max_k:
-        warnings.warn(f"evaluate: some queries have up to {int(num_relevant.max())} relevant items but only "
-                      f"max_k = {max_k} neighbours are fetched, so map@r and r_precision are lower bounds; raise "
-                      f"max_k for exact values", stacklevel=2)
-    _, indices = knn(embeddings, reference, num_neighbours, metric)
 
-    sums = {}
+def _ranking_sums(neighbour_labels, labels, num_relevant, valid, names, num_neighbours) -> dict:
+    """{metric name: the sum of its per-query values over the valid queries} for the ranking metrics `names`
+    (evaluate's names, :func:`select_metrics`); neighbour_labels(rows) gives the labels [rows, L] of the ranked
+    neighbours of the queries `rows`."""
+    ranked = {name: _per_k(name) for name in names}
+    sums = dict.fromkeys(names, 0.0)
     # the metrics' float temporaries are [rows, L]: bound them by working through blocks of queries
     block = max(1, _METRIC_BLOCK_ELEMENTS // num_neighbours)
-    for q0 in range(0, indices.shape[0], block):
+    for q0 in range(0, len(labels), block):
         rows = slice(q0, q0 + block)
-        relevance = ref_labels[indices[rows]] == labels[rows, None]
+        relevance = neighbour_labels(rows) == labels[rows, None]
         counted, keep = num_relevant[rows], valid[rows]
         for name, (family, k) in ranked.items():
             v = _RANKED[name](relevance, counted) if k is None else _PER_K[family](relevance, counted, k)
-            sums[name] = sums.get(name, 0.0) + float(v[keep].sum())
-    num_valid = int(valid.sum())
-    out = {name: total / num_valid for name, total in sums.items()}
-    return {name: out[name] if name in out else _UNRANKED[name](embeddings, labels) for name in names}
+            sums[name] += float(v[keep].sum())
+    return sums
 
 
 def _per_k(name: str):
     """(family, k) of a per-k metric name of evaluate's ("recall@4" -> ("recall", 4)), else (name, None)."""
     family, _, k = name.partition("@")
     return (family, int(k)) if k.isdigit() else (name, None)
+
+
+def _num_neighbours(ks, max_k, available, num_valid, most_relevant, leave_one_out, stacklevel) -> int:
+    """L, the neighbours evaluate fetches per query, from the sizes of the whole query and reference sets (with
+    its errors, and its warning when map@r and r_precision become lower bounds)."""
+    if max(ks) > available:
+        what = "number of embeddings minus 1 (leave-one-out)" if leave_one_out else "reference size"
+        raise ValueError(f"ks must be <= the {what} = {available}, got max(ks) = {max(ks)}")
+    if num_valid == 0:
+        raise ValueError("labels: no query has a relevant item in the reference set (every class has a single "
+                         "sample, or no query label occurs in reference_labels)")
+    if most_relevant > max_k:
+        warnings.warn(f"evaluate: some queries have up to {most_relevant} relevant items but only max_k = {max_k} "
+                      f"neighbours are fetched, so map@r and r_precision are lower bounds; raise max_k for exact "
+                      f"values", stacklevel=stacklevel + 1)
+    return min(max(max(ks), most_relevant), max_k, available)
+
+
+def evaluate(embeddings: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None = None,
+             reference_labels: torch.Tensor | None = None, ks=(1, 2, 4, 8), metric: str = "cosine",
+             max_k: int = 1024, include=None, exclude=(), process_group=None) -> dict:
+    """Retrieval and clustering metrics of ``embeddings`` [Q, D] (queries) with integer ``labels`` [Q].
+
+    Neighbours are searched in ``reference`` [R, D] (labels ``reference_labels`` [R]) or, when both are None or
+    ``reference`` is ``embeddings`` itself, in the queries with each query's own row excluded (leave-one-out). One
+    :func:`~.retrieval.knn` call fetches L = min(max(largest k, max_q R_q), max_k, reference size) neighbours per
+    query, so memory is O(Q * L): when a query has more than ``max_k`` relevant items, "map@r" and "r_precision"
+    count only the first ``max_k`` neighbours (missing ranks count as not relevant, so they are lower bounds);
+    raise ``max_k`` for exact values.
+
+    The ranking metrics are averaged over the queries with R_q > 0. "nmi", "closest_center_accuracy" and
+    "range_accuracy" are computed on the query embeddings and labels only (the reference set is not used).
+
+    ``include`` / ``exclude`` select the metrics as PML's AccuracyCalculator does (:func:`select_metrics`): by
+    evaluate's names ("recall@16", "map@r", "nmi", ...; a per-k name need not have its k in ``ks``) or PML's
+    ("precision_at_1", "mean_average_precision_at_r", "r_precision", "NMI"). ``include`` None or empty: every
+    metric of ``ks``. E.g. ``exclude=("nmi",)`` skips the k-means; without a ranking metric no neighbour is searched.
+
+    ``process_group``: a torch.distributed group; every rank passes its own queries and labels (and its own shard
+    of the reference, any size, possibly empty) and gets the metrics of the union: the neighbours are searched
+    with ``knn(..., process_group=)``, the centroid accuracies from all-reduced class statistics. "nmi" is left
+    out (a k-means of the union is not computed; docs/sharding.md), and so is the metric selection (include /
+    exclude raise a ValueError there).
+
+    Returns:
+        dict of Python floats in [0, 1], keyed by evaluate's names in :func:`select_metrics`'s order; by default
+        "recall@{k}", "precision@{k}", "map@{k}", "ndcg@{k}" for each k in ks, "r_precision", "map@r", "nmi",
+        "closest_center_accuracy", "range_accuracy".
+    """
+    if process_group is not None:
+        if include or exclude:
+            raise ValueError("include / exclude are not supported with process_group (the sharded evaluation "
+                             "returns its fixed set of metrics)")
+        from .distributed_eval import evaluate as sharded_evaluate
+
+        return sharded_evaluate(embeddings, labels, reference, reference_labels, ks, metric, max_k, process_group)
+    reference, ks = _evaluate_args(embeddings, labels, reference, reference_labels, ks, max_k)
+    names = select_metrics(ks, include, exclude)
+    ranked = [name for name in names if name not in _UNRANKED]
+    if not ranked:  # no neighbour search
+        return {name: _UNRANKED[name](embeddings, labels) for name in names}
+    largest_k = max((k for _, k in map(_per_k, ranked) if k is not None), default=1)
+    if max_k < largest_k:
+        raise ValueError(f"max_k must be >= the largest k of the metrics (ks, include) = {largest_k}, got {max_k}")
+    leave_one_out = reference is None
+    labels = labels.long()
+    ref_labels = labels if leave_one_out else reference_labels.long()
+    classes, counts = torch.unique(ref_labels, return_counts=True)
+    num_relevant = _count_matches(labels, classes, counts) - int(leave_one_out)
+    valid = num_relevant > 0
+    available = embeddings.shape[0] - 1 if leave_one_out else reference.shape[0]
+    num_neighbours = _num_neighbours((largest_k,), max_k, available, int(valid.sum()), int(num_relevant.max()),
+                                     leave_one_out, stacklevel=2)
+    _, indices = knn(embeddings, reference, num_neighbours, metric)
+    sums = _ranking_sums(lambda rows: ref_labels[indices[rows]], labels, num_relevant, valid, ranked,
+                         num_neighbours)
+    out = {name: total / int(valid.sum()) for name, total in sums.items()}
+    return {name: out[name] if name in out else _UNRANKED[name](embeddings, labels) for name in names}

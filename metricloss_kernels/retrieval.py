@@ -45,7 +45,8 @@ def _op_available(device: torch.device) -> bool:
         "metricloss_kernels::knn", device.type.upper())
 
 
-def knn(queries: torch.Tensor, reference: torch.Tensor | None = None, k: int = 10, metric: str = "cosine"):
+def knn(queries: torch.Tensor, reference: torch.Tensor | None = None, k: int = 10, metric: str = "cosine",
+        process_group=None):
     """The k nearest reference rows of every query.
 
     Args:
@@ -54,6 +55,11 @@ def knn(queries: torch.Tensor, reference: torch.Tensor | None = None, k: int = 1
             ``queries`` against itself and excludes each query's own row (leave-one-out).
         k: number of neighbours, 1 <= k <= R (R - 1 when reference is None).
         metric: "cosine" or "dot" (similarities, largest first) or "euclidean" (distances, smallest first).
+        process_group: a torch.distributed group (e.g. ``torch.distributed.group.WORLD``): every rank passes its own
+            queries [Q_r, D] and its own shard of the reference [R_r, D] (either may be empty), or None everywhere
+            for leave-one-out over the union of the ranks' queries; each rank gets its queries' neighbours in the
+            union of the shards, with global indices (the ranks' rows concatenated in rank order). See
+            :mod:`.distributed_eval` and docs/sharding.md.
 
     Returns:
         (scores [Q, k] in the input dtype, indices [Q, k] int64): best first, ties broken towards the lower index.
@@ -64,6 +70,21 @@ def knn(queries: torch.Tensor, reference: torch.Tensor | None = None, k: int = 1
     candidates, and every row within the GEMM's rounding-error bound of the k-th best is measured directly. Rows
     crowding that bound (tight clusters far apart relative to their spread) cost time, never accuracy.
     """
+    if process_group is not None:
+        from .distributed_eval import sharded_knn
+
+        return sharded_knn(queries, reference, k, metric, process_group)
+    exclude_self, reference = check_inputs(queries, reference, metric)
+    available = reference.shape[0] - 1 if exclude_self else reference.shape[0]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= available:
+        what = "the number of queries minus 1 (self excluded)" if exclude_self else "the reference size"
+        raise ValueError(f"k must be an integer in [1, {available}] ({what}), got {k!r}")
+    return search(queries, reference, k, metric, exclude_self)
+
+
+def check_inputs(queries, reference, metric):
+    """Checks knn's queries, reference and metric (not k). Returns (exclude_self, the reference: queries when
+    leave-one-out)."""
     check.tensor(queries, "queries")
     if not queries.is_floating_point():
         raise TypeError(f"queries must be a floating-point tensor, got dtype {queries.dtype}")
@@ -81,16 +102,15 @@ def knn(queries: torch.Tensor, reference: torch.Tensor | None = None, k: int = 1
                              f"got {tuple(reference.shape)}")
         if reference.device != queries.device:
             raise ValueError(f"reference must be on the queries' device {queries.device}, got {reference.device}")
-    available = reference.shape[0] - 1 if exclude_self else reference.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= available:
-        what = "the number of queries minus 1 (self excluded)" if exclude_self else "the reference size"
-        raise ValueError(f"k must be an integer in [1, {available}] ({what}), got {k!r}")
     check.choice(metric, "metric", METRICS)
     for name, x in (("queries", queries), ("reference", reference)):
-        if not exclude_self or name == "queries":
-            if not bool(torch.isfinite(x).all()):
-                raise ValueError(f"{name} contains NaN or infinite values")
+        if (not exclude_self or name == "queries") and not check.all_finite(x):
+            raise ValueError(f"{name} contains NaN or infinite values")
+    return exclude_self, reference
 
+
+def search(queries, reference, k, metric, exclude_self):
+    """:func:`knn` on checked arguments: the C++ op, or the chunked torch path where the op is missing."""
     queries, reference = queries.detach(), reference.detach()
     if _op_available(queries.device):
         return torch.ops.metricloss_kernels.knn(queries, reference, k, metric, exclude_self)
@@ -103,7 +123,7 @@ def _warn_fallback(device: torch.device) -> None:
     if not _warned:
         why = f"it failed to import ({_EXTENSION_ERROR})" if _EXTENSION_ERROR else f"it has no {device.type} kernel"
         warnings.warn(f"metricloss_kernels: the C++ knn op is not available ({why}); using the chunked torch path",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)
         _warned = True
 
 

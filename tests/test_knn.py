@@ -160,6 +160,19 @@ def test_validation():
         knn(q, r * math.inf, k=1)
 
 
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_knn_rejects_every_non_finite_value(value, dtype):
+    """One non-finite entry anywhere (here the last) is refused, whatever its sign (one aminmax pass checks)."""
+    q = torch.randn(37, 40, dtype=dtype)
+    bad = q.clone()
+    bad[-1, -1] = value
+    with pytest.raises(ValueError, match="queries contains NaN or infinite"):
+        knn(bad, None, k=3)
+    with pytest.raises(ValueError, match="reference contains NaN or infinite"):
+        knn(q, bad, k=3)
+
+
 _SIMD_CHECK = """
 import torch
 import metricloss_kernels._C  # registers the op

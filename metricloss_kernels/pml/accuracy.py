@@ -15,6 +15,11 @@ label_comparison_fn, device, knn_func, kmeans_func), metric names, warnings and 
   Label counts and per-class averages (avg_of_avgs, return_per_class) use sorting and scatter-adds, never a
   (labels x samples) mask. Metrics a subclass defines or overrides get PML's full arguments (knn_labels for all
   queries), as in PML;
+- `process_group=`: a torch.distributed group (our keyword): every rank passes its own queries (and its own shard
+  of the reference, or reference=None for leave-one-out over the union of the ranks' queries) and gets the
+  metrics of the union; the neighbours come from the sharded exact search (`knn(..., process_group=)`), the means
+  from all-reduced sums. Needs the default knn_func and label_comparison_fn, 1-D labels and metrics that run by
+  blocks; "NMI" and "AMI" are left out of the result (no k-means over shards; docs/sharding.md);
 - extra metrics, opt in by name: "ndcg_at_<n>", "recall_at_<n>" (1 if any of the first n is relevant) and
   "precision_at_<n>" (n > 1; "precision_at_1" is PML's), as defined in `metricloss_kernels.metrics`, e.g.
   include=("precision_at_1", "mean_average_precision_at_r", "ndcg_at_10"). They average over the queries PML
@@ -28,8 +33,9 @@ from pytorch_metric_learning.utils import accuracy_calculator as pml_ac
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from .. import _validation as V
-from .. import metrics
+from .. import distributed_eval, metrics
 from .._kmeans import kmeans
+from ..distributed import agreement, check_group
 from ..retrieval import knn
 
 _EXTRA = re.compile(r"(ndcg|recall|precision)_at_([1-9][0-9]*)")
@@ -149,14 +155,23 @@ def _match_counts(labels, reference_labels):
 
 class AccuracyCalculator(pml_ac.AccuracyCalculator):
     """PML's AccuracyCalculator with an exact kNN and bounded memory (see the module docstring). Same arguments as
-    PML's; knn_func defaults to ExactKNN() and kmeans_func to KMeans()."""
+    PML's; knn_func defaults to ExactKNN() and kmeans_func to KMeans(). ``process_group``: a
+    torch.distributed group over whose ranks the queries and the reference are sharded (module docstring)."""
 
     # a block holds at most this many (query, neighbour) entries: with the kNN output and the metrics' temporaries,
     # about 64 bytes each, so 64 MiB
     block_elements = 1 << 20
 
     def __init__(self, include=(), exclude=(), avg_of_avgs=False, return_per_class=False, k=None,
-                 label_comparison_fn=None, device=None, knn_func=None, kmeans_func=None):
+                 label_comparison_fn=None, device=None, knn_func=None, kmeans_func=None, process_group=None):
+        check_group(process_group)
+        if process_group is not None and not (knn_func is None or type(knn_func) is ExactKNN):
+            raise ValueError("knn_func: with a process_group the search is the sharded ExactKNN; a custom knn_func "
+                             "cannot search the ranks' shards")
+        if process_group is not None and label_comparison_fn is not None:
+            raise ValueError("label_comparison_fn: with a process_group only label equality (the default) is "
+                             "supported")
+        self.process_group = process_group
         super().__init__(include=include, exclude=exclude, avg_of_avgs=avg_of_avgs,
                          return_per_class=return_per_class, k=k, label_comparison_fn=label_comparison_fn,
                          device=device, knn_func=ExactKNN() if knn_func is None else knn_func,
@@ -254,6 +269,9 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
         construction). query [Q, D], query_labels [Q(, ...)] (tensors or numpy arrays); reference [R, D] and
         reference_labels default to the query set (then ref_includes_query=True: the first Q reference rows are the
         queries, each excluded from its own neighbours)."""
+        if self.process_group is not None:
+            return self._sharded_accuracy(query, query_labels, reference, reference_labels, ref_includes_query,
+                                          include, exclude)
         if reference is None:
             reference, reference_labels, ref_includes_query = query, query_labels, True
         query, reference, query_labels, reference_labels = (
@@ -327,3 +345,63 @@ class AccuracyCalculator(pml_ac.AccuracyCalculator):
                            "knn_labels": torch.cat([lab for _, lab in knn_parts])}
             results.update({n: self.curr_function_dict[n](**full_kwargs) for n in full})
         return results
+
+    # -- over a process group
+    def _sharded_accuracy(self, query, query_labels, reference, reference_labels, ref_includes_query, include,
+                          exclude):
+        """get_accuracy of the union of the ranks' queries (and reference shards); see the module docstring."""
+        group = self.process_group
+        leave_one_out = reference is None
+        with agreement(group):
+            if ref_includes_query and not leave_one_out:
+                raise ValueError("ref_includes_query: with a process_group, pass reference=None for leave-one-out "
+                                 "over the union of the ranks' queries")
+            if leave_one_out:
+                reference, reference_labels = query, query_labels
+            query, reference = (c_f.numpy_to_torch(x).to(self.device).type(torch.float) for x in (query, reference))
+            query_labels, reference_labels = (c_f.numpy_to_torch(x).to(self.device).long()
+                                              for x in (query_labels, reference_labels))
+            if query_labels.dim() != 1 or len(query) != len(query_labels) or len(reference) != len(reference_labels):
+                raise ValueError("embeddings and labels must have the same length (labels 1-D with a process_group)")
+            self.curr_function_dict = self.get_function_dict(include, exclude)
+            names = [n for n in self.get_curr_metrics() if n not in self.requires_clustering()]
+            unblocked = [n for n in names if not self._blocked(n)]
+            if unblocked:
+                raise ValueError(f"include: {unblocked} are computed by methods of this subclass, which take every "
+                                 "query at once and cannot run over a process_group")
+        classes, counts, _ = distributed_eval.global_classes(reference_labels, group)
+        matches = metrics._count_matches(query_labels, classes, counts)
+        per_query = matches - int(leave_one_out)
+        keep = per_query > 0
+        mine = torch.tensor([len(reference), int(matches.max()) if len(matches) else 0])
+        sizes = distributed_eval.all_gather(mine, group).view(-1, 2)
+        num_reference, most = int(sizes[:, 0].sum()), int(sizes[:, 1].max())
+        num_k = self.determine_k(torch.tensor([most]), num_reference, leave_one_out)
+        fetch = max([num_k, *(_extra(n)[1] for n in names if _extra(n) is not None)])
+        available = num_reference - int(leave_one_out)
+        if not 1 <= fetch <= available:
+            raise ValueError(f"k must be in [1, {available}] (the reference size of all ranks"
+                             f"{' less the query itself' if leave_one_out else ''}), got {fetch}")
+        metric = "euclidean" if self.knn_func.metric == "squared_euclidean" else self.knn_func.metric
+        _, _, found = distributed_eval.search(query, None if leave_one_out else reference, fetch, metric, group,
+                                              reference_labels)
+        relevant = found[keep] == query_labels[keep, None]
+        results = {}
+        for n in names:
+            columns = relevant if _extra(n) is not None else relevant[:, :num_k]
+            results[n] = self._sharded_average(self._metric_values(n, columns, per_query[keep]), query_labels[keep])
+        return results
+
+    def _sharded_average(self, values, labels):
+        """`_average` over the ranks: all-reduced sums, per class of the union's kept queries where asked."""
+        group = self.process_group
+        classes, counts, inverse = distributed_eval.global_classes(labels, group)
+        if len(classes) == 0:  # no rank kept a query
+            return pml_ac.nan_accuracy(classes, self.return_per_class)
+        if not (self.avg_of_avgs or self.return_per_class):  # one bucket: the mean over every kept query
+            counts, inverse = counts.sum(0, keepdim=True), torch.zeros_like(inverse)
+        sums = values.new_zeros(len(counts)).index_add_(0, inverse, values)
+        per_class = distributed_eval.all_reduce(sums, group) / counts.to(sums.dtype)
+        if self.return_per_class:
+            return per_class.cpu().tolist()
+        return torch.mean(per_class).item()
