@@ -1,8 +1,9 @@
 """Settings of the pytest-benchmark suite (test_bench_cases.py).
 
 METRICLOSS_BENCH selects the sizes of the bench command's grid (metricloss_kernels.experiments.bench.cases): "full"
-(the default, the README's sizes) or "quick" (`bench --quick`). The proxy cases run on CUDA when it is available,
-else on the CPU with bench.THREADS threads, like the command; the run's JSON gets the harness's machine facts.
+(the default, the README's sizes) or "quick" (`bench --quick`), of every family of the table (proxy, op, knn; the
+command runs the op family only with --family op). The proxy and op cases run on CUDA when it is available, else on
+the CPU with bench.THREADS threads, like the command; the run's JSON gets the harness's machine facts.
 """
 import os
 
@@ -25,8 +26,8 @@ def pytest_configure(config):
 
 
 def pytest_generate_tests(metafunc):
-    """One test per case of the family a test asks for (`proxy_case` or `knn_case`) and implementation; those whose
-    optional module is not installed are skipped with the reason."""
+    """One test per case of the family a test asks for (`proxy_case`, `op_case` or `knn_case`) and implementation;
+    those whose optional module is not installed are skipped with the reason."""
     for family in bench.FAMILIES:
         if f"{family}_case" in metafunc.fixturenames:
             grid = bench.cases(DEVICE, metafunc.config.stash[QUICK], families=(family,))

@@ -5,6 +5,10 @@
   only: the Triton interpreter is a correctness tool, not a speed one), against pytorch-metric-learning's class of
   the same name when it is installed and, on CUDA, the floor: the same four GEMMs (forward, recomputed forward, dX,
   dW) through torch.mm. Across the number of classes C.
+- op family: forward + backward of the streaming primitive, the registered op `class_lse` (metricloss_kernels.lse),
+  both reductions at one size: the eager reference (metricloss_kernels.reference.class_lse) and each implementation
+  of `lse.IMPLS` (chunked; triton and gemm on CUDA only), and the torch.mm floor on CUDA. Not in the command's
+  default families (`--family op`); the pytest-benchmark suite runs it.
 - knn family (CPU): exact top-k by `mlk.knn` (the C++ op when built) against faiss-cpu's IndexFlatIP when it is
   installed and chunked torch.mm + topk, across the number of references R.
 
@@ -23,8 +27,10 @@ from typing import NamedTuple
 import torch
 
 from .. import functional as F
-from . import harness
+from .. import lse
+from ..reference import class_lse as reference_class_lse
 from ..retrieval import knn
+from . import harness
 
 # name -> (functional name, pytorch-metric-learning class or None, keyword arguments shared by both, K)
 PROXY_LOSSES = {
@@ -36,7 +42,9 @@ PROXY_LOSSES = {
     "mpa": ("mpa_loss", None, {"alpha": 32.0, "margin": 0.1, "gamma": 0.1}, 10),
 }
 PROXY_IMPLS = ("reference", "chunked", "triton", "pml")
-CUDA_ONLY = ("triton", "torch.mm")  # the Triton interpreter is a correctness tool; torch.mm is the CUDA GEMM floor
+# the Triton interpreter is a correctness tool (gemm's epilogues are Triton kernels too); torch.mm is the CUDA floor
+CUDA_ONLY = ("triton", "gemm", "torch.mm")
+OP_KWARGS = {"scale": 32.0}  # class_lse's logits z = 32 cos, ProxyAnchor's alpha
 # per kNN metric: our op, faiss's exact index, the chunked torch baseline; euclidean also times our op with
 # metric="dot" on the same data: that row's ratio_to_mlk.knn is time(dot) / time(euclidean), the inverse of the
 # cost of the exact euclidean search (centring, error-bounded candidate window, fp64 re-rank) under the same load
@@ -45,7 +53,8 @@ KNN_IMPLS_BY_METRIC = {"dot": ("mlk.knn", "faiss.IndexFlatIP", "torch.mm+topk"),
 KNN_IMPLS = tuple(dict.fromkeys(i for impls in KNN_IMPLS_BY_METRIC.values() for i in impls))
 # implementation -> the optional module it needs (harness.OPTIONAL)
 NEEDS = {"pml": "pytorch_metric_learning", "faiss.IndexFlatIP": "faiss", "faiss.IndexFlatL2": "faiss"}
-FAMILIES = ("proxy", "knn")
+FAMILIES = ("proxy", "op", "knn")
+COMMAND_FAMILIES = ("proxy", "knn")  # what the bench command runs unless --family says otherwise
 ROUNDS = {False: 5, True: 3}  # timed rounds after the warm-up, by `quick`
 THREADS = 2  # CPU threads of torch and faiss: the design's CPU setting
 MB = 2 ** 20
@@ -73,6 +82,25 @@ class ProxyCase(NamedTuple):
                 "K": self.k, "dtype": self.dtype}
 
 
+class OpCase(NamedTuple):
+    reduce: str
+    n: int
+    d: int
+    c: int
+    k: int = 1
+    dtype: str = "float32"
+
+    @property
+    def name(self) -> str:
+        return f"class_lse_{self.reduce}_N{self.n}_D{self.d}_C{self.c}_K{self.k}_{self.dtype}"
+
+    @property
+    def fields(self) -> dict:
+        """The case and its problem size, as a result row names them."""
+        return {"family": "op", "case": self.name, "op": "class_lse", "reduce": self.reduce, "N": self.n,
+                "D": self.d, "C": self.c, "K": self.k, "dtype": self.dtype}
+
+
 class KnnCase(NamedTuple):
     queries: int
     references: int
@@ -97,21 +125,38 @@ _CPU_CLASSES = {(False, 1): (1_000, 10_000, 100_000), (False, 10): (200, 2_000, 
                 (True, 1): (1_000, 10_000, 30_000), (True, 10): (100, 1_000, 3_000)}
 
 
+def _dtypes(device: str, quick: bool) -> tuple:
+    return ("float32", "bfloat16") if device == "cuda" and not quick else ("float32",)
+
+
+def _rows_and_width(device: str, quick: bool) -> tuple:
+    """(N, D) of the proxy and op cases."""
+    return (1024, 512) if device == "cuda" else (128, 64) if quick else (256, 128)
+
+
 def proxy_grid(device: str, quick: bool, losses=None) -> list:
     """CPU: N=256, D=128, C*K from 1e3 to 2e5 (at the top: the CPU targets of docs/benchmarks.md#targets);
-    quick: N=128, D=64, C*K up to 3e4. CUDA: N=1024, D=512, C*K from 1e4 to 1e6, fp32 and bf16 (quick: up to 1e5,
-    fp32)."""
+    quick: N=128, D=64, C*K up to 3e4. CUDA: N=1024, D=512, C*K from 1e4 to 1e6, fp32 and bf16, ProxyAnchor and
+    SoftTriple (quick: up to 1e5, fp32). Quick, on either device: ProxyAnchor, ArcFace and SoftTriple."""
+    quick_losses = ("proxy_anchor", "arcface", "soft_triple")
+    n, d = _rows_and_width(device, quick)
     if device == "cuda":
-        losses = losses or ("proxy_anchor", "soft_triple")
-        dtypes = ("float32",) if quick else ("float32", "bfloat16")
+        losses = losses or (quick_losses if quick else ("proxy_anchor", "soft_triple"))
         sizes = (10_000, 100_000) if quick else (10_000, 100_000, 1_000_000)
-        return [ProxyCase(loss, 1024, 512, p // PROXY_LOSSES[loss][3], dtype)
-                for dtype in dtypes for loss in losses for p in sizes]
-    default = ("proxy_anchor", "soft_triple") if quick else ("proxy_anchor", "proxy_nca", "arcface", "soft_triple",
-                                                              "mpa")
-    n, d = (128, 64) if quick else (256, 128)
+        return [ProxyCase(loss, n, d, p // PROXY_LOSSES[loss][3], dtype)
+                for dtype in _dtypes(device, quick) for loss in losses for p in sizes]
+    default = quick_losses if quick else ("proxy_anchor", "proxy_nca", "arcface", "soft_triple", "mpa")
     return [ProxyCase(loss, n, d, c) for loss in losses or default
             for c in _CPU_CLASSES[(quick, PROXY_LOSSES[loss][3])]]
+
+
+def op_grid(device: str, quick: bool) -> list:
+    """class_lse, K = 1, both reductions at one size: the proxy grid's N and D (CPU 256 x 128, quick 128 x 64; CUDA
+    1024 x 512) with C = 1e5 (CPU quick: 1e4; CUDA: 1e6, quick 1e5), fp32 (CUDA: and bf16, quick fp32)."""
+    n, d = _rows_and_width(device, quick)
+    c = {("cpu", False): 100_000, ("cpu", True): 10_000, ("cuda", False): 1_000_000, ("cuda", True): 100_000}
+    return [OpCase(reduce, n, d, c[device, quick], dtype=dtype)
+            for dtype in _dtypes(device, quick) for reduce in lse.REDUCES]
 
 
 def knn_grid(quick: bool, queries=None, references=None, dim=None, ks=None, metric="dot") -> list:
@@ -125,28 +170,38 @@ def knn_grid(quick: bool, queries=None, references=None, dim=None, ks=None, metr
 
 def cases(device="cpu", quick=False, families=FAMILIES, losses=None, **knn_sizes) -> list:
     """The one table of cases, read by the bench command and by the pytest-benchmark suite
-    (benchmarks/test_bench_cases.py): the proxy cases on `device`, then the kNN cases (CPU). knn_sizes: knn_grid's
-    queries, references, dim, ks and metric."""
+    (benchmarks/test_bench_cases.py): the proxy and op cases on `device`, then the kNN cases (CPU). knn_sizes:
+    knn_grid's queries, references, dim, ks and metric."""
     grid = proxy_grid(device, quick, losses) if "proxy" in families else []
+    grid += op_grid(device, quick) if "op" in families else []
     return grid + (knn_grid(quick, **knn_sizes) if "knn" in families else [])
+
+
+def op_impls() -> tuple:
+    """The eager reference, then every implementation the op has now (`lse.IMPLS` but "auto")."""
+    return ("reference", *(i for i in lse.IMPLS if i != "auto"))
 
 
 def implementations(case, device="cpu") -> dict:
     """{implementation: None, or why it cannot run here} for every implementation `case` has on `device`, in the
-    rows' order: Triton and the torch.mm floor on CUDA only, pytorch-metric-learning where it has the loss, for kNN
-    the implementations of the case's metric; those whose optional module is not installed say so."""
+    rows' order: Triton, gemm and the torch.mm floor on CUDA only, pytorch-metric-learning where it has the loss,
+    for the op those of `op_impls`, for kNN the implementations of the case's metric; those whose optional module is
+    not installed say so."""
     if isinstance(case, KnnCase):
         impls = KNN_IMPLS_BY_METRIC[case.metric]
     else:
-        impls = [i for i in PROXY_IMPLS + ("torch.mm",) if (device == "cuda" or i not in CUDA_ONLY)
-                 and (i != "pml" or PROXY_LOSSES[case.loss][1] is not None)]
+        ours = op_impls() if isinstance(case, OpCase) else [
+            i for i in PROXY_IMPLS if i != "pml" or PROXY_LOSSES[case.loss][1] is not None]
+        impls = [i for i in (*ours, "torch.mm") if device == "cuda" or i not in CUDA_ONLY]
     return {i: f"{NEEDS[i]} is not installed" if i in NEEDS and harness.version(NEEDS[i]) is None else None
             for i in impls}
 
 
 def case_runs(case, impls, device="cpu") -> dict:
-    """{impl: closure running the case once} (proxy_runs or knn_runs)."""
-    return proxy_runs(case, impls, device) if isinstance(case, ProxyCase) else knn_runs(case, impls)
+    """{impl: closure running the case once} (proxy_runs, op_runs or knn_runs)."""
+    if isinstance(case, KnnCase):
+        return knn_runs(case, impls)
+    return (op_runs if isinstance(case, OpCase) else proxy_runs)(case, impls, device)
 
 
 def set_threads(threads: int) -> None:
@@ -157,7 +212,7 @@ def set_threads(threads: int) -> None:
         faiss.omp_set_num_threads(threads)
 
 
-# ------------------------------------------------------------------------------------------------ proxy cases
+# ----------------------------------------------------------------------------------------- proxy and op cases
 def _pml_module(case, device, dtype):
     from pytorch_metric_learning import losses as pml_losses
 
@@ -167,46 +222,78 @@ def _pml_module(case, device, dtype):
                                          **kwargs).to(device, dtype)
 
 
-def proxy_runs(case: ProxyCase, impls, device) -> dict:
-    """{impl: closure running one forward + backward}; all implementations share the embeddings and labels (ours
-    share the proxies too). "torch.mm" is the GEMM floor: x W^T twice, dlogits W and dlogits^T x."""
-    fn_name, _, kwargs, k = PROXY_LOSSES[case.loss]
+def _inputs(case, device):
+    """x [N, D] and w [C*K, D] (requiring gradients, in the case's dtype) and labels [N], from seed 0."""
     dtype = getattr(torch, case.dtype)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(case.n, case.d, generator=g).to(device, dtype).requires_grad_()
     labels = torch.randint(0, case.c, (case.n,), generator=g).to(device)
-    w = torch.randn(case.c * k, case.d, generator=g).to(device, dtype).requires_grad_()
+    w = torch.randn(case.c * case.k, case.d, generator=g).to(device, dtype).requires_grad_()
+    return x, labels, w
+
+
+def _forward_backward(params, call):
+    """A closure: clear the gradients of `params`, call, backward from the scalar it returns, return the scalar."""
+    def run():
+        for p in params:
+            p.grad = None
+        loss = call()
+        loss.backward()
+        return loss
+    return run
+
+
+def _gemm_floor(x, w):
+    """The GEMMs of a streamed forward + backward, no autograd: x W^T twice, dlogits W and dlogits^T x."""
+    xd, wd = x.detach(), w.detach()
+
+    def run():
+        logits, again = xd @ wd.T, xd @ wd.T
+        return again @ wd, logits.T @ xd
+    return run
+
+
+def proxy_runs(case: ProxyCase, impls, device) -> dict:
+    """{impl: closure running one forward + backward}; all implementations share the embeddings and labels (ours
+    share the proxies too). "torch.mm" is the GEMM floor (_gemm_floor)."""
+    fn_name, _, kwargs, k = PROXY_LOSSES[case.loss]
+    x, labels, w = _inputs(case, device)
     extra = {"centers_per_class": k} if k > 1 else {}
     runs = {}
     for impl in impls:
         if impl == "torch.mm":
-            xd, wd = x.detach(), w.detach()
-
-            def run(xd=xd, wd=wd):
-                logits, again = xd @ wd.T, xd @ wd.T
-                return again @ wd, logits.T @ xd
+            runs[impl] = _gemm_floor(x, w)
+        elif impl == "pml":
+            module = _pml_module(case, device, x.dtype)
+            runs[impl] = _forward_backward([x, *module.parameters()], lambda m=module: m(x, labels))
         else:
-            if impl == "pml":
-                module = _pml_module(case, device, dtype)
-                params, call = [x, *module.parameters()], (lambda m=module: m(x, labels))
-            else:
-                params = [x, w]
-                call = (lambda b=impl: getattr(F, fn_name)(x, labels, w, **extra, **kwargs, backend=b))
-
-            def run(params=params, call=call):
-                for p in params:
-                    p.grad = None
-                loss = call()
-                loss.backward()
-                return loss
-        runs[impl] = run
+            runs[impl] = _forward_backward(
+                [x, w], lambda b=impl: getattr(F, fn_name)(x, labels, w, **extra, **kwargs, backend=b))
     return runs
 
 
-def measure_proxy(case: ProxyCase, impls, device, rounds, memory=True) -> list:
-    """One row per implementation: times, peak torch allocation, the loss value, ratios to ours. An implementation
-    that fails its first call (out of memory, an unsupported dtype) gets a row with its error; the others run."""
-    runs = proxy_runs(case, impls, device)
+def op_runs(case: OpCase, impls, device, inputs=None) -> dict:
+    """{impl: closure running one forward + backward of class_lse (its output summed)}: "reference" is the eager
+    reference, the other names are `lse.class_lse`'s impl, "torch.mm" the GEMM floor; all share x, w and labels
+    (`inputs`: (x, labels, w) of the case's shapes; default: drawn from seed 0)."""
+    x, labels, w = inputs or _inputs(case, device)
+    spec = {"centers_per_class": case.k, "reduce": case.reduce, **OP_KWARGS}
+    runs = {}
+    for impl in impls:
+        if impl == "torch.mm":
+            runs[impl] = _gemm_floor(x, w)
+        elif impl == "reference":
+            runs[impl] = _forward_backward([x, w], lambda: reference_class_lse(x, w, labels, **spec).sum())
+        else:
+            runs[impl] = _forward_backward([x, w], lambda i=impl: lse.class_lse(x, w, labels, **spec, impl=i).sum())
+    return runs
+
+
+def measure_proxy(case, impls, device, rounds, memory=True) -> list:
+    """One row per implementation of a proxy or op case: times, peak torch allocation, the loss value (the op: its
+    output's sum), ratios to ours. An implementation that fails its first call (out of memory, an unsupported dtype)
+    gets a row with its error; the others run."""
+    runs = case_runs(case, impls, device)
     rows, values = [], {}
     for impl, run in list(runs.items()):
         try:
@@ -300,9 +387,10 @@ def unit_rows(n, d, generator):
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
-CSV_FIELDS = ("family", "case", "impl", "loss", "N", "D", "C", "K", "dtype", "Q", "R", "k", "metric",
-              "time_ms_median", "time_ms_min", "peak_mb", "memory", "tflops", "gflops", "loss_value", "ratio_to_chunked",
-              "ratio_to_triton", "ratio_to_mlk.knn", "index_agreement_with_mlk.knn", "load_average_1min", "error")
+CSV_FIELDS = ("family", "case", "impl", "loss", "op", "reduce", "N", "D", "C", "K", "dtype", "Q", "R", "k",
+              "metric", "time_ms_median", "time_ms_min", "peak_mb", "memory", "tflops", "gflops", "loss_value",
+              "ratio_to_chunked", "ratio_to_triton", "ratio_to_mlk.knn", "index_agreement_with_mlk.knn",
+              "load_average_1min", "error")
 
 
 def write_csv(rows, path):
@@ -313,15 +401,15 @@ def write_csv(rows, path):
 
 
 def write_plots(rows, out) -> list:
-    """Per proxy loss and for kNN: time and peak memory against C (or R), one line per implementation (and
-    dtype), log-log."""
+    """Per proxy loss, per reduction of the op and for kNN: time and peak memory against C (or R), one line per
+    implementation (and dtype), log-log."""
     from . import _plots
 
     paths = []
     ok = [r for r in rows if "error" not in r]
     groups = {}
     for r in ok:
-        key = r.get("loss", "knn")
+        key = {"proxy": r.get("loss"), "op": f"{r.get('op')}_{r.get('reduce')}", "knn": "knn"}[r["family"]]
         label = r["impl"] + (f" {r['dtype']}" if r.get("dtype", "float32") != "float32" else "") + (
             f" k={r['k']}" if r["family"] == "knn" and len({x['k'] for x in ok if x['family'] == 'knn'}) > 1 else "")
         groups.setdefault(key, {}).setdefault(label, []).append(r)
@@ -355,15 +443,16 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help=f"small sizes, {ROUNDS[True]} rounds: about a minute on 2 cores")
     parser.add_argument("--out", default="bench_out", help="output folder (default: %(default)s)")
-    parser.add_argument("--family", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--family", nargs="+", choices=FAMILIES, default=list(COMMAND_FAMILIES),
+                        help="case families (default: %(default)s)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device of the proxy family (kNN runs on the CPU)")
+                        help="device of the proxy and op families (kNN runs on the CPU)")
     parser.add_argument("--threads", type=int, default=THREADS,
                         help="CPU threads of torch and faiss (default: %(default)s)")
     parser.add_argument("--rounds", type=int,
                         help=f"timed rounds after one warm-up (default {ROUNDS[False]}; quick {ROUNDS[True]})")
     parser.add_argument("--losses", nargs="+", choices=tuple(PROXY_LOSSES))
-    parser.add_argument("--impls", nargs="+", choices=PROXY_IMPLS + KNN_IMPLS,
+    parser.add_argument("--impls", nargs="+", choices=(*dict.fromkeys(PROXY_IMPLS + op_impls()), *KNN_IMPLS),
                         help="subset of the implementations (default: every one that can run here)")
     parser.add_argument("--cases", nargs="+", help="case names (see --list) instead of the whole grid")
     parser.add_argument("--queries", type=int)
@@ -407,21 +496,21 @@ def main(argv=None):
     from tqdm import tqdm
 
     set_threads(args.threads)
-    requested = {*(args.impls or PROXY_IMPLS + KNN_IMPLS), "torch.mm"}  # the floor runs wherever it can
+    requested = {*(args.impls or PROXY_IMPLS + op_impls() + KNN_IMPLS), "torch.mm"}  # the floor runs where it can
     plan = {case: [i for i, why in implementations(case, args.device).items() if why is None and i in requested]
             for case in grid}
-    proxy_impls = [*dict.fromkeys(i for case in grid if isinstance(case, ProxyCase) for i in plan[case])]
-    knn_impls = [*dict.fromkeys(i for case in grid if isinstance(case, KnnCase) for i in plan[case])]
+    impls_by_family = {f"{family}_impls": [*dict.fromkeys(i for case in grid if case.fields["family"] == family
+                                                          for i in plan[case])] for family in FAMILIES}
     rows = []
     bar = tqdm(grid, unit="case", disable=args.no_progress)
     for case in bar:
         bar.set_description(case.name)
         load = harness.load_average()
         try:
-            if isinstance(case, ProxyCase):
-                new = measure_proxy(case, plan[case], args.device, rounds, not args.no_memory)
-            else:
+            if isinstance(case, KnnCase):
                 new = measure_knn(case, plan[case], rounds, not args.no_memory)
+            else:
+                new = measure_proxy(case, plan[case], args.device, rounds, not args.no_memory)
         except (RuntimeError, ValueError, ImportError) as error:  # recorded; the next case still runs
             new = [{**case.fields, "impl": "all", "error": f"{type(error).__name__}: {error}"}]
             if args.device == "cuda":
@@ -437,10 +526,11 @@ def main(argv=None):
     machine = harness.machine_info(args.device)
     result = {"benchmark": "metricloss_kernels bench", "machine": machine,
               "config": {"rounds": rounds, "threads": args.threads, "quick": args.quick, "family": args.family,
-                         "proxy_impls": proxy_impls, "knn_impls": knn_impls, "memory": not args.no_memory},
+                         **impls_by_family, "memory": not args.no_memory},
               "notes": "time: median/min over rounds after a warm-up round, implementations interleaved; ratios: "
-                       "median over rounds of time(impl)/time(ours); peak_mb: torch_alloc (proxy) or rss_growth "
-                       "(knn), see metricloss_kernels/experiments/harness.py; load_average_1min: before/after each case.",
+                       "median over rounds of time(impl)/time(ours); peak_mb: torch_alloc (proxy, op) or "
+                       "rss_growth (knn), see metricloss_kernels/experiments/harness.py; load_average_1min: "
+                       "before/after each case.",
               "rows": rows}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -1,5 +1,6 @@
-"""The benchmark harness (metricloss_kernels/experiments/harness.py) and the bench command (metricloss_kernels/experiments/bench.py): what
-is measured and the results' schema, on tiny sizes. No timing is asserted."""
+"""The benchmark harness (metricloss_kernels/experiments/harness.py) and the bench command
+(metricloss_kernels/experiments/bench.py): what is measured and the results' schema, on tiny sizes. No timing is
+asserted."""
 import csv
 import json
 import time
@@ -7,7 +8,9 @@ import time
 import pytest
 import torch
 
+from metricloss_kernels import lse, reference
 from metricloss_kernels.experiments import bench, harness
+from utils import TOL, assert_close, proxy_inputs
 
 
 def test_time_interleaved_warms_up_then_rotates_the_order():
@@ -60,6 +63,30 @@ def test_measure_proxy_rows_agree_across_backends():
     assert ref["peak_mb"] > 0 and ref["memory"] == "torch_alloc" and chunked["ratio_to_chunked"] == 1.0
 
 
+@pytest.mark.parametrize("reduce", lse.REDUCES)
+def test_op_runs_compute_the_reference_forward_and_gradients(reduce):
+    """The op family's closures on one problem: chunked's output sum and gradients of x and w are the eager
+    reference's (the op's own tests check it in depth; this checks what the benchmark times)."""
+    case = bench.OpCase(reduce, 37, 40, 53, k=3)
+    x, w, _, labels = proxy_inputs(37, 53, 3, 40, dtype=torch.float32, requires_grad=True)
+    runs = bench.op_runs(case, ["reference", "chunked"], "cpu", inputs=(x, labels, w))
+    results = {impl: (run().detach(), x.grad.clone(), w.grad.clone()) for impl, run in runs.items()}
+    for got, want, what in zip(results["chunked"], results["reference"], ("sum", "dx", "dw")):
+        assert_close(got, want, TOL[torch.float32], what)
+    direct = reference.class_lse(x, w, labels, centers_per_class=3, reduce=reduce, **bench.OP_KWARGS).sum()
+    assert_close(results["reference"][0], direct.detach(), TOL[torch.float32], "the case's spec")
+
+
+def test_op_implementations_are_read_from_the_op_at_run_time(monkeypatch):
+    """The op family times every implementation of lse.IMPLS (but "auto") that runs on the device: triton and gemm
+    on CUDA only, like the torch.mm floor."""
+    case = bench.op_grid("cpu", quick=True)[0]
+    assert list(bench.implementations(case, "cpu")) == ["reference", "chunked"]
+    monkeypatch.setattr(lse, "IMPLS", ("auto", "chunked", "triton", "gemm"))
+    assert list(bench.implementations(case, "cuda")) == ["reference", "chunked", "triton", "gemm", "torch.mm"]
+    assert list(bench.implementations(case, "cpu")) == ["reference", "chunked"]
+
+
 def test_measure_knn_implementations_find_the_same_neighbours():
     rows = bench.measure_knn(bench.KnnCase(60, 500, 8, 4), ["mlk.knn", "torch.mm+topk"], rounds=1, memory=False)
     assert [r["impl"] for r in rows] == ["mlk.knn", "torch.mm+topk"]
@@ -74,6 +101,13 @@ def test_grids_cover_the_design_cases():
     assert {c.c * c.k for c in gpu} == {10_000, 100_000, 1_000_000} and {c.dtype for c in gpu} == {"float32",
                                                                                                   "bfloat16"}
     assert bench.knn_grid(quick=False)[-1] == bench.KnnCase(20_000, 100_000, 128, 16)
+    assert {c.loss for c in gpu} == {"proxy_anchor", "soft_triple"}
+    quick = bench.cases("cpu", quick=True)
+    for device in ("cpu", "cuda"):
+        assert {c.loss for c in bench.proxy_grid(device, quick=True)} == {"proxy_anchor", "arcface", "soft_triple"}
+    ops = [c for c in quick if isinstance(c, bench.OpCase)]
+    assert [c.reduce for c in ops] == ["row", "col"] and len({c._replace(reduce="") for c in ops}) == 1  # one size
+    assert {c.dtype for c in bench.op_grid("cuda", quick=False)} == {"float32", "bfloat16"}
 
 
 def test_command_writes_results_with_machine_facts(tmp_path, capsys):
@@ -93,6 +127,10 @@ def test_command_writes_results_with_machine_facts(tmp_path, capsys):
     assert len(table) == len(rows) and table[0]["case"] == "proxy_anchor_N128_D64_C1000_K1_float32"
     assert bench.main(["--list", "--quick", "--family", "knn"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "knn_Q1000_R30000_D64_k16"
+    assert bench.main(["--list", "--quick"]) == 0  # the op family runs only when asked for
+    assert not any(name.startswith("class_lse") for name in capsys.readouterr().out.split())
+    assert bench.main(["--list", "--quick", "--family", "op"]) == 0
+    assert capsys.readouterr().out.split() == [c.name for c in bench.op_grid("cpu", quick=True)]
 
 
 def test_unknown_case_is_a_usage_error():
@@ -102,11 +140,14 @@ def test_unknown_case_is_a_usage_error():
 
 def test_plots_time_and_memory(tmp_path):
     pytest.importorskip("matplotlib")
-    rows = [{"family": "proxy", "loss": "mpa", "impl": impl, "N": 8, "D": 4, "K": 10, "C": c, "dtype": "float32",
-             "time_ms_median": t * c, "peak_mb": t * c / 10, "memory": "torch_alloc"}
-            for impl, t in (("reference", 2.0), ("chunked", 1.0)) for c in (100, 1000)]
+    rows = [{**case.fields, "impl": impl, "time_ms_median": t * case.c, "peak_mb": t * case.c / 10,
+             "memory": "torch_alloc"}
+            for impl, t in (("reference", 2.0), ("chunked", 1.0))
+            for case in (bench.ProxyCase("mpa", 8, 4, 100), bench.ProxyCase("mpa", 8, 4, 1000),
+                         bench.OpCase("col", 8, 4, 100))]
     paths = bench.write_plots(rows, str(tmp_path))
-    assert sorted(p.rsplit("/", 1)[1] for p in paths) == ["memory_mpa.png", "time_mpa.png"]
+    assert sorted(p.rsplit("/", 1)[1] for p in paths) == ["memory_class_lse_col.png", "memory_mpa.png",
+                                                          "time_class_lse_col.png", "time_mpa.png"]
     assert all(open(p, "rb").read(4) == b"\x89PNG" for p in paths)
 
 
@@ -142,8 +183,8 @@ def test_bench_train_step_compiled_and_eager_train_alike():
 
 
 def test_pytest_benchmark_suite_runs_the_command_cases_side_by_side(tmp_path):
-    """benchmarks/ (pytest-benchmark) on the smallest quick SoftTriple case: one group, the eager reference and
-    chunked in it, the problem size and peak memory in every entry."""
+    """benchmarks/ (pytest-benchmark) on the smallest quick SoftTriple case and the quick class_lse column case: one
+    group each, the eager reference and chunked in it, the problem size and peak memory in every entry."""
     pytest.importorskip("pytest_benchmark")
     import os
     import pathlib
@@ -151,16 +192,20 @@ def test_pytest_benchmark_suite_runs_the_command_cases_side_by_side(tmp_path):
     import sys
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    case = min((c for c in bench.cases(device, quick=True) if getattr(c, "loss", None) == "soft_triple"),
-               key=lambda c: c.c)
+    grid = bench.cases(device, quick=True)
+    cases = {c.name: c for c in grid if isinstance(c, bench.OpCase) and c.reduce == "col"}
+    case = min((c for c in grid if getattr(c, "loss", None) == "soft_triple"), key=lambda c: c.c)
+    cases[case.name] = case
     root, out = pathlib.Path(__file__).resolve().parents[2], tmp_path / "out.json"
     done = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "-p", "no:cacheprovider",
-                           "-k", f"{case.name} and (reference or chunked)", "--benchmark-json", str(out)],
+                           "-k", f"({' or '.join(cases)}) and (reference or chunked)", "--benchmark-json", str(out)],
                           cwd=root, env={**os.environ, "METRICLOSS_BENCH": "quick"}, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     entries = json.loads(out.read_text())["benchmarks"]
-    assert sorted(e["extra_info"]["impl"] for e in entries) == ["chunked", "reference"]
+    assert sorted((e["group"], e["extra_info"]["impl"]) for e in entries) == sorted(
+        (name, impl) for name in cases for impl in ("chunked", "reference"))
     for entry in entries:
-        assert entry["group"] == case.name and entry["stats"]["rounds"] == bench.ROUNDS[True]
+        assert entry["stats"]["rounds"] == bench.ROUNDS[True]
         assert entry["extra_info"]["peak_mb"] > 0 and entry["extra_info"]["memory"] == "torch_alloc"
-        assert {k: entry["extra_info"][k] for k in case.fields} == case.fields
+        fields = cases[entry["group"]].fields
+        assert {k: entry["extra_info"][k] for k in fields} == fields
