@@ -8,7 +8,8 @@ one warm-up round, then every round calls each variant once) and see the same ba
 backend, the median seconds per step quiet and loaded and their ratio (the slowdown); the JSON keeps every round
 and the machine facts. Other processes on the machine add load to both columns: read the ratios, not the times.
 
-    python benchmarks/bench_contention.py --threads 2 --output benchmarks/results/contention_cpu.json  # N=256, C=2e4, K=10
+    # N=256, C=2e4, K=10:
+    python benchmarks/bench_contention.py --threads 2 --output benchmarks/results/contention_cpu.json
     python benchmarks/bench_contention.py --loss proxy_anchor --output ...  # N=256, C=1e5, K=1
     python benchmarks/bench_contention.py --classes 500 --rounds 2 --output /tmp/contention.json       # a quick check
 """

@@ -178,7 +178,7 @@ def measure_case(n, d, p, k, dtype_name, device, impls, rounds) -> list:
             if device == "cuda":
                 torch.cuda.empty_cache()
     for _ in range(rounds):
-        for impl, (run, times) in runs.items():
+        for run, times in runs.values():
             _sync(device)
             start = time.perf_counter()
             run()

@@ -1,11 +1,12 @@
 """Exact top-k retrieval on CPU: mlk.knn (the C++ op) vs faiss-cpu IndexFlatIP vs chunked torch.mm + topk.
 
-A thin entry point of `python -m metricloss_kernels bench --family knn` (metricloss_kernels/experiments/bench.py; the timing
-and memory method is metricloss_kernels/experiments/harness.py); every option of that command applies:
+A thin entry point of `python -m metricloss_kernels bench --family knn` (metricloss_kernels/experiments/bench.py; the
+timing and memory method is metricloss_kernels/experiments/harness.py); every option of that command applies:
 
     python benchmarks/bench_knn.py --out benchmarks/results/knn_cpu                     # Q=20,000, R up to 1e5
     python benchmarks/bench_knn.py --queries 2000 --references 20000 --ks 1 16 --out /tmp/knn
-    python benchmarks/bench_knn.py --metric euclidean --references 100000 --ks 1 16 128 --out benchmarks/results/knn_cpu_euclidean
+    python benchmarks/bench_knn.py --metric euclidean --references 100000 --ks 1 16 128 \\
+        --out benchmarks/results/knn_cpu_euclidean
 
 plus one mode of its own, a sweep of the op's block sizes (METRICLOSS_KNN_BLOCK_Q / _R) at k = 16:
 

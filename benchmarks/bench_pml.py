@@ -5,8 +5,8 @@ C=2e4 K=10, ArcFace C=1e5 (N=256, D=128, fp32, PML's default arguments). Accurac
 reference, leave-one-out), D=128, 1000 classes, k="max_bin_count", the kNN metrics (NMI/AMI excluded), PML with its
 default faiss kNN vs ours on the exact kNN op.
 
-Method (metricloss_kernels/experiments/harness.py): time: rounds that run each implementation once, in a rotating order, in
-one process, after a warm-up round (ratios compare runs under the same load); the JSON keeps the rounds, the medians
+Method (metricloss_kernels/experiments/harness.py): time: rounds that run each implementation once, in a rotating order,
+in one process, after a warm-up round (ratios compare runs under the same load); the JSON keeps the rounds, the medians
 and the median of per-round ratios. Memory: each implementation in a fresh subprocess, one cold call after the inputs
 exist: rss_growth_mb = the peak growth of the resident set during the call; for the losses also torch_alloc_mb = the
 peak of live torch allocations during a second call. Both are the call's extra memory.

@@ -1,7 +1,7 @@
 """Proxy losses, forward + backward: reference vs chunked vs Triton (CUDA) vs pytorch-metric-learning, across C.
 
-A thin entry point of `python -m metricloss_kernels bench --family proxy` (metricloss_kernels/experiments/bench.py; the timing
-and memory method is metricloss_kernels/experiments/harness.py); every option of that command applies:
+A thin entry point of `python -m metricloss_kernels bench --family proxy` (metricloss_kernels/experiments/bench.py;
+the timing and memory method is metricloss_kernels/experiments/harness.py); every option of that command applies:
 
     python benchmarks/bench_proxy_losses.py --out benchmarks/results/proxy_cpu          # CPU grid, 2 threads
     python benchmarks/bench_proxy_losses.py --device cuda --out benchmarks/results/proxy_cuda

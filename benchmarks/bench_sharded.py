@@ -11,7 +11,8 @@ Memory: "peak_step_bytes" = the harness's torch-allocation peak of one step beyo
 proxies' gradient included), "weights_bytes" = the proxies this rank holds; the maximum over the ranks. Bytes: every
 collective of a step, from its tensors' shapes (`distributed.CommunicationLog`; for PML the all-gathers its wrapper
 makes and the gradient's all-reduce), as payload (the bytes handed to the collectives) and as the bytes a rank
-sends with ring algorithms. Step times only with --rounds > 0 (interleaved rounds, metricloss_kernels/experiments/harness.py):
+sends with ring algorithms. Step times only with --rounds > 0 (interleaved rounds,
+metricloss_kernels/experiments/harness.py):
 
     python benchmarks/bench_sharded.py --out benchmarks/results/sharded_cpu.json              # memory and bytes
     python benchmarks/bench_sharded.py --rounds 5 --out sharded_cpu_timed.json               # + step times
@@ -20,7 +21,6 @@ sends with ring algorithms. Step times only with --rounds > 0 (interleaved round
 import argparse
 import datetime
 import json
-import math
 import os
 import socket
 import statistics

@@ -5,8 +5,8 @@ What is compiled: `torch.compile(Step(net, loss), fullgraph=True)`, Step.forward
 graph holds the network, the loss and (through AOTAutograd) their backward; `.backward()` and the optimiser step run
 as usual. Eager and compiled copies start from the same weights and see the same batches; the first compiled step
 (the compilation) is timed alone as `compile_s`; then rounds of `--steps` steps of each, in a rotating order after a
-warm-up round (metricloss_kernels/experiments/harness.py, so both see the same machine load). The JSON keeps every round; the
-summary is the median over rounds.
+warm-up round (metricloss_kernels/experiments/harness.py, so both see the same machine load). The JSON keeps every
+round; the summary is the median over rounds.
 
     python benchmarks/bench_train_step.py --threads 2                      # default grid -> results/train_step_cpu.json
     python benchmarks/bench_train_step.py --cases proxy_anchor-chunked --steps 5 --rounds 2 --output /tmp/x.json

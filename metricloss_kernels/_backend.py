@@ -14,7 +14,7 @@ BACKENDS = ("auto", "reference", "chunked", "triton", "gemm")
 AUTO_CHUNK_BYTES = 64 * 2**20
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_import_error() -> str | None:
     try:
         from . import triton as _kernels  # noqa: F401  (imports triton itself)

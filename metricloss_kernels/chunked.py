@@ -222,12 +222,6 @@ def saved_lse(grad, out, bias, spec, dtype):
     return g, (out - left_out(spec.shift, bias, spec, dtype)).masked_fill_(empty, 0)
 
 
-def forward(x, w, labels, bias, spec):
-    """class_lse (metricloss_kernels.lse) of x [N, D], w [C*K, D], labels [N], bias [C] or None under `spec`:
-    [N] (row) or [C] (col) in the compute dtype."""
-    t, row = _Tiling(x, w, labels, bias, spec), spec.row
-
-
 def forward(x, w, labels, bias, spec, offset=None):
     """class_lse (metricloss_kernels.lse) of x [N, D], w [C*K, D], labels [N], bias [C] or None under `spec`, with
     the row offset [N] or None: [N] (row) or [C] (col) in the compute dtype."""

@@ -287,7 +287,7 @@ def agree(group, embeddings, labels, num_local_classes=None, num_classes=None) -
     for column, what in ((_ROWS, "number of rows"), (_WIDTH, "width")):
         require(info[:, column] == info[0, column],
                 f"embeddings: every rank of process_group must pass the same {what} (sharded losses gather "
-                f"equal shards of the batch)", lambda: f", got {info[:, column].tolist()} on ranks 0..{world - 1}")
+                f"equal shards of the batch)", lambda: f", got {info[:, column].tolist()} on ranks 0..{world - 1}")  # noqa: B023 (called here)
     if num_local_classes is not None:
         upper, what = info[:, _CLASSES].sum(), "the number of classes of all ranks"
     elif num_classes is not None:

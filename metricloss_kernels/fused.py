@@ -4,8 +4,8 @@ its implementations: chunked.py, triton/, gemm.py), so that no N x C (or N x C*K
 Each loss is O(N) / O(C) torch work around one or two `lse` calls:
 - the target-class similarities S_{i,y_i} are gathered in torch: O(N*K*D);
 - row-wise losses (ProxyNCA, SoftTriple, MPA-DW/AP, ArcFace, sub-centre ArcFace, CosFace, L2-softmax,
-  polytopes) combine the row LSE over the other classes with the target logit t_i: CE_i = softplus(r_i), r_i = LSE_{c != y_i} z_ic - t_i taken relative to
-  t_i inside the op (`_relative_row_lse`);
+  polytopes) combine the row LSE over the other classes with the target logit t_i: CE_i = softplus(r_i),
+  r_i = LSE_{c != y_i} z_ic - t_i taken relative to t_i inside the op (`_relative_row_lse`);
 - class-wise losses (ProxyAnchor, MPA, proxy-repel) take their negative term from the column LSE and their positive
   term from a segment log-sum-exp over the samples of each class (scatters into [C] buffers, O(N + C));
 - R(W) is streamed over blocks of classes too (bmm of [B, K, D] blocks), forward and backward.

@@ -1,4 +1,5 @@
-"""The public API: names and defaults of README.md's Losses table, validation errors, backend dispatch, module wrappers."""
+"""The public API: names and defaults of README.md's Losses table, validation errors, backend dispatch, module
+wrappers."""
 import inspect
 import math
 
@@ -274,7 +275,7 @@ def test_narrow_integer_labels_out_of_range_still_raise(dtype, c, bad):
     x, y, w = data(n=8, c=c, d=6)
     y = y % 100
     y[3] = bad
-    with pytest.raises(ValueError, match=r"labels must be in \[0, num_classes = %d\), got values" % c):
+    with pytest.raises(ValueError, match=rf"labels must be in \[0, num_classes = {c}\), got values"):
         F.proxy_anchor_loss(x, y.to(dtype), w)
     if bad < 0:  # without num_classes (pair losses) only the sign is checked
         with pytest.raises(ValueError, match="labels must be >= 0"):

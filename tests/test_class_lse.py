@@ -618,7 +618,7 @@ def test_triton_fp16_arcface_aligned_rows_and_huge_proxies(margin):
     were plain fp16. (Along their own proxy, ArcFace's target term is ill-conditioned, d theta / d cos =
     -1 / sin theta, in every backend: not a kernel matter.)"""
     g = gen(50)
-    n, c, d = 4, 5, 8
+    c, d = 5, 8
     w = torch.randn(c, d, generator=g, dtype=F64)
     w[::2] *= 3e3  # (fp16 overflows at 65504)
     w[1::2] *= 0.2

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.distributed as dist
 from test_distributed import run_world
-from utils import TOL, assert_close, largest_allocation
 
 import metricloss_kernels as mlk
 from metricloss_kernels import distributed_eval
+from utils import TOL, assert_close, largest_allocation
 
 D = 12
 METRICS = ("cosine", "dot", "euclidean")

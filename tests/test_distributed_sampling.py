@@ -38,7 +38,7 @@ def data(seed=0, n=N, classes=C):
 
 def test_sample_classes_keeps_every_positive_in_a_fixed_shape():
     g = torch.Generator().manual_seed(0)
-    for trial in range(20):
+    for _ in range(20):
         labels = torch.randint(-3, C + 3, (N,), generator=g)  # outside [0, C): another rank's classes
         size = distributed.sample_size(C, RATE, N)
         index, local = distributed.sample_classes(labels, C, size)

@@ -3,11 +3,11 @@ import math
 
 import pytest
 import torch
-from utils import make_batch  # noqa: E402  (tests/ is on sys.path)
 
 from metricloss_kernels import functional as F
 from metricloss_kernels.normalize import unit_bounce, unit_range
 from metricloss_kernels.reference import exponential as ex
+from utils import make_batch  # noqa: E402  (tests/ is on sys.path)
 
 F64 = torch.float64
 REL = 1e-6

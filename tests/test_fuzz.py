@@ -20,12 +20,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from utils import TOL, assert_close, brute_force_scores
 
 import metricloss_kernels as mlk
 from metricloss_kernels import functional as F
-from metricloss_kernels import reference
 from metricloss_kernels.polytopes import polytope_dim
+from utils import TOL, assert_close, brute_force_scores
 
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -7,10 +7,10 @@ import warnings
 
 import pytest
 import torch
-from utils import brute_force_scores
 
 from metricloss_kernels import metrics, retrieval
 from metricloss_kernels.retrieval import knn
+from utils import brute_force_scores
 
 METRICS = ("cosine", "dot", "euclidean")
 needs_extension = pytest.mark.skipif(not retrieval.has_extension(), reason="metricloss_kernels._C is not built")

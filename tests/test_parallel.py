@@ -139,7 +139,8 @@ def op_and_grads(x, w, b, labels, **kw):
 def test_contention_tiles_are_tasks_of_the_threads(calls, monkeypatch, dtype, w_dtype, reduce, k, bias):
     """One parallel region per pass (forward, backward), a task per tile; the result is that of the tiles in order
     (to the summation order), and the same to the bit on every call. fp16 proxies: dW goes through scratch."""
-    x, w, b, labels = proxy_inputs(N, C, k, D, dtype=dtype, w_dtype=w_dtype, bias=bias, seed=k + 2 * bias, requires_grad=True)
+    x, w, b, labels = proxy_inputs(N, C, k, D, dtype=dtype, w_dtype=w_dtype, bias=bias, seed=k + 2 * bias,
+                                   requires_grad=True)
     kw = dict(centers_per_class=k, scale=7.0, shift=0.5, reduce=reduce, block_rows=16, block_classes=9)
 
     first = op_and_grads(x, w, b, labels, **kw)

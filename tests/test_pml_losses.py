@@ -13,7 +13,6 @@ pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 from pytorch_metric_learning import distances, miners, reducers, regularizers  # noqa: E402
 
 import metricloss_kernels as mlk  # noqa: E402
-from metricloss_kernels import functional as F  # noqa: E402
 from metricloss_kernels import pml  # noqa: E402
 from utils import TOL, assert_close, largest_allocation  # noqa: E402  (tests/ is on sys.path)
 from utils import make_batch  # noqa: E402
@@ -227,7 +226,7 @@ def test_labels_out_of_range_are_the_functional_losses_error(case, calls):
     x, labels = make_batch(N, D, C - 1, seed=7)
     for bad in (C, -1):
         labels[0] = bad
-        with pytest.raises(ValueError, match=r"labels must be in \[0, num_classes = %d\)" % C):
+        with pytest.raises(ValueError, match=rf"labels must be in \[0, num_classes = {C}\)"):
             ours(x, labels)
     assert calls == 2 * [ours._functional.__name__]
 

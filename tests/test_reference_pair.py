@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-from utils import TOL, assert_close, largest_allocation, make_batch  # noqa: E402  (tests/ is on sys.path)
 
 from metricloss_kernels import functional, streamed_pairs
 from metricloss_kernels.reference import pair
+from utils import TOL, assert_close, largest_allocation, make_batch  # noqa: E402  (tests/ is on sys.path)
 
 F64 = torch.float64
 REL = 1e-6

@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from . import _plots, datasets
 from ..polytopes import polytope_margin, regular_polytope
+from . import _plots, datasets
 from .training import machine_summary, mean_std, std, train_run
 
 

@@ -11,7 +11,8 @@ the classes validated on and the classes tested on are disjoint.
 Inputs are float32 [N, 64]; labels int64 [N]. Training labels are 0..C_train-1 (what the proxy losses index);
 validation and test labels are the classes' own ids (only equality matters for retrieval).
 """
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn

@@ -10,11 +10,11 @@ import time
 
 import torch
 
+from ..metrics import evaluate
+from ..samplers import MPerClassSampler
 from . import zoo
 from .datasets import ORIENTATIONS, TRAIN_DIGITS, load_digits_split, random_shift
 from .datasets import digits_net as embedding_net
-from ..metrics import evaluate
-from ..samplers import MPerClassSampler
 
 EMBEDDING = 32
 PER_CLASS = 4  # samples of a class in a batch

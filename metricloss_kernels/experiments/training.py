@@ -14,10 +14,10 @@ from typing import NamedTuple
 
 import torch
 
-from . import zoo
 from ..metrics import evaluate, map_at_r, recall_at_k
 from ..retrieval import knn
 from ..samplers import MPerClassSampler
+from . import zoo
 
 RECALL_KS = (1, 2, 4, 8)
 

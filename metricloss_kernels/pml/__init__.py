@@ -2,7 +2,8 @@
 with the losses on metricloss_kernels' streaming kernels and retrieval accuracy on the exact kNN op.
 
     from metricloss_kernels.pml import ProxyAnchorLoss      # was: from pytorch_metric_learning.losses import ...
-    from metricloss_kernels.pml import AccuracyCalculator   # was: from pytorch_metric_learning.utils.accuracy_calculator import ...
+    from metricloss_kernels.pml import AccuracyCalculator
+    # was: from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
 Every loss class subclasses PML's class of the same name (PML >= 2.0 must be installed: it is an optional dependency
 of metricloss_kernels, imported only by this subpackage). See `losses` for which configurations run on the kernels

@@ -13,7 +13,8 @@ Accelerated configurations (anything else falls back to PML's code; `loss.fallba
     class                  PML configuration                                computed as (metricloss_kernels.functional)
     ProxyAnchorLoss        cosine distance, default reducer (DivisorReducer) proxy_anchor_loss(margin, alpha)
     ProxyNCALoss           LpDistance(power=2) (the default) or cosine       proxy_nca_loss(scale=2*softmax_scale, or
-                           distance, MeanReducer, no underflow (below)        softmax_scale for cosine; positive included)
+                           distance, MeanReducer, no underflow (below)        softmax_scale for cosine; positive
+                                                                             included)
     SoftTripleLoss         cosine distance, MeanReducer                      soft_triple_loss(la, gamma, margin, tau=0)
     ArcFaceLoss            cosine distance, MeanReducer, margin in [0, 180)  arcface_loss(margin in degrees, scale)
     SubCenterArcFaceLoss   as ArcFaceLoss (any sub_centers)                  sub_center_arcface_loss(sub_centers,

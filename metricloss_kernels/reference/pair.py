@@ -21,7 +21,8 @@ of the batch that this call uses as anchors, with the partial sums and counts co
 the division. A process group splits the anchors between its ranks this way (metricloss_kernels.distributed): each
 rank computes [A, M] matrices, A its local rows, against the gathered batch or reference, and the value is exact.
 """
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F

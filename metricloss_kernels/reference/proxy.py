@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from metricloss_kernels import polytopes
-from metricloss_kernels._numerics import compute_dtype, normalize, upcast
 from metricloss_kernels._math import arcface_target, softplus
+from metricloss_kernels._numerics import compute_dtype, normalize, upcast
 
 
 def _cosines(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

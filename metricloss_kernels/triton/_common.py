@@ -201,10 +201,10 @@ def _inv_norm_kernel(
 
 
 def inv_norms(t: torch.Tensor, acc: torch.dtype):
-    """(1 / max(||t_r||, eps) (0 for a zero row), the normalisation's backward factor) per row of t [R, D] (_numerics.unit_rows's
-    rule), accumulated in `acc` without materialising a converted or normalised copy of t. Rows are independent and
-    masked, so the row block only sets the number of programs: up to 1024 rows each under the interpreter (whose
-    cost is per program), 32 on a GPU."""
+    """(1 / max(||t_r||, eps) (0 for a zero row), the normalisation's backward factor) per row of t [R, D]
+    (_numerics.unit_rows's rule), accumulated in `acc` without materialising a converted or normalised copy of t. Rows
+    are independent and masked, so the row block only sets the number of programs: up to 1024 rows each under the
+    interpreter (whose cost is per program), 32 on a GPU."""
     r, d = t.shape
     inv = torch.empty(r, dtype=acc, device=t.device)
     grad = torch.empty_like(inv)

@@ -1,6 +1,6 @@
-"""The tournament (metricloss_kernels/experiments/tournament.py, training.py, tournament_report.py) and its datasets: ranking
-and summary math on hand-made tables, class-disjoint splits, the fairness of the training protocol, and the command
-on a tiny configuration."""
+"""The tournament (metricloss_kernels/experiments/tournament.py, training.py, tournament_report.py) and its datasets:
+ranking and summary math on hand-made tables, class-disjoint splits, the fairness of the training protocol, and
+the command on a tiny configuration."""
 import csv
 import json
 import math
