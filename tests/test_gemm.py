@@ -19,20 +19,19 @@ import torch
 
 from metricloss_kernels import gemm
 from metricloss_kernels.lse import LSESpec, class_lse
-from utils import TOL, assert_close
+from utils import TOL, assert_close, proxy_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N, C, D = 37, 53, 40
 
 
 def inputs(k, dtype, bias, seed):
+    """utils.proxy_inputs with two labels outside the classes (a shard's rows: nothing left out)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, D, generator=g).to(DEVICE, dtype).requires_grad_()
-    w = torch.randn(C * k, D, generator=g).to(DEVICE, dtype).requires_grad_()
-    b = torch.randn(C, generator=g).to(DEVICE, dtype).requires_grad_() if bias else None
     labels = torch.randint(0, C, (N,), generator=g)
-    labels[:2] = torch.tensor([-3, C + 1])  # outside the classes (a shard's rows): nothing left out
-    return x, w, b, labels.to(DEVICE)
+    labels[:2] = torch.tensor([-3, C + 1])
+    return proxy_inputs(N, C, k, D, seed=seed, dtype=dtype, bias=bias, labels=labels, device=DEVICE,
+                        requires_grad=True)
 
 
 def value_and_grads(impl, x, w, b, labels, upstream, **kw):

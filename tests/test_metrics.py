@@ -371,3 +371,12 @@ def test_evaluate_euclidean_exact_for_offset_data(offset):
     x, y = _offset_classes(600, offset, seed=7)
     assert metrics.evaluate(x, y, ks=(1, 4), metric="euclidean") == \
         metrics.evaluate(x.double(), y, ks=(1, 4), metric="euclidean")
+
+
+def test_metric_selection_is_refused_over_a_process_group():
+    """The sharded evaluation returns its fixed set of metrics: include / exclude with a group is an error, raised
+    before any collective (so on every rank alike)."""
+    x, y = torch.randn(10, 4), torch.arange(10) % 3
+    for selection in (dict(include=("map@r",)), dict(exclude=("nmi",))):
+        with pytest.raises(ValueError, match="include / exclude are not supported with process_group"):
+            metrics.evaluate(x, y, process_group=object(), **selection)
