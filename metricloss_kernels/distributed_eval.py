@@ -1,5 +1,5 @@
-"""Retrieval evaluation over a process group: `knn(..., process_group=)` and `evaluate(..., process_group=)` of
-embeddings sharded over the ranks (docs/sharding.md, "Evaluation over a process group").
+"""Retrieval over a process group: `knn(..., process_group=)` and the pieces of `evaluate(..., process_group=)`
+(metrics.py) for embeddings sharded over the ranks (docs/sharding.md, "Evaluation over a process group").
 
 Setting. W ranks; rank r holds queries q_r [Q_r, D] and a shard of the reference s_r [R_r, D], or no reference on any
 rank: the queries are the reference, each query's own row excluded (leave-one-out). The sizes may differ between
@@ -24,7 +24,7 @@ import torch
 import torch.distributed._functional_collectives as funcol
 
 from . import _validation as check
-from . import metrics, retrieval
+from . import _knn as retrieval
 from ._numerics import compute_dtype
 from ._validation import require
 from .distributed import _all_gather, _all_reduce, _all_to_all, _group_device, agreement, exchange_checks, group_rank
@@ -177,53 +177,3 @@ def global_classes(labels, group):
     inverse = torch.searchsorted(classes, labels)
     counts = torch.bincount(inverse, minlength=len(classes))
     return classes, all_reduce(counts, group) if len(classes) else counts, inverse
-
-
-def evaluate(embeddings, labels, reference, reference_labels, ks, metric, max_k, group) -> dict:
-    """`metrics.evaluate` over a process group: every rank passes its queries (and its reference shard) and gets
-    the metrics of the union (docs/sharding.md). "nmi" is left out: k-means over shards is not the single-process
-    k-means (see docs/sharding.md)."""
-    with agreement(group):
-        reference, ks = metrics._evaluate_args(embeddings, labels, reference, reference_labels, ks, max_k,
-                                               min_rows=0)
-    leave_one_out = reference is None
-    ks_key = hash(ks) & (2 ** 62 - 1)  # ints hash alike in every process
-    info = exchange_checks(group, torch.tensor([1, len(embeddings), -1 if leave_one_out else len(reference),
-                                                ks_key, max_k, 0]))
-    _same(info, 3, "ks", None)
-    _same(info, 4, "max_k")
-    labels = labels.long()
-    ref_labels = labels if leave_one_out else reference_labels.long()
-    classes, counts, _ = global_classes(ref_labels, group)
-    num_relevant = metrics._count_matches(labels, classes, counts) - int(leave_one_out)
-    valid = num_relevant > 0
-    mine = torch.tensor([int(valid.sum()), int(num_relevant.max()) if len(labels) else 0])
-    summary = all_gather(mine, group).view(-1, 2)
-    num_valid = int(summary[:, 0].sum())
-    available = int(info[:, _QUERIES].sum()) - 1 if leave_one_out else int(info[:, _REFERENCE].sum())
-    num_neighbours = metrics._num_neighbours(ks, max_k, available, num_valid, int(summary[:, 1].max()),
-                                             leave_one_out, stacklevel=3)
-    _, _, neighbour_labels = search(embeddings, reference, num_neighbours, metric, group, ref_labels)
-    ranked = [name for name in metrics.select_metrics(ks) if name not in metrics._UNRANKED]
-    sums = metrics._ranking_sums(lambda rows: neighbour_labels[rows], labels, num_relevant, valid, ranked,
-                                 num_neighbours)
-    totals = all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64), group)
-    out = {name: float(total) / num_valid for name, total in zip(sums, totals)}
-    out.update(_centroid_metrics(embeddings, labels, group, int(info[:, _QUERIES].sum())))
-    return out
-
-
-def _centroid_metrics(embeddings, labels, group, total):
-    """"closest_center_accuracy" and "range_accuracy" of the union of the ranks' queries: the class sums and
-    counts (and the classes' radii) all-reduced over the classes of every rank, each sample scored where it lives."""
-    classes, counts, inverse = global_classes(labels, group)
-    x = metrics._statistics_input(embeddings)
-    sums = torch.zeros(len(classes), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
-    centroids = all_reduce(sums, group) / counts.to(x.dtype)[:, None]
-    closest = metrics._closest_center(x, inverse, centroids).sum()
-    own = metrics._own_distances(x, inverse, centroids)
-    radius = own.new_zeros(len(classes)).scatter_reduce_(0, inverse, own, reduce="amax")
-    radius = all_reduce(radius, group, "max")
-    ranged = metrics._range_values(x, inverse, centroids, radius).sum()
-    totals = all_reduce(torch.stack([closest, ranged]), group) / total
-    return {"closest_center_accuracy": float(totals[0]), "range_accuracy": float(totals[1])}

@@ -19,6 +19,8 @@ import torch
 
 from . import _validation as check
 from ._kmeans import kmeans
+from . import distributed_eval as shards
+from .distributed import agreement, exchange_checks
 from .retrieval import knn
 
 # evaluate() computes the ranking metrics over blocks of queries of at most this many ranked neighbours in all.
@@ -394,9 +396,7 @@ def evaluate(embeddings: torch.Tensor, labels: torch.Tensor, reference: torch.Te
         if include or exclude:
             raise ValueError("include / exclude are not supported with process_group (the sharded evaluation "
                              "returns its fixed set of metrics)")
-        from .distributed_eval import evaluate as sharded_evaluate
-
-        return sharded_evaluate(embeddings, labels, reference, reference_labels, ks, metric, max_k, process_group)
+        return _sharded_evaluate(embeddings, labels, reference, reference_labels, ks, metric, max_k, process_group)
     reference, ks = _evaluate_args(embeddings, labels, reference, reference_labels, ks, max_k)
     names = select_metrics(ks, include, exclude)
     ranked = [name for name in names if name not in _UNRANKED]
@@ -419,3 +419,53 @@ def evaluate(embeddings: torch.Tensor, labels: torch.Tensor, reference: torch.Te
                          num_neighbours)
     out = {name: total / int(valid.sum()) for name, total in sums.items()}
     return {name: out[name] if name in out else _UNRANKED[name](embeddings, labels) for name in names}
+
+
+def _sharded_evaluate(embeddings, labels, reference, reference_labels, ks, metric, max_k, group) -> dict:
+    """`evaluate` over a process group: every rank passes its queries (and its reference shard) and gets
+    the metrics of the union (docs/sharding.md). "nmi" is left out: k-means over shards is not the single-process
+    k-means (see docs/sharding.md)."""
+    with agreement(group):
+        reference, ks = _evaluate_args(embeddings, labels, reference, reference_labels, ks, max_k,
+                                               min_rows=0)
+    leave_one_out = reference is None
+    ks_key = hash(ks) & (2 ** 62 - 1)  # ints hash alike in every process
+    info = exchange_checks(group, torch.tensor([1, len(embeddings), -1 if leave_one_out else len(reference),
+                                                ks_key, max_k, 0]))
+    shards._same(info, 3, "ks", None)
+    shards._same(info, 4, "max_k")
+    labels = labels.long()
+    ref_labels = labels if leave_one_out else reference_labels.long()
+    classes, counts, _ = shards.global_classes(ref_labels, group)
+    num_relevant = _count_matches(labels, classes, counts) - int(leave_one_out)
+    valid = num_relevant > 0
+    mine = torch.tensor([int(valid.sum()), int(num_relevant.max()) if len(labels) else 0])
+    summary = shards.all_gather(mine, group).view(-1, 2)
+    num_valid = int(summary[:, 0].sum())
+    available = int(info[:, shards._QUERIES].sum()) - 1 if leave_one_out else int(info[:, shards._REFERENCE].sum())
+    num_neighbours = _num_neighbours(ks, max_k, available, num_valid, int(summary[:, 1].max()),
+                                             leave_one_out, stacklevel=3)
+    _, _, neighbour_labels = shards.search(embeddings, reference, num_neighbours, metric, group, ref_labels)
+    ranked = [name for name in select_metrics(ks) if name not in _UNRANKED]
+    sums = _ranking_sums(lambda rows: neighbour_labels[rows], labels, num_relevant, valid, ranked,
+                                 num_neighbours)
+    totals = shards.all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64), group)
+    out = {name: float(total) / num_valid for name, total in zip(sums, totals)}
+    out.update(_centroid_metrics(embeddings, labels, group, int(info[:, shards._QUERIES].sum())))
+    return out
+
+
+def _centroid_metrics(embeddings, labels, group, total):
+    """"closest_center_accuracy" and "range_accuracy" of the union of the ranks' queries: the class sums and
+    counts (and the classes' radii) all-reduced over the classes of every rank, each sample scored where it lives."""
+    classes, counts, inverse = shards.global_classes(labels, group)
+    x = _statistics_input(embeddings)
+    sums = torch.zeros(len(classes), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
+    centroids = shards.all_reduce(sums, group) / counts.to(x.dtype)[:, None]
+    closest = _closest_center(x, inverse, centroids).sum()
+    own = _own_distances(x, inverse, centroids)
+    radius = own.new_zeros(len(classes)).scatter_reduce_(0, inverse, own, reduce="amax")
+    radius = shards.all_reduce(radius, group, "max")
+    ranged = _range_values(x, inverse, centroids, radius).sum()
+    totals = shards.all_reduce(torch.stack([closest, ranged]), group) / total
+    return {"closest_center_accuracy": float(totals[0]), "range_accuracy": float(totals[1])}

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from metricloss_kernels import metrics, retrieval
+from metricloss_kernels import _knn, metrics, retrieval
 from metricloss_kernels.retrieval import knn
 from utils import brute_force_scores
 
@@ -233,8 +233,8 @@ def test_evaluate_op_equals_torch_path(monkeypatch):
     x = torch.randn(120, 16, generator=g, dtype=torch.float64)
     y = torch.randint(0, 7, (120,), generator=g)
     with_op = metrics.evaluate(x, y, ks=(1, 5, 10))
-    monkeypatch.setattr(retrieval, "_op_available", lambda device: False)
-    monkeypatch.setattr(retrieval, "_warned", False)
+    monkeypatch.setattr(_knn, "_op_available", lambda device: False)
+    monkeypatch.setattr(_knn, "_warned", False)
     with pytest.warns(RuntimeWarning, match="chunked torch path"):
         with_torch = metrics.evaluate(x, y, ks=(1, 5, 10))
     assert with_torch == with_op
