@@ -81,6 +81,16 @@ def _scale_logits(acc, rx_ptr, rw_ptr, offs_n, p, n_ok, p_ok, RAW_X: tl.constexp
 
 
 @triton.jit
+def _softmax_step(m, den, num, l, inv_gamma):
+    """One proxy slot l into a running intra-class softmax over k: (m, den, num) = (max_k l_k / gamma,
+    sum_k exp(l_k / gamma - m), sum_k exp(l_k / gamma - m) l_k), rescaled to the new max."""
+    m_new = tl.maximum(m, l * inv_gamma)
+    alpha = tl.exp(m - m_new)
+    e = tl.exp(l * inv_gamma - m_new)
+    return m_new, den * alpha + e, num * alpha + e * l
+
+
+@triton.jit
 def _class_similarity(
     x_ptr, w_ptr, rx_ptr, rw_ptr, offs_n, offs_c, N, C, D,
     stride_xn, stride_xd, stride_wp, stride_wd,
@@ -101,12 +111,7 @@ def _class_similarity(
             l = _proxy_logits(x_ptr, w_ptr, rx_ptr, rw_ptr, offs_n, offs_c, k, N, C, D,
                               stride_xn, stride_xd, stride_wp, stride_wd,
                               K, RAW_X, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
-            m_new = tl.maximum(m, l * inv_gamma)
-            alpha = tl.exp(m - m_new)
-            e = tl.exp(l * inv_gamma - m_new)
-            den = den * alpha + e
-            num = num * alpha + e * l
-            m = m_new
+            m, den, num = _softmax_step(m, den, num, l, inv_gamma)
         s_cls = num / den
     return s_cls
 

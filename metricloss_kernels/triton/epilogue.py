@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ._common import _TL_DTYPES, INTERPRET, num_splits
+from ._tiles import _softmax_step
 
 # Bound on the [splits, C] partials of a column reduction (and of the row reduction's bias gradient).
 _PARTIAL_BYTES = 16 * 2**20
@@ -55,12 +56,7 @@ def _tile(l_ptr, stride_l, rw_ptr, bias_ptr, labels, offs_n, offs_c, R, B, c0, s
         num = s  # sum_k exp(l_k / gamma - m) l_k
         for k in range(1, K):
             l = _slot(l_ptr, stride_l, rw_ptr, offs_n, offs_c, k, R, B, K, NORM_W)
-            m_new = tl.maximum(m, l * inv_gamma)
-            alpha = tl.exp(m - m_new)
-            e = tl.exp(l * inv_gamma - m_new)
-            den = den * alpha + e
-            num = num * alpha + e * l
-            m = m_new
+            m, den, num = _softmax_step(m, den, num, l, inv_gamma)
         s = num / den
     z = s * scale
     if HAS_BIAS:
