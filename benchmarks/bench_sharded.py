@@ -22,13 +22,11 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
 import sys
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
@@ -136,23 +134,6 @@ def measure(rank, world, args, impls, queue):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_world(world, args, impls):
-    context = mp.get_context("spawn")
-    queue = context.SimpleQueue()
-    if world == 1:
-        measure(0, 1, args, impls, queue)
-    else:
-        args.port = _free_port()
-        mp.start_processes(measure, args=(world, args, impls, queue), nprocs=world, start_method="spawn")
-    return queue.get()
-
-
 def table(rows):
     mib = 2 ** 20
     lines = ["| impl | W | C | peak step MiB | proxies MiB | payload KiB | sent KiB | median step s |",
@@ -181,7 +162,7 @@ def main(argv=None):
     for world in args.worlds:
         impls = ["single"] if world == 1 else ["sharded", "replicated"] + (
             [] if args.no_pml or _pml() is None else ["pml_replicated"])
-        rows += run_world(world, args, impls)
+        rows += harness.run_world(measure, world, args, impls)
         print(table(rows), flush=True)
     info = harness.machine_info("cpu")
     info["torch_threads"] = args.threads

@@ -15,12 +15,10 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import sys
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
@@ -76,22 +74,6 @@ def measure(rank, world, args, queue):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_world(world, args):
-    queue = mp.get_context("spawn").SimpleQueue()
-    if world == 1:
-        measure(0, 1, args, queue)
-    else:
-        args.port = _free_port()
-        mp.start_processes(measure, args=(world, args, queue), nprocs=world, start_method="spawn")
-    return queue.get()
-
-
 def table(results):
     mib = 2 ** 20
     lines = ["| W | R | shard MiB | peak MiB | payload KiB | sent KiB | sent B per query |",
@@ -116,7 +98,7 @@ def main(argv=None):
 
     results = []
     for world in args.worlds:
-        results += run_world(world, args)
+        results += harness.run_world(measure, world, args)
         print(table(results), flush=True)
     info = harness.machine_info("cpu")
     info["torch_threads"] = args.threads

@@ -151,3 +151,21 @@ def peak_rss_growth(fn):
         out = fn()
     return mem.growth, out
 
+
+
+def run_world(measure, world: int, args, *extra):
+    """What rank 0 of `measure(rank, world, args, *extra, queue)` puts on its queue: in this process when world is
+    1, else in `world` spawned processes, with `args.port` a free port on 127.0.0.1 for their gloo group."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    queue = mp.get_context("spawn").SimpleQueue()
+    if world == 1:
+        measure(0, 1, args, *extra, queue)
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            args.port = s.getsockname()[1]
+        mp.start_processes(measure, args=(world, args, *extra, queue), nprocs=world, start_method="spawn")
+    return queue.get()
