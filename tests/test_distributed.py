@@ -7,9 +7,9 @@ the same value on every rank, each rank's proxies exactly their rows of the sing
 embeddings W x the single-process gradient of its rows (the DDP convention).
 """
 import datetime
+import faulthandler
 import itertools
 import os
-import socket
 import time
 
 import pytest
@@ -29,26 +29,30 @@ N_LOCAL, C, K, D = 7, 53, 3, 12  # C divisible by neither 2 nor 3
 
 # ------------------------------------------------------------------------------------------------- the worlds
 def _entry(rank, world, port, fn, args):
+    # A hang prints every thread's stack (pytest shows the ranks' stderr) and ends the rank before the parent's
+    # deadline, so that a failure says where it waited.
+    faulthandler.dump_traceback_later(TIMEOUT_S - 20, exit=True)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    timeout = datetime.timedelta(seconds=TIMEOUT_S)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     try:
         fn(rank, world, *args)
         dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        faulthandler.cancel_dump_traceback_later()
 
 
 def run_world(fn, world, *args):
     """fn(rank, world, *args) in `world` spawned processes of one gloo group; a failure or an exception in any rank
-    fails the test, and so does a world still running after TIMEOUT_S (its processes are killed)."""
-    context = mp.start_processes(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=False,
+    fails the test, and so does a world still running after TIMEOUT_S (its processes are killed).
+
+    The group's store is held here, listening on a port the OS picks (port 0) and given to the ranks: no port is
+    released and then re-bound, which a concurrent process could take in between."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    context = mp.start_processes(_entry, args=(world, store.port, fn, args), nprocs=world, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:
@@ -59,6 +63,7 @@ def run_world(fn, world, *args):
         for process in context.processes:
             if process.is_alive():
                 process.kill()
+        del store
 
 
 # ------------------------------------------------------------------------------------------------ the cases
