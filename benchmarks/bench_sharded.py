@@ -19,7 +19,6 @@ metricloss_kernels/experiments/harness.py):
     python benchmarks/bench_sharded.py --classes 1000 --batch 16 --dim 32 --out /tmp/s.json   # a quick check
 """
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -92,14 +91,9 @@ def make_step(impl, classes, dim, batch, group):
     return step, reset, params, outside
 
 
-def measure(rank, world, args, impls, queue):
-    """Every implementation of this world at every C; rank 0 puts the rows (maxima over the ranks) on the queue."""
-    torch.set_num_threads(args.threads)
-    group = None
-    if world > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=30))
-        group = dist.group.WORLD
+def measure(rank, world, group, args, impls):
+    """Every implementation of this world (its gloo group, None for one process) at every C: the rows, maxima over
+    the ranks."""
     rows = []
     for classes in args.classes:
         steps = {impl: make_step(impl, classes, args.dim, args.batch, group) for impl in impls}
@@ -128,10 +122,7 @@ def measure(rank, world, args, impls, queue):
                     dist.all_reduce(t, dist.ReduceOp.MAX, group=group)
                 row["median_step_s"] = float(t)
         del steps
-    if rank == 0:
-        queue.put(rows)
-    if group is not None:
-        dist.destroy_process_group()
+    return rows
 
 
 def table(rows):
@@ -162,7 +153,7 @@ def main(argv=None):
     for world in args.worlds:
         impls = ["single"] if world == 1 else ["sharded", "replicated"] + (
             [] if args.no_pml or _pml() is None else ["pml_replicated"])
-        rows += harness.run_world(measure, world, args, impls)
+        rows += harness.run_world(measure, world, args.threads, args, impls)
         print(table(rows), flush=True)
     info = harness.machine_info("cpu")
     info["torch_threads"] = args.threads

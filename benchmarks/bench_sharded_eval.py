@@ -12,7 +12,6 @@ algorithms). Memory and bytes are deterministic; no time is taken (a shared mach
     python benchmarks/bench_sharded_eval.py --references 10000 --queries 256 --out /tmp/e.json   # a quick check
 """
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -53,13 +52,9 @@ def search(rank, world, group, references, args):
             "collectives": [[op, list(shape), str(dtype), w] for op, shape, dtype, w in log.records]}
 
 
-def measure(rank, world, args, queue):
-    torch.set_num_threads(args.threads)
-    group = None
-    if world > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=30))
-        group = dist.group.WORLD
+def measure(rank, world, group, args):
+    """The search at every reference count in this world (its gloo group, None for one process): the rows, maxima
+    over the ranks."""
     out = []
     for references in args.references:
         row = search(rank, world, group, references, args)
@@ -68,10 +63,7 @@ def measure(rank, world, args, queue):
             dist.all_reduce(mine, dist.ReduceOp.MAX, group=group)
         row["peak_bytes"], row["shard_bytes"] = int(mine[0]), int(mine[1])
         out.append(row)
-    if rank == 0:
-        queue.put(out)
-    if group is not None:
-        dist.destroy_process_group()
+    return out
 
 
 def table(results):
@@ -98,7 +90,7 @@ def main(argv=None):
 
     results = []
     for world in args.worlds:
-        results += harness.run_world(measure, world, args)
+        results += harness.run_world(measure, world, args.threads, args)
         print(table(results), flush=True)
     info = harness.machine_info("cpu")
     info["torch_threads"] = args.threads

@@ -152,20 +152,39 @@ def peak_rss_growth(fn):
     return mem.growth, out
 
 
+def _rank(rank, world, port, threads, measure, extra, queue):
+    """One rank of run_world: its gloo group (None for a world of 1) around measure; rank 0 returns its rows."""
+    import torch.distributed as dist
 
-def run_world(measure, world: int, args, *extra):
-    """What rank 0 of `measure(rank, world, args, *extra, queue)` puts on its queue: in this process when world is
-    1, else in `world` spawned processes, with `args.port` a free port on 127.0.0.1 for their gloo group."""
-    import socket
+    torch.set_num_threads(threads)
+    group = None
+    if world > 1:
+        timeout = datetime.timedelta(minutes=30)
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+        group = dist.group.WORLD
+    try:
+        rows = measure(rank, world, group, *extra)
+    finally:
+        if group is not None:
+            dist.destroy_process_group()
+    if rank == 0:
+        queue.put(rows)
 
+
+def run_world(measure, world: int, threads: int, *extra):
+    """What rank 0 of `measure(rank, world, group, *extra)` returns, with `threads` torch threads a rank: in this
+    process (group None) when world is 1, else in `world` spawned processes of one gloo group on 127.0.0.1, whose
+    store this process holds on a port the OS picks."""
+    import torch.distributed as dist
     import torch.multiprocessing as mp
 
     queue = mp.get_context("spawn").SimpleQueue()
     if world == 1:
-        measure(0, 1, args, *extra, queue)
+        _rank(0, 1, 0, threads, measure, extra, queue)
     else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            args.port = s.getsockname()[1]
-        mp.start_processes(measure, args=(world, args, *extra, queue), nprocs=world, start_method="spawn")
+        store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                              timeout=datetime.timedelta(minutes=30))
+        mp.start_processes(_rank, args=(world, store.port, threads, measure, extra, queue), nprocs=world,
+                           start_method="spawn")
     return queue.get()
