@@ -14,7 +14,6 @@ and the machine facts. Other processes on the machine add load to both columns: 
     python benchmarks/bench_contention.py --classes 500 --rounds 2 --output /tmp/contention.json       # a quick check
 """
 import argparse
-import json
 import multiprocessing
 import os
 import signal
@@ -125,9 +124,7 @@ def main(argv=None):
         quiet, busy = (statistics.median(times[f"{backend}/{phase}"]) for phase in ("quiet", "loaded"))
         summary[backend] = {"quiet_s": quiet, "loaded_s": busy, "slowdown": busy / quiet}
     result = {"machine": harness.machine_info("cpu"), "args": vars(args), "seconds": times, "summary": summary}
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=1)
+    harness.write_json(args.output, result)
     for backend, s in summary.items():
         print(f"{backend:>9}: quiet {s['quiet_s']:.3f} s, loaded {s['loaded_s']:.3f} s, slowdown {s['slowdown']:.2f}x")
 

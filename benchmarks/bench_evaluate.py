@@ -98,10 +98,7 @@ def main():
     meta["load_average_1min_after"] = meta.pop("load_average_1min")
     result = {"meta": meta, "seconds": seconds, "median_s": median,
               "median_before_s": median["evaluate_no_nmi"] + median["nmi_sklearn"], "agreement": agreement}
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=1)
-    print("wrote", args.output)
+    harness.write_json(args.output, result)
 
 
 if __name__ == "__main__":

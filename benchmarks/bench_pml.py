@@ -124,10 +124,7 @@ def main():
             "memory_only": args.memory_only,
             "cases": {**{k: dict(zip(("class", "N", "D", "C", "kwargs"), v)) for k, v in LOSS_CASES.items()},
                       "accuracy": ACCURACY_CASE}}
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
-    print("wrote", args.output)
+    harness.write_json(args.output, {"meta": meta, "results": results})
 
 
 if __name__ == "__main__":

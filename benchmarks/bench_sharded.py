@@ -19,7 +19,6 @@ metricloss_kernels/experiments/harness.py):
     python benchmarks/bench_sharded.py --classes 1000 --batch 16 --dim 32 --out /tmp/s.json   # a quick check
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -157,9 +156,7 @@ def main(argv=None):
         print(table(rows), flush=True)
     info = harness.machine_info("cpu")
     info["torch_threads"] = args.threads
-    with open(args.out, "w") as f:
-        json.dump({"machine": info, "arguments": vars(args), "rows": rows}, f, indent=1)
-    print(f"wrote {args.out}")
+    harness.write_json(args.out, {"machine": info, "arguments": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

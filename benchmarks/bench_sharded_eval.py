@@ -12,7 +12,6 @@ algorithms). Memory and bytes are deterministic; no time is taken (a shared mach
     python benchmarks/bench_sharded_eval.py --references 10000 --queries 256 --out /tmp/e.json   # a quick check
 """
 import argparse
-import json
 import os
 import sys
 
@@ -94,9 +93,7 @@ def main(argv=None):
         print(table(results), flush=True)
     info = harness.machine_info("cpu")
     info["torch_threads"] = args.threads
-    with open(args.out, "w") as f:
-        json.dump({"machine": info, "arguments": vars(args), "rows": results}, f, indent=1)
-    print(f"wrote {args.out}")
+    harness.write_json(args.out, {"machine": info, "arguments": vars(args), "rows": results})
 
 
 if __name__ == "__main__":

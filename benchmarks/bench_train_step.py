@@ -13,7 +13,6 @@ round; the summary is the median over rounds.
 """
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -128,10 +127,7 @@ def main():
                  "compile_s: the first compiled step, compilation included; loadavg_1min before/after the case.",
         "results": results,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(out, f, indent=1)
-    print("wrote", args.output)
+    harness.write_json(args.output, out)
 
 
 if __name__ == "__main__":

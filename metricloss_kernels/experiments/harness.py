@@ -11,6 +11,7 @@ Used by `python -m metricloss_kernels bench` and the scripts in benchmarks/. Con
 import datetime
 import gc
 import importlib.metadata
+import json
 import os
 import platform
 import sys
@@ -150,6 +151,14 @@ def peak_rss_growth(fn):
     with PeakRSS() as mem:
         out = fn()
     return mem.growth, out
+
+
+def write_json(path: str, result) -> None:
+    """Write a benchmark's `result` to `path` as indented JSON (its folder created) and say so."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print("wrote", path, flush=True)
 
 
 def _rank(rank, world, port, threads, measure, extra, queue):
