@@ -1,5 +1,6 @@
 """The public API: names and defaults of README.md's Losses table, validation errors, backend dispatch, module
 wrappers."""
+import importlib
 import inspect
 import math
 
@@ -299,32 +300,21 @@ def test_explicit_backends_agree(backend):
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
 
 
-def test_env_variable_sets_default_backend(monkeypatch):
-    from metricloss_kernels import chunked
+@pytest.mark.parametrize("impl", ["chunked", "gemm"])
+def test_env_variable_sets_default_backend(monkeypatch, impl):
+    module = importlib.import_module(f"metricloss_kernels.{impl}")
     calls = []
-    original = chunked.forward
-    monkeypatch.setattr(chunked, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = module.forward
+    monkeypatch.setattr(module, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
     x, y, w = data(n=9, c=6, d=5)
-    monkeypatch.setenv("METRICLOSS_BACKEND", "chunked")
-    F.proxy_nca_loss(x, y, w)
-    assert calls
-    # an op without that backend (e.g. lifted structure: reference only) falls back to the automatic choice
-    torch.testing.assert_close(F.lifted_structure_loss(x, y), reference.lifted_structure_loss(x, y))
+    monkeypatch.setenv("METRICLOSS_BACKEND", impl)
+    torch.testing.assert_close(F.proxy_anchor_loss(x, y, w), reference.proxy_anchor_loss(x, y, w))
+    assert calls == [1]
+    # a loss without that backend (the center loss: reference only) falls back to the automatic choice
+    torch.testing.assert_close(F.center_loss(x, y, w), reference.center_loss(x, y, w))
     monkeypatch.setenv("METRICLOSS_BACKEND", "bogus")
     with pytest.raises(ValueError, match="METRICLOSS_BACKEND"):
         F.proxy_nca_loss(x, y, w)
-
-
-def test_env_variable_selects_gemm(monkeypatch):
-    from metricloss_kernels import gemm
-    calls = []
-    original = gemm.forward
-    monkeypatch.setattr(gemm, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
-    x, y, w = data(n=9, c=6, d=5)
-    monkeypatch.setenv("METRICLOSS_BACKEND", "gemm")
-    torch.testing.assert_close(F.proxy_anchor_loss(x, y, w), reference.proxy_anchor_loss(x, y, w))
-    assert calls == [1]
-    torch.testing.assert_close(F.contrastive_loss(x, y), reference.contrastive_loss(x, y))  # reference only
 
 
 def test_auto_picks_chunked_for_large_logits(monkeypatch):
