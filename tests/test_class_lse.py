@@ -7,6 +7,7 @@ The interpreter is slow and its tl.dot cannot do bf16, so the shapes are small a
 nothing a multiple of a tile) and bf16 Triton is tested on a GPU only (test_triton_bf16_on_gpu).
 """
 import functools
+import importlib.util
 import json
 import os
 import subprocess
@@ -847,3 +848,16 @@ def test_kernel_report_subset(tmp_path):
     kernels = {e["kernel"] for e in entries}
     assert {"_lse_fwd_kernel", "_dx_kernel", "_dw_kernel"} <= kernels
     assert all(e["mma"] is not False and e["spill_bytes"] <= 1024 and e["registers"] > 0 for e in entries)
+
+
+def test_kernel_report_flags_shared_memory_beyond_the_target():
+    """A kernel asking for more shared memory than its GPU has compiles, then fails to launch: the report flags it.
+    Its sm_80 stands for every sm_8x, so 99 KiB (sm_86, sm_89), not sm_80's 163."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "kernel_report.py")
+    spec = importlib.util.spec_from_file_location("kernel_report", path)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    entry = dict(kernel="_dx_kernel", arch=80, D=512, mma=True, spill_bytes=0, shared_bytes=139264)
+    assert report.problems(entry) == ["needs 139264 bytes of shared memory"]
+    assert report.problems(dict(entry, arch=90)) == []
+    assert report.problems(dict(entry, shared_bytes=99 * 1024)) == []
