@@ -7,6 +7,8 @@ The interpreter is slow and its tl.dot cannot do bf16, so the shapes are small a
 nothing a multiple of a tile) and bf16 Triton is tested on a GPU only (test_triton_bf16_on_gpu).
 """
 import functools
+import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -830,15 +832,15 @@ def test_fp32_large_awkward_on_gpu(backend, reduce):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests compile and run the kernels")
 def test_kernel_report_subset(tmp_path):
-    """tools/kernel_report.py on its heaviest cases (D = 512, K = 10, fp32 as tf32x3, sm_80 and sm_90a):
-    every kernel compiles for the GPU as its launcher specialises it, with MMA and within the spill limit (the
-    interpreter accepts programs the compiler rejects, so this is CI's check of the GPU code path). The full grid
-    is benchmarks/results/kernel_report.json."""
+    """tools/kernel_report.py on its heaviest cases (D = 512, K = 10, fp32 as tf32x3 and tf32, fp16; sm_80 and
+    sm_90a): every kernel compiles for the GPU as its launcher specialises it, with MMA, within the spill limit and
+    the target's shared memory (the interpreter accepts programs the compiler rejects, so this is CI's check of the
+    GPU code path). The full grid is benchmarks/results/kernel_report.json."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "report.json"
     run = subprocess.run([sys.executable, os.path.join(root, "tools", "kernel_report.py"), "--out", str(out),
                           "--arch", "80", "90", "--D", "512", "--K", "10", "--reduce", "row",
-                          "--dtype", "float32", "--precision", "tf32x3", "--jobs", "2"],
+                          "--dtype", "float32", "float16", "--precision", "tf32x3", "tf32", "native", "--jobs", "2"],
                          capture_output=True, text=True, timeout=600)
     if "No module named 'triton.backends.nvidia" in run.stderr:
         pytest.skip("triton was built without its NVIDIA backend")
@@ -847,3 +849,28 @@ def test_kernel_report_subset(tmp_path):
     kernels = {e["kernel"] for e in entries}
     assert {"_lse_fwd_kernel", "_dx_kernel", "_dw_kernel"} <= kernels
     assert all(e["mma"] is not False and e["spill_bytes"] <= 1024 and e["registers"] > 0 for e in entries)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype,precision", [(BF16, "ieee"), (F16, "ieee"), (F32, "tf32"), (F32, "tf32x3")],
+                         ids=["bf16", "fp16", "tf32", "tf32x3"])
+def test_gpu_backward_tiles_hold_all_of_d(arch, dtype, precision):
+    """On a GPU the backward kernels keep the whole of D <= 512 on chip for every dot operand: fp16 and fp32 split
+    D = 512 into slices of 128 (64) that each recomputed the logits, four logit GEMMs a kernel instead of one. That
+    the tiles compile with MMA, within the spill limit and the shared memory, is test_kernel_report_subset's."""
+    from metricloss_kernels.triton._common import tile_config
+    for kernel, d, k in itertools.product(("dx", "dw"), (100, 256, 512), (1, 10)):
+        assert tile_config(kernel, arch, dtype, precision, d, k).block_out >= d, (kernel, d, k)
+
+
+def test_kernel_report_flags_shared_memory_beyond_the_target():
+    """A kernel asking for more shared memory than its GPU has compiles, then fails to launch: the report flags it.
+    Its sm_80 stands for every sm_8x, so 99 KiB (sm_86, sm_89), not sm_80's 163."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "kernel_report.py")
+    spec = importlib.util.spec_from_file_location("kernel_report", path)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    entry = dict(kernel="_dx_kernel", arch=80, D=512, mma=True, spill_bytes=0, shared_bytes=139264)
+    assert report.problems(entry) == ["needs 139264 bytes of shared memory"]
+    assert report.problems(dict(entry, arch=90)) == []
+    assert report.problems(dict(entry, shared_bytes=99 * 1024)) == []

@@ -13,8 +13,9 @@ the launcher specialises them for contiguous rows of D in the grid. JSON:
     {"triton": version, "entries": [{"kernel", "arch", "dtype", "precision", "D", "K", "reduce", "config",
      "registers", "spill_bytes", "shared_bytes", "mma", "ptx"}]}
 mma: the PTX holds mma.sync or wgmma (null for a kernel without a dot); ptx: the file name under --keep.
-Exit status 1 when a kernel with a dot has no MMA, spills (more than 1 KiB at D = 512, anything below), or fails
-to compile. Runs without TRITON_INTERPRET (it re-runs itself with the variable unset).
+Exit status 1 when a kernel with a dot has no MMA, spills (more than 1 KiB at D = 512, anything below), needs more
+shared memory than its target has, or fails to compile. Runs without TRITON_INTERPRET (it re-runs itself with the
+variable unset).
 """
 import argparse
 import contextlib
@@ -36,6 +37,12 @@ PRECISIONS = {"float32": ("tf32x3", "tf32"), "bfloat16": ("native",), "float16":
 def spill_limit(d: int) -> int:
     """Spill bytes allowed: none up to D = 256, 1 KiB beyond."""
     return 0 if d <= 256 else 1024
+
+
+def shared_limit(arch: int) -> int:
+    """Shared memory bytes a program may use on `arch`: 227 KiB on sm_90a; 99 KiB for 80, which stands for every
+    sm_8x (sm_86 and sm_89 have 99 KiB, sm_80 163): a launch asking for more fails."""
+    return (227 if arch == 90 else 99) * 1024
 
 
 def kernel_modules():
@@ -106,6 +113,8 @@ def problems(entry: dict) -> list[str]:
         bad.append("no MMA instruction")
     if entry["spill_bytes"] is None or entry["spill_bytes"] > spill_limit(entry["D"]):
         bad.append(f"spills {entry['spill_bytes']} bytes")
+    if entry["shared_bytes"] > shared_limit(entry["arch"]):
+        bad.append(f"needs {entry['shared_bytes']} bytes of shared memory")
     return bad
 
 

@@ -9,7 +9,7 @@ upstream gradient are indexed by row or by class, the ROW_REDUCE constexpr), as 
       the same way, keeps dW [K_PAD * BLOCK_C, BLOCK_OUT] and dbias on chip and writes them once, in W's dtype.
 No atomics, no accumulator read back from global memory: both gradients are deterministic by construction. Each
 kernel recomputes the logits once, all K proxy slots of a tile in one dot (three GEMMs per tile: logits, dX, dW).
-Wide D (> block_out: 256 columns for half inputs, 128 for fp32) is split over programs, each recomputing the
+D wider than block_out (512 columns on a GPU: _common._GPU_TILES_WIDE) is split over programs, each recomputing the
 logits of its tiles.
 
 Per-row (per-proxy) normalisation terms are O(N + C*K) side sums applied in each kernel's epilogue, so no
@@ -202,10 +202,10 @@ def compile_cases(D: int, K: int, reduce: str, dtype: torch.dtype, precision: st
     """tools/kernel_report.py's cases of this module: _dx_kernel (dX stored in the input dtype by a single split,
     in fp32 by several) and _dw_kernel, as the launcher specialises them for inputs of `dtype` with a bias and
     both normalisations (the variant with the most live values)."""
-    cases = []
+    cases, precision = [], _common.case_precision(precision)
     for name, fn in (("dx", _dx_kernel), ("dw", _dw_kernel)):
-        cfg = _common.tile_config(name, arch, dtype, D, K)
-        consts = _common.constexprs(fn, cfg, K, reduce == "row", dtype, _common.case_precision(precision))
+        cfg = _common.tile_config(name, arch, dtype, precision, D, K)
+        consts = _common.constexprs(fn, cfg, K, reduce == "row", dtype, precision)
         pointers = {"x_ptr": dtype, "w_ptr": dtype, "bias_ptr": dtype, "labels_ptr": torch.int64,
                     "dw_ptr": dtype, "dbias_ptr": dtype}
         outputs = [dtype, torch.float32] if name == "dx" and dtype != torch.float32 else [dtype]

@@ -33,8 +33,8 @@ class TileConfig:
 
     block_n x block_c is the logit tile (rows x classes, each class with its K proxies), block_d the chunk of the
     embedding dimension streamed through the logit dots. The backward kernels hold the gradient of a
-    block_out-wide slice of D on chip (the whole of D up to 256 columns; wider D is split over programs, each
-    recomputing the logits)."""
+    block_out-wide slice of D on chip (the whole of D up to 512 columns on a GPU; wider D is split over programs,
+    each recomputing the logits)."""
     block_n: int
     block_c: int
     block_d: int
@@ -47,7 +47,7 @@ class TileConfig:
 # widest block_out). Every entry compiles for its architecture with MMA and without spills for D <= 256
 # (tools/kernel_report.py; benchmarks/results/kernel_report.json): fp32 on sm_80 runs tf32x3 as mma.sync with the
 # split operands in registers, and fp16's gradient GEMMs hold a hi + lo pair (_tiles._grad_dot), hence their
-# narrower tiles. Not timed: no GPU was available.
+# narrower tiles (fp32's serve tf32, tf32x3 and fp64). Not timed: no GPU was available.
 _BF16, _FP16, _FP32 = torch.bfloat16, torch.float16, torch.float32
 _GPU_TILES = {
     ("fwd", _BF16, 90): (64, 64, 64, 8, 3, 0), ("fwd", _FP16, 90): (64, 64, 64, 8, 3, 0),
@@ -63,10 +63,27 @@ _GPU_TILES = {
     ("dw", _BF16, 80): (64, 64, 64, 8, 2, 256), ("dw", _FP16, 80): (64, 64, 64, 8, 2, 128),
     ("dw", _FP32, 80): (64, 32, 32, 8, 2, 64),
 }
-# bf16 with D > 256: the backward kernels hold all of D on chip over 16 warps (within the 1 KiB of spills allowed
-# there) rather than split D over programs that each recompute the logits. fp16 (a hi + lo pair) and fp32 (tf32x3)
-# spill 10-16 KiB that way: they split D.
-_GPU_TILES_WIDE = {(kernel, _BF16, arch): (64, 64, 64, 16, 2, 512) for kernel in ("dx", "dw") for arch in (80, 90)}
+# D wider than an entry's block_out: the backward kernels hold all of D (up to 512 columns) on chip rather than split
+# D over programs that each recompute the logits (fp32 at D = 512 in slices of 128 made each backward kernel four
+# logit GEMMs instead of one). Keyed by the dot operand: the half dtype, or fp32's input precision, as tf32x3 splits
+# both gradient-GEMM operands into hi + lo in registers (fp16 one: _tiles._grad_dot). A [rows, 512] fp32
+# accumulator is 64 registers a thread over 8 warps for 32 rows (bf16: 64 rows over 16 warps, within the 1 KiB of
+# spills allowed at D = 512), and the gradient GEMM's other operand, [depth, 512], sits in registers beside it (twice
+# when split), so the accumulator rows (dX: block_n; dW: the proxy slots) and the depth (dX: the slots; dW: block_n)
+# are 16 to 64 (at most 32 on sm_8x, whose 99 KiB of shared memory (sm_86, sm_89) hold a [32, 512] fp32 operand
+# and not a [64, 512] one). Compiled for sm_80 and sm_90a at block_out 256 and 512, K 1 and 10, both reductions
+# (tools/kernel_report.py): MMA everywhere (mma.sync on sm_90a under wgmma's 64 rows), no spills but sm_90a fp16 dW
+# (32-44 bytes at D = 512) and sm_80 tf32x3 dW (8); one stage where two spill. Not timed: no GPU was available.
+_GPU_TILES_WIDE = {
+    ("dx", _BF16, 90): (64, 64, 64, 16, 2, 512), ("dw", _BF16, 90): (64, 64, 64, 16, 2, 512),
+    ("dx", _FP16, 90): (32, 32, 32, 8, 2, 512), ("dw", _FP16, 90): (64, 32, 32, 8, 1, 512),
+    ("dx", "tf32", 90): (32, 64, 32, 8, 1, 512), ("dw", "tf32", 90): (64, 32, 32, 8, 1, 512),
+    ("dx", "tf32x3", 90): (16, 32, 32, 8, 2, 512), ("dw", "tf32x3", 90): (16, 32, 32, 8, 2, 512),
+    ("dx", _BF16, 80): (64, 64, 64, 16, 2, 512), ("dw", _BF16, 80): (64, 64, 64, 16, 2, 512),
+    ("dx", _FP16, 80): (32, 32, 32, 8, 2, 512), ("dw", _FP16, 80): (32, 32, 32, 8, 2, 512),
+    ("dx", "tf32", 80): (32, 32, 32, 8, 2, 512), ("dw", "tf32", 80): (32, 32, 32, 8, 2, 512),
+    ("dx", "tf32x3", 80): (16, 32, 32, 8, 2, 512), ("dw", "tf32x3", 80): (16, 32, 32, 8, 1, 512),
+}
 
 
 def device_arch(device) -> int | None:
@@ -77,24 +94,26 @@ def device_arch(device) -> int | None:
     return 90 if major >= 9 else 80
 
 
-def tile_config(kernel: str, arch: int | None, dtype: torch.dtype, d: int, k: int, block_n=None, block_c=None,
-                block_d=None) -> TileConfig:
-    """Tiles of `kernel` ("fwd", "dx" or "dw") for dot operands of `dtype`, embedding width d and K proxies a
-    class, on `arch` (None: the interpreter, whose cost is per op: small fixed tiles). The backward kernels compute
-    the logits of all K proxies of a class at once, padded to K_PAD = next_power_of_2(K) slots: the default tile
-    holds 64 proxy slots (64 // K_PAD classes). The overrides (LSESpec's block_rows, block_classes, block_d)
-    replace the table's values."""
+def tile_config(kernel: str, arch: int | None, dtype: torch.dtype, precision: str, d: int, k: int, block_n=None,
+                block_c=None, block_d=None) -> TileConfig:
+    """Tiles of `kernel` ("fwd", "dx" or "dw") for dot operands of `dtype` at input_precision `precision`, embedding
+    width d and K proxies a class, on `arch` (None: the interpreter, whose cost is per op: small fixed tiles). The
+    backward kernels compute the logits of all K proxies of a class at once, padded to K_PAD = next_power_of_2(K)
+    slots: the table gives the proxy slots of a tile (slots // K_PAD classes); for D wider than its block_out they
+    take the wide tiles where there are some. The overrides (LSESpec's block_rows, block_classes, block_d) replace
+    the table's values."""
     k_pad = triton.next_power_of_2(k)
+    d_pad = max(16, triton.next_power_of_2(d))  # tl.dot needs every tile dimension >= 16
     if arch is None:
         bn, bc, bd, warps, stages, out = 16, 16, 64, 1, 1, 1 << 30
     else:
-        key = (kernel, dtype if dtype in (_BF16, _FP16) else _FP32, arch)
-        wide = triton.next_power_of_2(d) > 256 and key in _GPU_TILES_WIDE
-        bn, slots, bd, warps, stages, out = (_GPU_TILES_WIDE if wide else _GPU_TILES)[key]
+        half = dtype in (_BF16, _FP16)
+        tiles = _GPU_TILES[(kernel, dtype if half else _FP32, arch)]
+        wide = _GPU_TILES_WIDE.get((kernel, dtype if half else precision, arch))  # fp64 ("ieee"): none
+        bn, slots, bd, warps, stages, out = wide if wide and d_pad > tiles[-1] else tiles
         bc = slots if kernel == "fwd" else max(1, slots // k_pad)
-    bd = min(bd, max(16, triton.next_power_of_2(d)))  # tl.dot needs every tile dimension >= 16
-    out = min(out, max(16, triton.next_power_of_2(d))) if kernel != "fwd" else 0
-    return TileConfig(block_n or bn, block_c or bc, block_d or bd, warps, stages, out)
+    out = min(out, d_pad) if kernel != "fwd" else 0
+    return TileConfig(block_n or bn, block_c or bc, block_d or min(bd, d_pad), warps, stages, out)
 
 
 def num_splits(parallel_tiles: int, streamed_tiles: int, device, requested=None, cap=None) -> int:
@@ -256,7 +275,7 @@ class Problem:
     def config(self, kernel: str) -> TileConfig:
         """The tiles of `kernel` ("fwd", "dx", "dw") for this problem, with the spec's overrides."""
         s = self.spec
-        return tile_config(kernel, self.arch, self.op, self.d, self.k, s.block_rows or None,
+        return tile_config(kernel, self.arch, self.op, self.precision, self.d, self.k, s.block_rows or None,
                            s.block_classes or None, s.block_d or None)
 
     def launch_meta(self, fn, cfg: TileConfig) -> dict:

@@ -103,7 +103,8 @@ def forward(x, w, labels, bias, spec):
 def compile_cases(D: int, K: int, reduce: str, dtype: torch.dtype, precision: str, arch: int) -> list[dict]:
     """tools/kernel_report.py's cases of this module: the forward kernel as lse_forward specialises it for inputs
     of `dtype` with a bias and normalised proxies."""
-    cfg = _common.tile_config("fwd", arch, dtype, D, K)
-    consts = _common.constexprs(_lse_fwd_kernel, cfg, K, reduce == "row", dtype, _common.case_precision(precision))
+    precision = _common.case_precision(precision)
+    cfg = _common.tile_config("fwd", arch, dtype, precision, D, K)
+    consts = _common.constexprs(_lse_fwd_kernel, cfg, K, reduce == "row", dtype, precision)
     pointers = {"x_ptr": dtype, "w_ptr": dtype, "bias_ptr": dtype, "labels_ptr": torch.int64}
     return [_common.compile_case(_lse_fwd_kernel, consts, cfg, pointers)]
