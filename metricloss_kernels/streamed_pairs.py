@@ -15,8 +15,8 @@ Three schemes, after what the mining needs:
 - Mining that needs each anchor's whole row of candidates (semi-hard triplets: a sort; all triplets: the [P, N]
   pairs; margin: a cumulative sum): the reference's own code on blocks of anchors, [A', M] each (`_anchor_blocks`),
   recomputed in the backward (torch.utils.checkpoint) so that no block's intermediates outlive it.
-torch.compile traces the blocks into one graph (the block plan depends on the shapes only), except margin's draws
-from a torch.Generator (as the reference's).
+torch.compile traces the blocks into one graph (the block plan depends on the shapes only), except margin's: its
+draws go through a generator's state, a graph break.
 """
 import torch
 import torch.nn.functional as F

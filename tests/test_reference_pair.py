@@ -727,7 +727,7 @@ def test_streamed_margin_draws_the_reference_numbers(beta, monkeypatch):
 @pytest.mark.parametrize("name", [name for name in STREAMED if name != "margin"])
 def test_streamed_compiles_into_one_graph(name, monkeypatch):
     """torch.compile(fullgraph=True) traces the blocks (3 here) and the recomputing backward: eager's value and
-    gradients. (Not margin: its draw from a torch.Generator breaks a graph, as the reference's does.)"""
+    gradients. (Not margin: its draws go through a generator's state, a graph break.)"""
     fn = REFERENCED[name][0]
     monkeypatch.setattr(streamed_pairs, "BLOCK_ELEMS", 23 * 12)
     x, y, r, ry, ref_self = referenced_batch()
