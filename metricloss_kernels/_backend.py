@@ -48,7 +48,7 @@ def resolve(backend: str | None, device: torch.device, logits: int, supported=BA
     """The concrete backend for an op on `device` whose reference would hold `logits` fp32 values.
 
     METRICLOSS_BACKEND replaces "auto"; a backend it names that this op does not implement (the pair losses have
-    only the reference) falls back to the automatic choice, whereas an explicit `backend=` argument raises."""
+    no "triton" or "gemm") falls back to the automatic choice, whereas an explicit `backend=` argument raises."""
     if backend is None or backend == "auto":
         backend = os.environ.get("METRICLOSS_BACKEND", "auto")
         if backend not in BACKENDS:

@@ -16,7 +16,7 @@ reference the batch is compared with itself and the pairs (i, i) are left out. `
 the row of the reference that is embedding i itself (its slot in a cross-batch memory: `memory.CrossBatchMemory`),
 left out of i's pairs; negative: none. Gradients reach both tensors. Over a process group each rank passes its
 rows of the reference too (the same number on every rank; ref_self indexes them) and the candidates are the
-gathered reference. Contrastive, lifted structure, N-pair and multi-similarity stream over blocks of the reference
+gathered reference. Every pair loss (not the center loss) streams over blocks of the reference or of the anchors
 (`streamed_pairs`, backend "chunked", chosen by "auto" when the [N, M] similarities would exceed 64 MiB): no [N, M]
 tensor is held.
 """
@@ -81,9 +81,9 @@ _LOSS_RULES = {  # per loss, where an argument's rule differs from the shared on
     "regular_polytope_loss": {"margin": lambda v, n: v == "max" or _degrees(v, n)},
     "center_loss": {"margin": _NONNEG, "backend": _PAIR_BACKEND},
     "multi_similarity_loss": {"beta": _POS, "backend": _STREAMED_BACKEND},
-    "margin_loss": {"beta": lambda v, n: torch.is_tensor(v) or V.number(v, n), "backend": _PAIR_BACKEND},
-    **{name: {"backend": _STREAMED_BACKEND} for name in ("contrastive_loss", "lifted_structure_loss", "npairs_loss")},
-    **{name: {"backend": _PAIR_BACKEND} for name in ("triplet_margin_loss", "exponential_triplet_loss")},
+    "margin_loss": {"beta": lambda v, n: torch.is_tensor(v) or V.number(v, n), "backend": _STREAMED_BACKEND},
+    **{name: {"backend": _STREAMED_BACKEND} for name in ("contrastive_loss", "lifted_structure_loss", "npairs_loss",
+                                                         "triplet_margin_loss", "exponential_triplet_loss")},
 }
 
 
@@ -369,10 +369,11 @@ def triplet_margin_loss(embeddings, labels, margin=0.1, distance="cosine", minin
     """Triplet margin loss with "all", "semi-hard" or "hard" mining; distance "cosine", "euclidean",
     "squared_euclidean" (on x̂)."""
     with distributed.agreement(process_group):
-        labels, ref = _pair_inputs(embeddings, labels, backend, ref_emb, ref_labels, ref_self)
+        labels, ref = _pair_inputs(embeddings, labels, backend, ref_emb, ref_labels, ref_self,
+                                   supported=STREAMED_PAIR_BACKENDS)
         check_arguments("triplet_margin_loss", margin=margin, distance=distance, mining=mining)
-    return _pair_loss(reference.triplet_margin_loss, embeddings, labels, ref, backend, process_group, margin=margin,
-                      distance=distance, mining=mining)
+    return _pair_loss(reference.triplet_margin_loss, embeddings, labels, ref, backend, process_group,
+                      streamed=streamed_pairs.triplet_margin_loss, margin=margin, distance=distance, mining=mining)
 
 
 def lifted_structure_loss(embeddings, labels, margin=0.5, backend="auto", process_group=None, ref_emb=None,
@@ -413,9 +414,10 @@ def margin_loss(embeddings, labels, margin=0.2, beta=1.2, generator=None, backen
             num_classes = beta.shape[0] if beta.dim() == 1 else None
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        labels, ref = _pair_inputs(embeddings, labels, backend, ref_emb, ref_labels, ref_self, num_classes)
+        labels, ref = _pair_inputs(embeddings, labels, backend, ref_emb, ref_labels, ref_self, num_classes,
+                                   STREAMED_PAIR_BACKENDS)
     return _pair_loss(reference.margin_loss, embeddings, labels, ref, backend, process_group, num_classes,
-                      margin=margin, beta=beta, generator=generator)
+                      streamed=streamed_pairs.margin_loss, margin=margin, beta=beta, generator=generator)
 
 
 def multi_similarity_loss(embeddings, labels, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, backend="auto",
@@ -437,10 +439,11 @@ def exponential_triplet_loss(embeddings, labels, num_classes, overlap=1.2, dista
     with distributed.agreement(process_group):
         check_arguments("exponential_triplet_loss", num_classes=num_classes, overlap=overlap, distance=distance,
                         embedding_scale=embedding_scale, pos_coef=pos_coef, neg_coef=neg_coef)
-        labels, ref = _pair_inputs(embeddings, labels, backend, ref_emb, ref_labels, ref_self, num_classes)
+        labels, ref = _pair_inputs(embeddings, labels, backend, ref_emb, ref_labels, ref_self, num_classes,
+                                   STREAMED_PAIR_BACKENDS)
     return _pair_loss(reference.exponential_triplet_loss, embeddings, labels, ref, backend, process_group,
-                      num_classes=num_classes, overlap=overlap, distance=distance, embedding_scale=embedding_scale,
-                      pos_coef=pos_coef, neg_coef=neg_coef)
+                      streamed=streamed_pairs.exponential_triplet_loss, num_classes=num_classes, overlap=overlap,
+                      distance=distance, embedding_scale=embedding_scale, pos_coef=pos_coef, neg_coef=neg_coef)
 
 
 def center_loss(embeddings, labels, centers, margin=0.0, backend="auto", process_group=None):

@@ -449,7 +449,7 @@ def test_evaluate_query_set_as_reference_needs_its_labels():
 @pytest.mark.parametrize("make, arg", [
     (lambda: mlk.ContrastiveLoss(backend="triton"), "backend"),
     (lambda: mlk.CenterLoss(3, 4, backend="chunked"), "backend"),
-    (lambda: mlk.MarginLoss(backend="chunked"), "backend"),
+    (lambda: mlk.MarginLoss(backend="triton"), "backend"),
     (lambda: mlk.ProxyNCALoss(1, 4), "num_classes"),
     (lambda: mlk.MPALoss(1, 4, centers_per_class=2), "num_classes"),
 ])
@@ -482,15 +482,18 @@ NAN_RULE_LOSSES = {  # (x, y, w [C*K, D], b) -> loss; "w" also stands for a weig
     "regular_polytope": lambda x, y, w, b: F.regular_polytope_loss(x[:, :4], y, 5, backend=b),
     "proxy_repel": lambda x, y, w, b: F.proxy_repel_loss(x, y, w[::2], variant="batch", backend=b),
     "contrastive": lambda x, y, w, b: F.contrastive_loss(x, y, backend=b),
-    "triplet_semi_hard": lambda x, y, w, b: F.triplet_margin_loss(x, y, mining="semi-hard"),
-    "triplet_hard": lambda x, y, w, b: F.triplet_margin_loss(x, y, distance="euclidean", mining="hard"),
-    "lifted_structure": lambda x, y, w, b: F.lifted_structure_loss(x, y),
-    "npairs": lambda x, y, w, b: F.npairs_loss(x, y),
-    "margin": lambda x, y, w, b: F.margin_loss(x, y, beta=w[:5, 0], generator=torch.Generator().manual_seed(0)),
+    "triplet_semi_hard": lambda x, y, w, b: F.triplet_margin_loss(x, y, mining="semi-hard", backend=b),
+    "triplet_hard": lambda x, y, w, b: F.triplet_margin_loss(x, y, distance="euclidean", mining="hard", backend=b),
+    "lifted_structure": lambda x, y, w, b: F.lifted_structure_loss(x, y, backend=b),
+    "npairs": lambda x, y, w, b: F.npairs_loss(x, y, backend=b),
+    "margin": lambda x, y, w, b: F.margin_loss(x, y, beta=w[:5, 0], generator=torch.Generator().manual_seed(0),
+                                               backend=b),
     "multi_similarity": lambda x, y, w, b: F.multi_similarity_loss(x, y, backend=b),
-    "exponential_triplet": lambda x, y, w, b: F.exponential_triplet_loss(x, y, 10),
+    "exponential_triplet": lambda x, y, w, b: F.exponential_triplet_loss(x, y, 10, backend=b),
     "center": lambda x, y, w, b: F.center_loss(x, y, w[::2]),
 }
+STREAMED_NAN_RULE = ("contrastive", "triplet_semi_hard", "triplet_hard", "lifted_structure", "npairs", "margin",
+                     "multi_similarity", "exponential_triplet")  # the pair losses with a chunked backend
 PROXY_NAN_RULE = ("proxy_nca", "proxy_anchor", "soft_triple", "mpa", "arcface", "cosface", "l2_softmax",
                   "regular_polytope", "proxy_repel")
 
@@ -502,7 +505,7 @@ def test_nan_or_inf_input_gives_nan_loss_and_gradients(name, where, backend):
     """One rule for every loss (docs/formulas.md, Numerical rules): a NaN or Inf entry in any floating input makes
     the loss NaN and every gradient through it NaN. margin_loss returned a finite 0.75 (the NaN row was never
     sampled), semi-hard triplets a finite loss; the others had NaN in one row's gradient only."""
-    streamed = ("contrastive", "multi_similarity") if backend == "chunked" else ()
+    streamed = STREAMED_NAN_RULE if backend == "chunked" else ()
     if backend != "reference" and name not in PROXY_NAN_RULE + streamed:
         pytest.skip("this pair loss has no such backend")
     g = torch.Generator().manual_seed(5)

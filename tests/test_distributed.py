@@ -254,14 +254,13 @@ def _check_pair_losses(rank, world, group):
             assert_close(got, expected, RTOL, what + ": replicated parameter's gradient")
 
     # With a reference: each rank passes its rows of it (and ref_self indexes them); the reference's gradient
-    # follows the embeddings' convention. The streamed losses also through backend "chunked".
+    # follows the embeddings' convention. Every one also through backend "chunked" (streamed).
     r, ry, _, _ = _batch(world, 4)
     ry = ry % PAIR_CLASSES
     own = torch.randint(-1, N_LOCAL, (world * N_LOCAL,), generator=torch.Generator().manual_seed(6))
     global_own = torch.where(own >= 0, own + torch.arange(world).repeat_interleave(N_LOCAL) * N_LOCAL, own)
     cases = [(n, k) for n, k in PAIR_CASES if n != "center_loss"]
-    cases += [(n, dict(backend="chunked")) for n in ("contrastive_loss", "lifted_structure_loss", "npairs_loss",
-                                                     "multi_similarity_loss")]
+    cases += [(n, dict(k, backend="chunked")) for n, k in cases]
     for (name, kwargs), with_own in itertools.product(cases, (False, True)):
         def call(x, y, r, ry, ref_self, **extra):
             args = dict(kwargs)

@@ -1,5 +1,6 @@
 """Pair-family references (metricloss_kernels/reference/pair.py) against explicit loops written from docs/formulas.md,
 with and without a reference set; the streamed backend (metricloss_kernels/streamed_pairs.py) against the reference."""
+import functools
 import itertools
 import math
 
@@ -8,7 +9,7 @@ import torch
 
 from metricloss_kernels import functional, streamed_pairs
 from metricloss_kernels.reference import pair
-from utils import TOL, assert_close, largest_allocation, make_batch  # noqa: E402  (tests/ is on sys.path)
+from utils import TOL, assert_close, largest_allocation, make_batch, peak_allocation  # noqa: E402  (tests/ is on sys.path)
 
 F64 = torch.float64
 REL = 1e-6
@@ -527,7 +528,8 @@ REFERENCED = {
     "margin": (_with_generator(lambda x, y, **r: functional.margin_loss(x, y, 0.2, 0.9, **r)),
                lambda x, y, ref: margin_loop(x, y, 0.2, 0.9, seed=3, ref=ref), 1.0),
 }
-STREAMED = ("contrastive", "lifted", "npairs", "multi_similarity")
+STREAMED = ("contrastive", "lifted", "npairs", "multi_similarity", "triplet_all_cosine", "triplet_semi-hard_euclidean",
+            "triplet_hard_squared", "margin")
 
 
 def referenced_batch(n=23, m=29, d=6, c=5, seed=20):
@@ -541,7 +543,7 @@ def referenced_batch(n=23, m=29, d=6, c=5, seed=20):
 @pytest.mark.parametrize("name", sorted(REFERENCED))
 def test_with_reference_matches_loop(name, own, monkeypatch):
     """Anchors against a reference: every (i, j) pair counts, or each anchor's ref_self row is left out of its
-    positives; the streamed losses also in blocks of 7 candidates (the last one partial)."""
+    positives; the streamed losses also in small blocks (of 7 candidates, or of 5 anchors, 1 for all triplets)."""
     fn, loop, scale = REFERENCED[name]
     x, y, r, ry, ref_self = referenced_batch()
     x, r = x * scale, r * scale
@@ -639,10 +641,93 @@ def test_streamed_matches_reference(name, own, dtype, monkeypatch):
     assert_close(fn(batch, y[:37], backend="chunked"), fn(batch, y[:37], backend="reference"), TOL[dtype])
 
 
-@pytest.mark.parametrize("name", STREAMED)
+# every mining and distance of the triplet loss, and the exponential triplet loss (its loops: test_exponential.py)
+STREAMED_VARIANTS = {
+    **{f"triplet_{mining}_{distance}": functools.partial(functional.triplet_margin_loss, margin=0.3,
+                                                         distance=distance, mining=mining)
+       for mining in ("all", "semi-hard", "hard") for distance in ("cosine", "euclidean", "squared_euclidean")},
+    **{f"exponential_{distance}": functools.partial(functional.exponential_triplet_loss, num_classes=100,
+                                                    distance=distance, embedding_scale=20.0)
+       for distance in ("cosine", "euclidean", "squared_euclidean")},
+}
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["every_pair", "ref_self"])
+@pytest.mark.parametrize("name", sorted(STREAMED_VARIANTS))
+def test_streamed_variants_match_reference(name, own, monkeypatch):
+    """Every mining x distance of the triplet loss and every distance of the exponential triplet loss: the
+    reference's value and gradients, in blocks of 11 candidates (batch-hard, exponential), of 7 anchors
+    (semi-hard) or of 1 anchor (all triplets), at N=37, M=53, D=40, and without a reference."""
+    fn = STREAMED_VARIANTS[name]
+    x, y = clustered_batch(37 + 53, 40, 6, noise=2.0, seed=25)
+    ref_self = torch.randint(-1, 53, (37,), generator=torch.Generator().manual_seed(1)) if own else None
+    args = (x[:37], y[:37], x[37:], y[37:])
+    expected = _value_and_grads(fn, *args, ref_self=ref_self, backend="reference")
+    monkeypatch.setattr(streamed_pairs, "BLOCK_ELEMS", 37 * 11)
+    actual = _value_and_grads(fn, *args, ref_self=ref_self, backend="chunked")
+    for what, a, e in zip(("loss", "grad embeddings", "grad ref_emb"), actual, expected):
+        assert e.abs().max() > 0
+        assert_close(a, e, TOL[F64], f"{name} {what}")
+    batch = x[:37].clone().requires_grad_()
+    assert_close(fn(batch, y[:37], backend="chunked"), fn(batch, y[:37], backend="reference"), TOL[F64])
+
+
+def test_streamed_hard_mining_breaks_ties_as_argmin(monkeypatch):
+    """A reference whose rows come twice (the copies 29 rows apart, in other blocks of 11): batch-hard triplets
+    choose the first of equal candidates, as the reference's argmin / argmax: the same gradients, none to the
+    copies. The exponential triplet loss: the reference's value and, summed over each row and its copy, its
+    gradient (the reference's amax shares it between equal distances, the streamed loss gives it to the first)."""
+    x, y, r, ry, ref_self = referenced_batch(n=23, m=29, d=6, c=5, seed=26)
+    r, ry = torch.cat([r, r]), torch.cat([ry, ry])
+    fns = {"hard": STREAMED_VARIANTS["triplet_hard_euclidean"], "exponential": STREAMED_VARIANTS["exponential_cosine"]}
+    for name, fn in fns.items():
+        expected = _value_and_grads(fn, x, y, r, ry, ref_self=ref_self, backend="reference")
+        monkeypatch.setattr(streamed_pairs, "BLOCK_ELEMS", 23 * 11)
+        actual = _value_and_grads(fn, x, y, r, ry, ref_self=ref_self, backend="chunked")
+        assert (actual[2][29:] == 0).all() and actual[2][:29].abs().max() > 0, name
+        if name == "exponential":
+            assert expected[2][29:].abs().max() > 0  # the reference shares it
+            expected = (*expected[:2], expected[2][:29] + expected[2][29:])
+            actual = (*actual[:2], actual[2][:29])
+        for what, a, e in zip(("loss", "grad embeddings", "grad ref_emb"), actual, expected):
+            assert_close(a, e, TOL[F64], f"{name} {what}")
+
+
+@pytest.mark.parametrize("beta", ["per_class", "global", "float"])
+def test_streamed_margin_draws_the_reference_numbers(beta, monkeypatch):
+    """Margin loss in blocks of 5 anchors: u is drawn block by block of rows, on CPU the numbers of the
+    reference's one [N, M] draw: the same value and gradients (a learnable beta's too), and the generator, or the
+    global one (generator=None), is left in the reference's state; also for one call's anchors [7, 19), for which
+    every call draws the whole batch's rows."""
+    x, y, r, ry, ref_self = referenced_batch(n=23, m=29, d=6, c=5, seed=27)
+    beta = {"per_class": torch.linspace(0.8, 1.1, 5, dtype=F64), "global": torch.tensor(0.9, dtype=F64),
+            "float": 0.9}[beta]
+    monkeypatch.setattr(streamed_pairs, "BLOCK_ELEMS", 5 * 29)
+
+    def run(loss, seeded, anchors):
+        torch.manual_seed(4)
+        generator = torch.Generator().manual_seed(3) if seeded else None
+        leaves = [x.clone().requires_grad_(), r.clone().requires_grad_()]
+        b = beta.clone().requires_grad_() if torch.is_tensor(beta) else beta
+        value = loss(leaves[0], y, 0.2, b, generator, ref_emb=leaves[1], ref_labels=ry, ref_self=ref_self,
+                     anchors=anchors)
+        grads = torch.autograd.grad(value, leaves + ([b] if torch.is_tensor(b) else []))
+        return (value, *grads), (generator or torch.default_generator).get_state()
+
+    for seeded, anchors in itertools.product((True, False), (None, pair.Anchors(7, 19, lambda t: t, lambda t: t))):
+        what = f"generator {'seeded' if seeded else 'global'}, anchors {anchors and anchors[:2]}"
+        expected, state = run(pair.margin_loss, seeded, anchors)
+        actual, actual_state = run(streamed_pairs.margin_loss, seeded, anchors)
+        for name, a, e in zip(("loss", "grad embeddings", "grad ref_emb", "grad beta"), actual, expected):
+            assert e.abs().max() > 0
+            assert_close(a, e, TOL[F64], f"{what}: {name}")
+        assert torch.equal(actual_state, state), what
+
+
+@pytest.mark.parametrize("name", [name for name in STREAMED if name != "margin"])
 def test_streamed_compiles_into_one_graph(name, monkeypatch):
     """torch.compile(fullgraph=True) traces the blocks (3 here) and the recomputing backward: eager's value and
-    gradients."""
+    gradients. (Not margin: its draws go through a generator's state, a graph break.)"""
     fn = REFERENCED[name][0]
     monkeypatch.setattr(streamed_pairs, "BLOCK_ELEMS", 23 * 12)
     x, y, r, ry, ref_self = referenced_batch()
@@ -654,21 +739,45 @@ def test_streamed_compiles_into_one_graph(name, monkeypatch):
         assert_close(a, e, TOL[torch.float64], f"{name} {what}")
 
 
-@pytest.mark.parametrize("name,n,m,backend", [(name, 512, 20_000, "chunked") for name in STREAMED]
-                         + [(name, 256, 100_000, "auto") for name in ("contrastive", "multi_similarity")])
+def _large_reference(n, m, d):
+    g = torch.Generator().manual_seed(24)
+    x, r = torch.randn(n, d, generator=g), torch.randn(m, d, generator=g)
+    y, ry = torch.randint(0, 100, (n,), generator=g), torch.randint(0, 100, (m,), generator=g)
+    return x, y, r, ry
+
+
+def _training_step(fn, x, y, r, ry, backend):
+    def step():
+        xx, rr = x.clone().requires_grad_(), r.clone().requires_grad_()
+        fn(xx, y, ref_emb=rr, ref_labels=ry, backend=backend).backward()
+    return step
+
+
+STREAMED_FNS = {**{name: REFERENCED[name][0] for name in STREAMED}, **STREAMED_VARIANTS}
+OVER_CANDIDATES = ("contrastive", "lifted", "npairs", "multi_similarity", "triplet_hard_squared",
+                   "exponential_cosine")  # streamed over blocks of candidates
+LARGE = ("contrastive", "multi_similarity", "triplet_hard_squared", "exponential_cosine")
+
+
+@pytest.mark.parametrize("name,n,m,backend", [(name, 512, 20_000, "chunked") for name in OVER_CANDIDATES]
+                         + [(name, 256, 100_000, "auto") for name in LARGE])
 def test_streamed_holds_no_n_by_m_tensor(name, n, m, backend):
     """Forward and backward against a reference of M rows allocate nothing larger than the [M, D] inputs: no
     [N, M] similarity (at N=256, M=1e5, D=64 backend "auto" streams); at N=512, M=2e4 a [N, M] bool mask would
     exceed that bound too."""
     d = 64
-    g = torch.Generator().manual_seed(24)
-    x, r = torch.randn(n, d, generator=g), torch.randn(m, d, generator=g)
-    y, ry = torch.randint(0, 100, (n,), generator=g), torch.randint(0, 100, (m,), generator=g)
-    fn = REFERENCED[name][0]
-
-    def step():
-        xx, rr = x.clone().requires_grad_(), r.clone().requires_grad_()
-        fn(xx, y, ref_emb=rr, ref_labels=ry, backend=backend).backward()
-
-    largest = largest_allocation(step)
+    largest = largest_allocation(_training_step(STREAMED_FNS[name], *_large_reference(n, m, d), backend))
     assert largest <= m * d * 4, largest
+
+
+@pytest.mark.parametrize("name,n,m,d,block", [("triplet_semi-hard_euclidean", 512, 2048, 16, 1 << 14),
+                                              ("margin", 512, 2048, 16, 1 << 14),
+                                              ("triplet_all_cosine", 512, 64, 4, 64 * 64)])
+def test_streamed_anchor_blocks_hold_less_than_n_by_m(name, n, m, d, block, monkeypatch):
+    """Semi-hard and all triplets, margin: over blocks of anchors ([8, M] here; all triplets: one anchor's
+    [M, M]), recomputed in the backward. Forward and backward hold less memory at once than one [N, M] fp32 matrix
+    (measured: 0.4x, 0.4x, 0.7x; the reference 18x, 14x, 210x): no block's intermediates outlive it, and per block
+    nothing is kept but its inputs (no RNG state: 5 KB per block)."""
+    monkeypatch.setattr(streamed_pairs, "BLOCK_ELEMS", block)
+    peak = peak_allocation(_training_step(STREAMED_FNS[name], *_large_reference(n, m, d), "chunked"))
+    assert peak < n * m * 4, peak

@@ -1,4 +1,5 @@
 """Helpers shared by the test files."""
+import itertools
 import math
 
 import torch
@@ -54,10 +55,23 @@ def assert_close(actual, expected, rtol, what="", floor=1e-3):
 def largest_allocation(fn) -> int:
     """CPU: the largest single torch allocation while fn() runs (profiler memory events; frees are negative).
     CUDA: the peak of extra allocated memory, an upper bound on it (all live temporaries together)."""
+    return _memory_use(fn, peak=False)
+
+
+def peak_allocation(fn) -> int:
+    """The most memory that the allocations made while fn() runs hold at once (CPU: the running sum of the
+    profiler's memory events in time order, frees negative; CUDA: the peak of extra allocated memory)."""
+    return _memory_use(fn, peak=True)
+
+
+def _memory_use(fn, peak: bool) -> int:
     if not torch.cuda.is_available():
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
-        return max(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+        events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns())
+        sizes = [e.nbytes() for e in events]
+        return max(itertools.accumulate(sizes)) if peak else max(sizes)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

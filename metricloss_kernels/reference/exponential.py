@@ -19,14 +19,15 @@ _BALL_TOLERANCE = 1e-2
 
 
 def _distances(x, r, distance, embedding_scale):
-    """Distance matrix [A, M] of the anchors x to the candidates r and its maximum D_max.
+    """Distance matrix [..., A, M] of the anchors x [..., A, D] to the candidates r [..., M, D] and its maximum
+    D_max.
     cosine: 1 - x̂_i·x̂_j = ||x̂_i - x̂_j||² / 2 (D_max = 2); euclidean: ||x_i - x_j|| on the embeddings as given
     (D_max = 2 c_s); squared_euclidean: ||x_i - x_j||² (D_max = (2 c_s)²).
     All from the differences x_i - x_j (cdist without its matmul expansion), never from |a|² + |b|² - 2 a·b: the
     distance of duplicated rows is exactly 0 (not a rounding error of either sign, which the log of the loss
     turns into a NaN or a value that depends on the dtype), and its gradient is 0."""
     if distance == "cosine":
-        x, r = normalize(x, dim=1), normalize(r, dim=1)
+        x, r = normalize(x, dim=-1), normalize(r, dim=-1)
     d = torch.cdist(x, r, compute_mode="donot_use_mm_for_euclid_dist")
     if distance == "cosine":
         return d.square() / 2, 2.0
@@ -60,28 +61,50 @@ def exponential_triplet_loss(embeddings, labels, num_classes, overlap=1.2, dista
     leaves the ball (checked by ``_validation.require``: a ValueError on eager CPU tensors, an asynchronous
     RuntimeError on other devices and under torch.compile).
     """
+    c_pos = _c_pos(overlap, num_classes, distance)
+    x, r, pos, neg = _sides(embeddings, labels, ref_emb, ref_labels, ref_self, anchors)
+    d, d_max = _distances(x, r, distance, embedding_scale)
+    _check_ball(d.max(), d_max, distance, embedding_scale, anchors)
+    d = d.clamp(max=d_max)  # what passed the check is out of the ball by rounding only: keep p, n <= 1
+    # Anchors without a positive (negative) have d_ap = -inf (d_an = inf) and are left out of the mean.
+    d_ap = d.masked_fill(~pos, float("-inf")).amax(dim=1)
+    d_an = d.masked_fill(~neg, float("inf")).amin(dim=1)
+    return _exponential_value(d_ap, d_an, pos.any(dim=1), neg.any(dim=1), d_max, c_pos, pos_coef, neg_coef,
+                              embeddings, anchors)
+
+
+def _c_pos(overlap, num_classes, distance):
+    """c_pos = overlap / num_classes, after the checks of `exponential_triplet_loss`'s arguments."""
     if distance not in _DISTANCES:
         raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}")
     c_pos = overlap / num_classes
     if c_pos >= 1.0:
         raise ValueError(f"overlap / num_classes must be < 1 (c_pos = overlap / K_train), got overlap={overlap}, "
                          f"num_classes={num_classes}: c_pos = {c_pos}")
-    x, r, pos, neg = _sides(embeddings, labels, ref_emb, ref_labels, ref_self, anchors)
-    d, d_max = _distances(x, r, distance, embedding_scale)
-    if distance != "cosine":  # written as "not above" so that NaN distances pass (the NaN rule is not this check's)
-        largest = d.max() if anchors is None else anchors.max(d.max())
-        require(~(largest > d_max * (1 + _BALL_TOLERANCE)),
-                f"embeddings must lie in the ball of radius embedding_scale = {embedding_scale} for the {distance} "
-                f"distance (D_max = {d_max:.4g}); map them with unit_range / unit_bounce(x, scale=embedding_scale) "
-                f"or a scaled L2 normalisation", lambda: f" (largest distance {largest.item():.4g})")
-    d = d.clamp(max=d_max)  # what passed the check is out of the ball by rounding only: keep p, n <= 1
-    # Anchors without a positive (negative) have d_ap = -inf (d_an = inf) and are left out of the mean; an empty
-    # mean (no such anchor in the whole batch) counts as 1 (no hinge), and its term -log(1 + eps) is 0.
-    d_ap = d.masked_fill(~pos, float("-inf")).amax(dim=1)
-    d_an = d.masked_fill(~neg, float("inf")).amin(dim=1)
-    pos_term = _masked_mean(((1.0 - d_ap / d_max) / (1.0 - c_pos)).clamp(max=1.0), pos.any(dim=1), embeddings,
-                            anchors, empty=1.0)
-    neg_term = _masked_mean((2.0 * d_an / d_max).clamp(max=1.0), neg.any(dim=1), embeddings, anchors, empty=1.0)
+    return c_pos
+
+
+def _check_ball(largest, d_max, distance, embedding_scale, anchors):
+    """Euclidean distances: the largest distance of this call (a 0-d tensor) must not exceed D_max by more than the
+    tolerance, over every call that shares the anchors."""
+    if distance == "cosine":
+        return
+    if anchors is not None:
+        largest = anchors.max(largest)
+    # written as "not above" so that NaN distances pass (the NaN rule is not this check's)
+    require(~(largest > d_max * (1 + _BALL_TOLERANCE)),
+            f"embeddings must lie in the ball of radius embedding_scale = {embedding_scale} for the {distance} "
+            f"distance (D_max = {d_max:.4g}); map them with unit_range / unit_bounce(x, scale=embedding_scale) "
+            f"or a scaled L2 normalisation", lambda: f" (largest distance {largest.item():.4g})")
+
+
+def _exponential_value(d_ap, d_an, has_pos, has_neg, d_max, c_pos, pos_coef, neg_coef, embeddings, anchors):
+    """The loss from each anchor's farthest positive and closest negative distances d_ap, d_an [A] (clamped to
+    D_max), over the anchors that have a positive (has_pos [A]), resp. a negative (has_neg [A]). An empty mean (no
+    such anchor in the whole batch) counts as 1 (no hinge), and its term -log(1 + eps) is 0."""
+    pos_term = _masked_mean(((1.0 - d_ap / d_max) / (1.0 - c_pos)).clamp(max=1.0), has_pos, embeddings, anchors,
+                            empty=1.0)
+    neg_term = _masked_mean((2.0 * d_an / d_max).clamp(max=1.0), has_neg, embeddings, anchors, empty=1.0)
     return _zero(embeddings) - pos_coef * torch.log(pos_term + _EPS) - neg_coef * torch.log(neg_term + _EPS)
 
 

@@ -93,8 +93,9 @@ def _safe_sqrt(z):
 
 
 def _sq_dist(x, r):
-    """Squared Euclidean distances ||x_a - r_j||², [A, M], through the Gram matrix (clamped at 0)."""
-    return ((x * x).sum(dim=1)[:, None] + (r * r).sum(dim=1)[None, :] - 2.0 * (x @ r.T)).clamp_min(0.0)
+    """Squared Euclidean distances ||x_a - r_j||², [..., A, M] of x [..., A, D] and r [..., M, D], through the Gram
+    matrix (clamped at 0)."""
+    return ((x * x).sum(dim=-1)[..., :, None] + (r * r).sum(dim=-1)[..., None, :] - 2.0 * (x @ r.mT)).clamp_min(0.0)
 
 
 def _zero(embeddings, *extra):
@@ -126,10 +127,15 @@ def _mean(total, count, zero, anchors):
     return torch.where(count > 0, total / count.clamp_min(1), zero)
 
 
+def _masked_sum(values, mask):
+    """(sum, count) of `values` over the True entries of `mask` (same shape)."""
+    return torch.where(mask, values, 0).sum(), mask.sum()
+
+
 def _masked_mean(values, mask, embeddings, anchors=None, empty=0.0):
     """Mean of `values` over the True entries of `mask` (same shape), or `empty` carrying a graph when there is
     none."""
-    return _mean(torch.where(mask, values, 0).sum(), mask.sum(), _zero(embeddings) + empty, anchors)
+    return _mean(*_masked_sum(values, mask), _zero(embeddings) + empty, anchors)
 
 
 @upcast
@@ -151,14 +157,57 @@ def contrastive_loss(embeddings, labels, pos_margin=1.0, neg_margin=0.5, ref_emb
 
 
 def _dissimilarity(x, r, distance):
-    """Returns (S, G): cosine similarities [A, M] and the matrix G [A, M] the triplet loss is linear in:
-    G = -S for "cosine", ||x̂_i - r̂_j|| for "euclidean", ||x̂_i - r̂_j||² for "squared_euclidean"."""
-    x, r = normalize(x, dim=1), normalize(r, dim=1)
-    s = x @ r.T
+    """Returns (S, G) of unit rows x [..., A, D], r [..., M, D]: cosine similarities [..., A, M] and the matrix G
+    the triplet loss is linear in: G = -S for "cosine", ||x_i - r_j|| for "euclidean", ||x_i - r_j||² for
+    "squared_euclidean"."""
+    s = x @ r.mT
     if distance == "cosine":
         return s, -s
     d2 = _sq_dist(x, r)
     return s, (_safe_sqrt(d2) if distance == "euclidean" else d2)
+
+
+def _check_triplet(distance, mining):
+    if distance not in _DISTANCES:
+        raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}")
+    if mining not in _MINING:
+        raise ValueError(f"mining must be one of {_MINING}, got {mining!r}")
+
+
+def _triplet_sums(x, r, pos, neg, margin, distance, mining):
+    """(sum of the triplet losses, number of triplets) of the anchors x [A, D] against the candidates r [M, D], unit
+    rows, with their masks pos, neg [A, M] (`triplet_margin_loss` states the mining)."""
+    s, g = _dissimilarity(x, r, distance)
+    sd = s.detach()
+    m = r.shape[0]
+
+    if mining == "all":
+        block = max(1, _TRIPLET_BLOCK_ELEMS // max(1, m * m))  # a plan from the shape only
+        total, count = x.new_zeros(()), pos.new_zeros((), dtype=torch.long)
+        for a0 in range(0, pos.shape[0], block):
+            gb = g[a0:a0 + block]
+            valid = pos[a0:a0 + block, :, None] & neg[a0:a0 + block, None, :]  # [B, P, N]
+            total = total + torch.where(valid, F.relu(gb[:, :, None] - gb[:, None, :] + margin), 0).sum()
+            count = count + valid.sum()
+        return total, count
+
+    if mining == "semi-hard":
+        # For each (a, p): the first negative of a, in descending similarity, that is below S_ap. A stable sort
+        # puts equal similarities in index order, so ties go to the lower index (as an argmax would). NaN
+        # similarities are never candidates, and a NaN S_ap has no negative below it.
+        valid_s = ~torch.isnan(sd)
+        desc, order = sd.masked_fill(~(neg & valid_s), float("-inf")).sort(dim=1, descending=True, stable=True)
+        first = torch.searchsorted(-desc, -sd, right=True)  # [a, p]: how many negatives of a have S >= S_ap
+        at = first.clamp(max=m - 1)
+        found = (first < m) & (desc.gather(1, at) > float("-inf"))
+        n_idx = order.gather(1, at)
+        return _masked_sum(F.relu(g - g.gather(1, n_idx) + margin), pos & valid_s & found)
+
+    # hard: per anchor, its least similar positive and most similar negative
+    p_idx = sd.masked_fill(~pos, float("inf")).argmin(dim=1, keepdim=True)
+    n_idx = sd.masked_fill(~neg, float("-inf")).argmax(dim=1, keepdim=True)
+    return _masked_sum(F.relu(g.gather(1, p_idx) - g.gather(1, n_idx) + margin).squeeze(1),
+                       pos.any(dim=1) & neg.any(dim=1))
 
 
 @upcast
@@ -173,53 +222,18 @@ def triplet_margin_loss(embeddings, labels, margin=0.1, distance="cosine", minin
       * ``"all"``: every (a, p, n) with p in P_a, n in N_a;
       * ``"semi-hard"``: for each ordered positive pair (a, p), the most similar negative among those with
         ``S_an < S_ap`` (strict); pairs with no such negative are dropped;
-      * ``"hard"`` (batch-hard): per anchor, the least similar positive and the most similar negative; anchors
-        lacking either are dropped.
+      * ``"hard"`` (batch-hard): per anchor, the least similar positive and the most similar negative (ties: the
+        first index); anchors lacking either are dropped.
     No triplet: a 0 that carries a graph.
 
     Args: embeddings [N, D]; labels [N] int64; distance in {"cosine", "euclidean", "squared_euclidean"};
     mining in {"all", "semi-hard", "hard"}; ref_emb [M, D], ref_labels [M], ref_self [N] or None (module docstring);
     anchors: `Anchors` or None. Returns a scalar.
     """
-    if distance not in _DISTANCES:
-        raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}")
-    if mining not in _MINING:
-        raise ValueError(f"mining must be one of {_MINING}, got {mining!r}")
+    _check_triplet(distance, mining)
     x, r, pos, neg = _sides(embeddings, labels, ref_emb, ref_labels, ref_self, anchors)
-    s, g = _dissimilarity(x, r, distance)
-    sd = s.detach()
-
-    if mining == "all":
-        m = r.shape[0]
-        block = max(1, _TRIPLET_BLOCK_ELEMS // max(1, m * m))  # a plan from the shape only
-        total, count = _zero(embeddings), 0
-        for a0 in range(0, pos.shape[0], block):
-            gb = g[a0:a0 + block]
-            valid = pos[a0:a0 + block, :, None] & neg[a0:a0 + block, None, :]  # [B, P, N]
-            total = total + torch.where(valid, F.relu(gb[:, :, None] - gb[:, None, :] + margin), 0).sum()
-            count = count + valid.sum()
-        return _mean(total, count, _zero(embeddings), anchors)
-
-    if mining == "semi-hard":
-        # For each (a, p): the first negative of a, in descending similarity, that is below S_ap. A stable sort
-        # puts equal similarities in index order, so ties go to the lower index (as an argmax would). NaN
-        # similarities are never candidates, and a NaN S_ap has no negative below it.
-        m = r.shape[0]
-        valid_s = ~torch.isnan(sd)
-        desc, order = sd.masked_fill(~(neg & valid_s), float("-inf")).sort(dim=1, descending=True, stable=True)
-        first = torch.searchsorted(-desc, -sd, right=True)  # [a, p]: how many negatives of a have S >= S_ap
-        at = first.clamp(max=m - 1)
-        found = (first < m) & (desc.gather(1, at) > float("-inf"))
-        keep = pos & valid_s & found
-        n_idx = order.gather(1, at)
-        return _masked_mean(F.relu(g - g.gather(1, n_idx) + margin), keep, embeddings, anchors)
-
-    # hard: per anchor, its least similar positive and most similar negative
-    keep = pos.any(dim=1) & neg.any(dim=1)
-    p_idx = sd.masked_fill(~pos, float("inf")).argmin(dim=1, keepdim=True)
-    n_idx = sd.masked_fill(~neg, float("-inf")).argmax(dim=1, keepdim=True)
-    return _masked_mean(F.relu(g.gather(1, p_idx) - g.gather(1, n_idx) + margin).squeeze(1), keep, embeddings,
-                        anchors)
+    total, count = _triplet_sums(normalize(x, dim=1), normalize(r, dim=1), pos, neg, margin, distance, mining)
+    return _mean(total, count, _zero(embeddings), anchors)
 
 
 @upcast
@@ -298,28 +312,41 @@ def margin_loss(embeddings, labels, margin=0.2, beta=1.2, generator=None, ref_em
     what one call on the whole batch draws). Returns a scalar.
     """
     x, r, pos, neg = _sides(embeddings, labels, ref_emb, ref_labels, ref_self, anchors)
-    rows, n, m = _rows(anchors), len(labels), r.shape[0]
-    dist = _safe_sqrt(_sq_dist(normalize(x, dim=1), normalize(r, dim=1)))
+    rows, shape = _rows(anchors), (len(labels), r.shape[0])
+    # (the generator overload of rand needs concrete sizes, which a compiled graph with a dynamic batch size does
+    # not have)
+    u = torch.rand(shape, dtype=x.dtype, device=x.device) if generator is None else torch.rand(
+        shape, generator=generator, dtype=x.dtype, device=x.device)
+    total, count = _margin_sums(normalize(x, dim=1), normalize(r, dim=1), pos, neg, u[rows],
+                                _margin_betas(beta, labels[rows], x), margin)
+    return _mean(total, count, _zero(embeddings, beta), anchors)
+
+
+def _margin_betas(beta, y, x):
+    """β per anchor [A] of the anchors' labels y [A] (x [A, D]: the dtype and device of a float β)."""
+    if not torch.is_tensor(beta):
+        return x.new_full(y.shape, beta)
+    return beta[y] if beta.dim() else beta.expand(y.shape)
+
+
+def _margin_sums(x, r, pos, neg, u, b, margin):
+    """(sum of the pair losses, number of pairs) of the anchors x [A, D] against the candidates r [M, D], unit rows,
+    with their masks pos, neg [A, M], the uniform numbers u [A, M] that draw a negative for each pair (a, p) and β
+    per anchor b [A] (`margin_loss` states them)."""
+    m = r.shape[0]
+    dist = _safe_sqrt(_sq_dist(x, r))
     with torch.no_grad():
-        probs = _distance_weighted_probs(dist.detach(), neg, embeddings.shape[1], 0.5, 1.4)  # [A, M] per anchor
+        probs = _distance_weighted_probs(dist.detach(), neg, x.shape[1], 0.5, 1.4)  # [A, M] per anchor
         cdf = probs.cumsum(dim=1)
         total = cdf[:, -1:]
-        # (the generator overload of rand needs concrete sizes, which a compiled graph with a dynamic batch size
-        # does not have)
-        u = torch.rand((n, m), dtype=cdf.dtype, device=cdf.device) if generator is None else torch.rand(
-            (n, m), generator=generator, dtype=cdf.dtype, device=cdf.device)
         # Strictly below the total, so that the first n with cdf > u * total has a non-zero probability.
-        target = torch.minimum(u[rows] * total, torch.nextafter(total, torch.zeros_like(total)))
+        target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
         n_idx = torch.searchsorted(cdf, target, right=True).clamp_(max=m - 1)  # [a, p]
-    if torch.is_tensor(beta):
-        b = beta[labels[rows]] if beta.dim() else beta.expand(dist.shape[0])  # β per anchor, [A]
-    else:
-        b = torch.full_like(dist[:, 0], beta)
     pos_loss = F.relu(margin + dist - b[:, None])  # [a, p]
     neg_loss = F.relu(margin - dist.gather(1, n_idx) + b[:, None])  # [a, p]: the negative drawn for (a, p)
     sampled = pos & neg.any(dim=1, keepdim=True)
-    total_loss = torch.where(pos, pos_loss, 0).sum() + torch.where(sampled, neg_loss, 0).sum()
-    return _mean(total_loss, pos.sum() + sampled.sum(), _zero(embeddings, beta), anchors)
+    return (torch.where(pos, pos_loss, 0).sum() + torch.where(sampled, neg_loss, 0).sum(),
+            pos.sum() + sampled.sum())
 
 
 @upcast
