@@ -138,7 +138,7 @@ def forward(x, w, labels, bias, spec, offset=None):
         bias_c = t.bias[c0:c1] if t.bias is not None else None
         for r0, r1, offset_r in t.row_blocks():
             epilogue.lse_update(part[:, r0:r1] if row else part[:, c0:c1], t.logits(w_c, r0, r1), rw, bias_c,
-                                offset_r, t.labels[r0:r1], c0, t.k, spec.scale, t.inv_gamma, row)
+                                offset_r, t.labels[r0:r1], c0, t.k, spec.scale, t.inv_gamma, row, spec.max_pool)
     out = part[0] if part.shape[0] == 1 else part.logsumexp(0)
     return out.add_(chunked.left_out(spec.shift, bias, spec, t.acc))
 
@@ -165,7 +165,7 @@ def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b, offset
             dl = dl_ws.get("dl", *logits.shape)
             epilogue.grad_block(dl, logits, rw, bias_c, offset_r, t.labels[r0:r1], lse[r0:r1] if row else lse[c0:c1],
                                 g[r0:r1] if row else g[c0:c1], db_part[:, c0:c1] if db_part is not None else None,
-                                c0, k, spec.scale, t.inv_gamma, row, spec.num_splits)
+                                c0, k, spec.scale, t.inv_gamma, row, spec.max_pool, spec.num_splits)
             if need_x:
                 _gemm(dl, w_c, dx_hat[r0:r1], accumulate=True)
             if need_w:

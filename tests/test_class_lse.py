@@ -131,19 +131,26 @@ def test_temperatures(backend, k, gamma, reduce):
     check_op(backend, x, w, b, labels, centers_per_class=k, gamma=gamma, scale=3.0, shift=0.5, reduce=reduce)
 
 
+# The implementations of the max pool, with one class per tile up to one tile for all, row tiles, several splits.
+MAX_POOL_TILINGS = [("chunked", {}), ("chunked", dict(block_classes=1)), ("chunked", dict(block_classes=7)),
+                    ("chunked", dict(block_rows=8, block_classes=11)),
+                    ("gemm", {}), ("gemm", dict(block_classes=7, num_splits=3)),
+                    ("gemm", dict(block_rows=8, block_classes=11))]
+
+
 @pytest.mark.parametrize("reduce", ["row", "col"])
-@pytest.mark.parametrize("tiles", [{}, dict(block_classes=1), dict(block_classes=7),
-                                   dict(block_rows=8, block_classes=11)], ids=str)
+@pytest.mark.parametrize("backend,tiles", MAX_POOL_TILINGS, ids=[f"{b}-{t}" for b, t in MAX_POOL_TILINGS])
 @pytest.mark.parametrize("dtype", [F64, F32])
-def test_max_pool_matches_oracle(reduce, tiles, dtype):
-    """pool="max" (sub-centre ArcFace's class similarity, S = max_k l) on the chunked implementation."""
+def test_max_pool_matches_oracle(reduce, backend, tiles, dtype):
+    """pool="max" (sub-centre ArcFace's class similarity, S = max_k l) on the chunked and gemm implementations."""
     x, w, b, labels = make_inputs(dtype=dtype, bias=True, seed=40)
-    check_op("chunked", x, w, b, labels, centers_per_class=K, pool="max", scale=3.0, shift=0.5, reduce=reduce,
+    check_op(backend, x, w, b, labels, centers_per_class=K, pool="max", scale=3.0, shift=0.5, reduce=reduce,
              **tiles)
 
 
+@pytest.mark.parametrize("backend", ["chunked", "gemm"])
 @pytest.mark.parametrize("reduce", ["row", "col"])
-def test_max_pool_splits_the_gradient_of_tied_proxies(reduce):
+def test_max_pool_splits_the_gradient_of_tied_proxies(backend, reduce):
     """Two identical sub-centres of every class tie exactly (integer data, no normalisation: every dot product is
     exact whatever the summation order): each gets half of the max's gradient, the limit gamma -> 0 of the
     softmax's, as torch.amax in the oracle and the reference."""
@@ -154,17 +161,17 @@ def test_max_pool_splits_the_gradient_of_tied_proxies(reduce):
     w = w.flatten(0, 1).requires_grad_()
     labels = torch.randint(0, C, (N,), generator=g)
     kw = dict(centers_per_class=K, pool="max", scale=0.05, normalize_x=False, normalize_w=False, reduce=reduce)
-    _, (_, dw) = check_op("chunked", x, w, None, labels, block_classes=7, **kw)
+    _, (_, dw) = check_op(backend, x, w, None, labels, block_classes=7, **kw)
     pair = dw.view(C, K, D)
     assert pair[:, 0].abs().sum() > 0 and torch.equal(pair[:, 0], pair[:, 2])
     out = reference.class_lse(x, w, labels, **kw)
-    assert_close(torch.autograd.grad(out.sum(), w)[0], torch.autograd.grad(class_lse(x, w, labels, **kw).sum(),
-                                                                          w)[0], TOL[F64], "reference")
+    mine = class_lse(x, w, labels, impl=backend, block_classes=7, **kw)
+    assert_close(torch.autograd.grad(out.sum(), w)[0], torch.autograd.grad(mine.sum(), w)[0], TOL[F64], "reference")
 
 
 def test_max_pool_has_no_triton_kernel():
-    """K > 1: impl="triton" refuses pool="max" by name, "auto" runs it chunked; K = 1 (both pools are S = l) runs
-    on the kernels."""
+    """K > 1: impl="triton" refuses pool="max" by name (chunked and gemm implement it), "auto" runs it chunked;
+    K = 1 (both pools are S = l) runs on the kernels."""
     x, w, b, labels = make_inputs(k=K, seed=42)
     with pytest.raises(RuntimeError, match="pool='max'"):
         class_lse(x, w, labels, centers_per_class=K, pool="max", impl="triton")
