@@ -24,8 +24,9 @@ measured the rule between the two, docs/benchmarks.md); "chunked", "triton" or "
 The row offset (a cross-entropy passes its target logits t_i) is subtracted from each logit inside the LSE: the
 result LSE_c z_ic - t_i is then exact at any magnitude of the logits, where an LSE computed first and t subtracted
 after keeps nothing below the last bit of |t| (|t| = 1e31: a CE of log C comes out 0). Every implementation takes
-it and subtracts it from the scaled similarities in its tiles, before the shift and the bias: z' = (scale * S - t_i)
-+ shift (+ bias_c); the backward's dz = g exp(z' - out) with z' recomputed the same way (never out + t_i).
+it: chunked and Triton subtract it from the scaled similarities in their tiles, z' = (scale * S - t_i) + shift
+(+ bias_c); gemm's forward takes it off each row's running max (LSE_c z_ic - t_i, z without it) and its backward off
+each logit. A backward forms z' first, then dz = g exp(z' - out) (never with out + t_i).
 """
 import dataclasses
 

@@ -16,7 +16,8 @@ Per-row (per-proxy) normalisation terms are O(N + C*K) side sums applied in each
 normalised W and no N x C tile ever reaches memory (x arrives normalised, x^: it is O(N*D)). With dl = dL/dl[i, p],
 w^ = rw w and the normalisations' backward factors gx, gw (1 / norm, 0 for a dead row: _numerics.unit_rows):
   dX_i = gx_i * (sum_p dl_ip w^_p - x^_i * sum_p dl_ip l_ip)    (sum_p dl_ip l_ip = <x^_i, sum_p dl_ip w^_p>: from
-                                                                the accumulator when one program holds all of D)
+                                                                the accumulator when one program holds all of D,
+                                                                up to 256 columns)
   dW_p = gw_p * (sum_i dl_ip x^_i - w^_p * sum_i dl_ip l_ip)
 Written with w^ = rw w rather than with rw^2 (which underflows for huge norms).
 """
@@ -90,8 +91,10 @@ def _dx_kernel(
         xt = tl.load(x_ptr + offs_n.to(tl.int64)[:, None] * stride_xn + offs_o[None, :] * stride_xd, mask=mask,
                      other=0.0).to(ACC) * _load_inv(rx_ptr, offs_n, n_ok, RAW_X, ACC)[:, None]  # x^
         # sum_p dl l = <x^, acc>: a program that holds all of D takes it from acc, so that the terms of acc along
-        # x^ cancel exactly (with huge tied logits, two sums of ~|t| rounded apart were left, ~2^-24 |t|)
-        row_dot = tl.where(D <= BLOCK_OUT, tl.sum(acc * xt, axis=1), row_dot)
+        # x^ cancel exactly (with huge tied logits, two sums of ~|t| rounded apart were left, ~2^-24 |t|). Not the
+        # 512-wide bf16 accumulator: holding x^ beside it spills (sm_80: 676 -> 1104 bytes).
+        if BLOCK_OUT <= 256:
+            row_dot = tl.where(D <= BLOCK_OUT, tl.sum(acc * xt, axis=1), row_dot)
         acc = gx[:, None] * (acc - row_dot[:, None] * xt)
     tl.store(dx_ptr + pid_s * stride_os + offs_n.to(tl.int64)[:, None] * stride_on + offs_o[None, :] * stride_od,
              acc, mask=mask)

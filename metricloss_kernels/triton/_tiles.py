@@ -118,10 +118,9 @@ def _class_similarity(
 
 @triton.jit
 def _minus_row_offset(z, offset_ptr, offs_n, N, HAS_OFFSET: tl.constexpr):
-    """z - offset_i on a [BLOCK_N, BLOCK_C] tile of scaled similarities (the op's row offset [N], read only if
-    HAS_OFFSET; z as it is otherwise). Subtracted before any constant is added: where z ties with the offset (a
-    cross-entropy's target logit) the difference is exact at any magnitude, and the LSE that follows sees O(1)
-    values."""
+    """z - offset_i on a [BLOCK_N, BLOCK_C] tile of logits (the op's row offset [N], read only if HAS_OFFSET; z as
+    it is otherwise), taken before the LSE's terms: where z ties with the offset (a cross-entropy's target logit)
+    the difference is exact at any magnitude, and the LSE sees O(1) values."""
     if HAS_OFFSET:
         z -= tl.load(offset_ptr + offs_n, mask=offs_n < N, other=0.0).to(z.dtype)[:, None]
     return z

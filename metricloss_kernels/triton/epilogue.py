@@ -5,11 +5,11 @@ right after the first, for their gradients):
 
   _lse_epilogue_kernel   forward: per (i, c) l_k = rw_k L[i, cK+k], S = sum_k softmax_k(l / gamma) l_k (the max
                          pool, POOL_MAX: S = max_k l_k),
-                         z = scale * S - offset_i (+ bias_c for a row reduction; offset: the op's row offset, or 0;
-                         the shift and a column reduction's bias are added to the result instead), the target mask,
-                         and the LSE of the block merged into a running [splits, N] (row) or [splits, C] (column)
-                         partial: no atomics, each partial entry belongs to one program of a launch and launches run
-                         in order.
+                         z = scale * S (+ bias_c for a row reduction; the shift and a column reduction's bias are
+                         added to the result instead), the target mask, and the LSE of the block, less the op's row
+                         offset t_i (LSE(z - t) = LSE(z) - t: t comes off the running max, exact where z ties with
+                         it), merged into a running [splits, N] (row) or [splits, C] (column) partial: no atomics,
+                         each partial entry belongs to one program of a launch and launches run in order.
   _grad_epilogue_kernel  backward: dL/dL[i, p] = rw_p dL/dl[i, p] written in the GEMM dtype for the two GEMMs
                          that follow (dX += dL W_chunk, dW_chunk = dL^T X^), and the row reduction's bias gradient
                          as [splits, C] partials.
@@ -46,14 +46,12 @@ def _slot(l_ptr, stride_l, rw_ptr, offs_n, offs_c, k, R, B, K: tl.constexpr, NOR
 
 
 @triton.jit
-def _tile(l_ptr, stride_l, rw_ptr, bias_ptr, offset_ptr, labels, offs_n, offs_c, R, B, c0, scale, inv_gamma,
-          K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OFFSET: tl.constexpr, NORM_W: tl.constexpr,
-          POOL_MAX: tl.constexpr):
-    """(z, terms, S, m, den) of the tile: z = scale * S - offset_i (+ bias) (the row offset:
-    _tiles._minus_row_offset) with -inf off the LSE's terms (outside the block, or c0 + c == labels_i);
-    m = max_k l_k / gamma and den = sum_k exp(l_k / gamma - m) by an online softmax over k, for the backward's
-    softmax weights (unused when K == 1). POOL_MAX: S = max_k l_k and den = the number of slots k with l_k = S,
-    which share dL/dS (the limit gamma -> 0 of the softmax weights; m unused)."""
+def _tile(l_ptr, stride_l, rw_ptr, bias_ptr, labels, offs_n, offs_c, R, B, c0, scale, inv_gamma,
+          K: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_W: tl.constexpr, POOL_MAX: tl.constexpr):
+    """(z, terms, S, m, den) of the tile: z = scale * S (+ bias) with -inf off the LSE's terms (outside the block,
+    or c0 + c == labels_i); m = max_k l_k / gamma and den = sum_k exp(l_k / gamma - m) by an online softmax over k,
+    for the backward's softmax weights (unused when K == 1). POOL_MAX: S = max_k l_k and den = the number of slots
+    k with l_k = S, which share dL/dS (the limit gamma -> 0 of the softmax weights; m unused)."""
     s = _slot(l_ptr, stride_l, rw_ptr, offs_n, offs_c, 0, R, B, K, NORM_W)
     m = s * inv_gamma
     den = tl.full(s.shape, 1.0, s.dtype)
@@ -69,7 +67,7 @@ def _tile(l_ptr, stride_l, rw_ptr, bias_ptr, offset_ptr, labels, offs_n, offs_c,
                 l = _slot(l_ptr, stride_l, rw_ptr, offs_n, offs_c, k, R, B, K, NORM_W)
                 m, den, num = _softmax_step(m, den, num, l, inv_gamma)
             s = num / den
-    z = _minus_row_offset(s * scale, offset_ptr, offs_n, R, HAS_OFFSET)
+    z = s * scale
     if HAS_BIAS:
         z += tl.load(bias_ptr + offs_c, mask=offs_c < B, other=0.0).to(s.dtype)[None, :]
     terms = (offs_n < R)[:, None] & (offs_c < B)[None, :] & (labels[:, None] != (c0 + offs_c)[None, :])
@@ -88,7 +86,7 @@ def _lse_epilogue_kernel(
     c0,  # the block's first class (labels are global)
     stride_l, stride_part,
     tiles_per_split,  # streamed tiles (class tiles if ROW_REDUCE, else row tiles) per program
-    scale, inv_gamma,  # z = scale * S - offset (+ bias); 1 / gamma
+    scale, inv_gamma,  # z = scale * S (+ bias); 1 / gamma
     K: tl.constexpr,  # proxies per class
     ROW_REDUCE: tl.constexpr,  # LSE over classes per row (else over rows per class)
     HAS_BIAS: tl.constexpr, HAS_OFFSET: tl.constexpr, NORM_W: tl.constexpr,
@@ -119,13 +117,15 @@ def _lse_epilogue_kernel(
         else:
             offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
             labels = tl.load(labels_ptr + offs_n, mask=offs_n < R, other=-1)
-        z, _, _, _, _ = _tile(l_ptr, stride_l, rw_ptr, bias_ptr, offset_ptr, labels, offs_n, offs_c, R, B, c0,
-                              scale, inv_gamma, K, HAS_BIAS, HAS_OFFSET, NORM_W, POOL_MAX)
+        z, _, _, _, _ = _tile(l_ptr, stride_l, rw_ptr, bias_ptr, labels, offs_n, offs_c, R, B, c0, scale,
+                              inv_gamma, K, HAS_BIAS, NORM_W, POOL_MAX)
         new_max = tl.maximum(run_max, tl.max(z, axis=AXIS))
         # While an entry has seen no term its max is -inf: shift by 0 instead (no -inf - -inf).
         shift_by = tl.where(new_max == float("-inf"), 0.0, new_max)
         run_sum = run_sum * tl.exp(run_max - shift_by) + tl.sum(tl.exp(z - tl.expand_dims(shift_by, AXIS)), axis=AXIS)
         run_max = new_max
+    if HAS_OFFSET:  # the LSE of z - t is that of z less t: t comes off the running max, not off every logit
+        run_max -= tl.load(offset_ptr + offs_out, mask=offs_out < n_out, other=0.0).to(run_max.dtype)
     # Merge with the partial of the earlier blocks: logaddexp, -inf (no term yet) on either side included.
     ptrs = part_ptr + pid_s * stride_part + offs_out
     old = tl.load(ptrs, mask=offs_out < n_out, other=float("-inf"))
@@ -145,7 +145,7 @@ def _grad_epilogue_kernel(
     bias_ptr,  # [B] the block's class bias (read only if HAS_BIAS)
     offset_ptr,  # [R] the row offset of the block's rows (read only if HAS_OFFSET: ROW_REDUCE)
     labels_ptr,  # [R] int64 labels of the block's rows
-    lse_ptr, g_ptr,  # the forward result (less its offset) and the upstream gradient: [R] if ROW_REDUCE else [B]
+    lse_ptr, g_ptr,  # the forward result (less the shift) and the upstream gradient: [R] if ROW_REDUCE else [B]
     dbias_ptr,  # [splits, B] partial bias gradients, row stride stride_db, accumulated into (DBIAS)
     R, B, c0,
     stride_l, stride_dl, stride_db,
@@ -157,7 +157,8 @@ def _grad_epilogue_kernel(
     DBIAS: tl.constexpr,  # accumulate the bias gradient (a row reduction's; a column's is the upstream gradient)
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Program (j, s): class tile j, split s of the row tiles. With p = g exp(z - lse) on the terms:
+    """Program (j, s): class tile j, split s of the row tiles. With p = g exp((z - t) - lse) on the terms (t: the row
+    offset, subtracted from each logit first):
     dL/dS = scale * p, dL/dl_k = dL/dS softmax_k (1 + (l_k - S) / gamma) (= dL/dS for K == 1; the max pool:
     dL/dS / den on the slots with l_k = S, 0 on the others)."""
     pid_s = tl.program_id(1)
@@ -172,26 +173,29 @@ def _grad_epilogue_kernel(
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < R
         labels = tl.load(labels_ptr + offs_n, mask=n_ok, other=-1)
-        if ROW_REDUCE:
+        z, terms, s, m, den = _tile(l_ptr, stride_l, rw_ptr, bias_ptr, labels, offs_n, offs_c, R, B, c0, scale,
+                                    inv_gamma, K, HAS_BIAS, NORM_W, POOL_MAX)
+        z = _minus_row_offset(z, offset_ptr, offs_n, R, HAS_OFFSET)  # z - t before exp(z - t - lse): exact
+        if ROW_REDUCE:  # (loaded after the tile's softmax: fewer values live through it)
             lse = tl.load(lse_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
             g = tl.load(g_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
-        z, terms, s, m, den = _tile(l_ptr, stride_l, rw_ptr, bias_ptr, offset_ptr, labels, offs_n, offs_c, R, B,
-                                    c0, scale, inv_gamma, K, HAS_BIAS, HAS_OFFSET, NORM_W, POOL_MAX)
         # exp(-inf) = 0 off the terms, where g is also zeroed: an empty LSE passes on nothing, NaN included.
         dz = tl.exp(tl.where(terms, z - lse, float("-inf"))) * tl.where(terms, g, 0.0)
         if DBIAS:
             dbias += tl.sum(dz, axis=0)
-        d_s = dz * scale
+        coef = dz * scale  # dL/dS, over den for K > 1
+        if K > 1:
+            coef = coef / den
         rows = dl_ptr + offs_n.to(tl.int64)[:, None] * stride_dl
         for k in range(K):
             p = offs_c * K + k
-            dl = d_s
+            dl = coef
             if K > 1:
                 l = _slot(l_ptr, stride_l, rw_ptr, offs_n, offs_c, k, R, B, K, NORM_W)
-                if POOL_MAX:  # (l is the bits _tile compared: the same load and product)
-                    dl = tl.where(l == s, d_s / den, 0.0)
+                if POOL_MAX:  # (l recomputed as _tile computed it: l == S exactly at its maxima)
+                    dl = tl.where(l == s, coef, 0.0)
                 else:
-                    dl = d_s * tl.exp(l * inv_gamma - m) / den * (1.0 + (l - s) * inv_gamma)
+                    dl = coef * tl.exp(l * inv_gamma - m) * (1.0 + (l - s) * inv_gamma)
             if NORM_W:  # dL/d<x^_i, w_p> = rw_p dL/dl
                 dl = dl * tl.load(rw_ptr + p, mask=c_ok, other=0.0).to(dl.dtype)[None, :]
             tl.store(rows + p[None, :], dl.to(dl_ptr.dtype.element_ty), mask=n_ok[:, None] & c_ok[None, :])
