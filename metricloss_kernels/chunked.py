@@ -33,9 +33,6 @@ from ._numerics import compute_dtype, normalize_backward_, unit_rows
 
 __all__ = ["forward", "backward", "plan", "left_out", "saved_lse", "Workspace"]
 
-# forward and backward take the op's row offset (metricloss_kernels.lse): subtracted from the logits in the tiles.
-ROW_OFFSET = True
-
 # Bytes of logits per tile (classes*K x rows). On CPU about a core's L2 for a tile's elementwise passes, and no
 # smaller: each tile costs a few dozen ops of Python, and a fresh workspace per thread (of 2, 3, 4 and 6 MB, 4 MB
 # measured best overall on 2 cores). On GPUs large enough to fill the device.

@@ -279,12 +279,12 @@ def sub_center_arcface_loss(embeddings, labels, proxies, sub_centers=3, margin=2
                             process_group=None, sample_rate=1.0):
     """Sub-centre ArcFace: ArcFace (margin in degrees) on the max cosine over each class's K = sub_centers
     sub-centres; proxies [C*K, D]. The max has no Triton kernel: with K > 1, "auto" streams on the chunked backend
-    on every device and backend="triton" is refused."""
+    on every device, backend="gemm" runs it too and backend="triton" is refused."""
     with distributed.agreement(process_group):
         check_arguments("sub_center_arcface_loss", sub_centers=sub_centers, margin=margin, scale=scale,
                         sample_rate=sample_rate)
         labels, c = _proxy_inputs(embeddings, labels, proxies, sub_centers, process_group=process_group)
-    supported = BACKENDS if sub_centers == 1 else ("auto", "reference", "chunked")  # the max pool's
+    supported = BACKENDS if sub_centers == 1 else ("auto", "reference", "chunked", "gemm")  # the max pool's
     return _proxy_loss(reference.sub_center_arcface_loss, fused.sub_center_arcface_loss, backend,
                        embeddings.shape[0] * proxies.shape[0], embeddings, labels, proxies, sub_centers=sub_centers,
                        margin=margin, scale=scale, process_group=process_group, sample_rate=sample_rate,

@@ -86,9 +86,10 @@ class _Pass:
     """One pass over the chunks: the inputs prepared for the GEMMs (x^ in the GEMM dtype, W's inverse norms), the
     plan, and the logits of each block."""
 
-    def __init__(self, x, w, labels, bias, spec):
+    def __init__(self, x, w, labels, bias, spec, offset):
         k = spec.centers_per_class
         self.spec, self.k, self.w, self.labels = spec, k, w, labels.contiguous()
+        self.offset = None if offset is None else offset.contiguous()
         self.n, self.d = x.shape
         self.num_classes = w.shape[0] // k
         self.acc = compute_dtype(x.dtype, w.dtype)
@@ -112,8 +113,10 @@ class _Pass:
             yield c0, c1, self.w[p0:p1].to(self.op), rw
 
     def row_blocks(self):
+        """(r0, r1, the row offset of rows [r0, r1) or None)."""
         for r0 in range(0, self.n, self.rows):
-            yield r0, min(r0 + self.rows, self.n)
+            r1 = min(r0 + self.rows, self.n)
+            yield r0, r1, self.offset[r0:r1] if self.offset is not None else None
 
     def logits(self, w_c, r0, r1):
         """The raw logits <x^_i, w_p> of rows [r0, r1) and the chunk's proxies, [R, B*K] in the accumulation dtype."""
@@ -125,25 +128,25 @@ class _Pass:
                                        self.spec.num_splits)
 
 
-def forward(x, w, labels, bias, spec):
-    """class_lse (metricloss_kernels.lse) of x [N, D], w [C*K, D], labels [N], bias [C] or None under `spec`:
-    [N] (row) or [C] (col) in the compute dtype."""
-    t, row = _Pass(x, w, labels, bias, spec), spec.row
+def forward(x, w, labels, bias, spec, offset=None):
+    """class_lse (metricloss_kernels.lse) of x [N, D], w [C*K, D], labels [N], bias [C] or None under `spec`, with
+    the row offset [N] or None: [N] (row) or [C] (col) in the compute dtype."""
+    t, row = _Pass(x, w, labels, bias, spec, offset), spec.row
     part = torch.full((t.splits(spec.reduce), t.n if row else t.num_classes), float("-inf"), dtype=t.acc,
                       device=x.device)
     for c0, c1, w_c, rw in t.chunks():
         bias_c = t.bias[c0:c1] if t.bias is not None else None
-        for r0, r1 in t.row_blocks():
+        for r0, r1, offset_r in t.row_blocks():
             epilogue.lse_update(part[:, r0:r1] if row else part[:, c0:c1], t.logits(w_c, r0, r1), rw, bias_c,
-                                t.labels[r0:r1], c0, t.k, spec.scale, t.inv_gamma, row)
+                                offset_r, t.labels[r0:r1], c0, t.k, spec.scale, t.inv_gamma, row, spec.max_pool)
     out = part[0] if part.shape[0] == 1 else part.logsumexp(0)
     return out.add_(chunked.left_out(spec.shift, bias, spec, t.acc))
 
 
-def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b):
-    """(dx, dw, dbias) of class_lse for the upstream gradient `grad` and the forward result `out`, each in its
-    input's dtype, or None when not needed."""
-    t, row, k = _Pass(x, w, labels, bias, spec), spec.row, spec.centers_per_class
+def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b, offset=None):
+    """(dx, dw, dbias) of class_lse for the upstream gradient `grad` and the forward result `out` (of the same
+    offset), each in its input's dtype, or None when not needed."""
+    t, row, k = _Pass(x, w, labels, bias, spec, offset), spec.row, spec.centers_per_class
     g, lse = chunked.saved_lse(grad, out, bias, spec, t.acc)
     dl_ws, g_ws = chunked.Workspace(t.op, x.device), chunked.Workspace(t.acc, x.device)
     dx_hat = torch.zeros((t.n, t.d), dtype=t.acc, device=x.device) if need_x else None
@@ -157,12 +160,12 @@ def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b):
         p0, p1 = c0 * k, c1 * k
         bias_c = t.bias[c0:c1] if t.bias is not None else None
         g_c = dw[p0:p1] if direct else g_ws.get("g", p1 - p0, t.d)
-        for r0, r1 in t.row_blocks():
+        for r0, r1, offset_r in t.row_blocks():
             logits = t.logits(w_c, r0, r1)
             dl = dl_ws.get("dl", *logits.shape)
-            epilogue.grad_block(dl, logits, rw, bias_c, t.labels[r0:r1], lse[r0:r1] if row else lse[c0:c1],
+            epilogue.grad_block(dl, logits, rw, bias_c, offset_r, t.labels[r0:r1], lse[r0:r1] if row else lse[c0:c1],
                                 g[r0:r1] if row else g[c0:c1], db_part[:, c0:c1] if db_part is not None else None,
-                                c0, k, spec.scale, t.inv_gamma, row, spec.num_splits)
+                                c0, k, spec.scale, t.inv_gamma, row, spec.max_pool, spec.num_splits)
             if need_x:
                 _gemm(dl, w_c, dx_hat[r0:r1], accumulate=True)
             if need_w:

@@ -10,8 +10,8 @@
 computed without ever holding the N x C (or N x C*K) logits. This file owns the op: its schema, the frozen spec of
 its non-tensor arguments (`LSESpec`), the fake (meta) kernels, the autograd formula (the backward is the registered
 op ``metricloss_kernels::class_lse_backward``) and the choice of implementation. The implementations take the same
-arguments in the same order, ``(x, w, labels, bias, spec)`` and ``(grad, out, x, w, labels, bias, spec, need_x,
-need_w, need_b)``:
+arguments in the same order, ``(x, w, labels, bias, spec, offset=None)`` and ``(grad, out, x, w, labels, bias, spec,
+need_x, need_w, need_b, offset=None)``:
   - `metricloss_kernels.chunked`: torch ops over tiles of classes; CPU and every device other than CUDA;
   - `metricloss_kernels.triton`: fused Triton kernels; CUDA tensors (CPU tensors under TRITON_INTERPRET=1);
   - `metricloss_kernels.gemm`: cuBLAS GEMMs over chunks of classes with one Triton epilogue per pass; the same
@@ -19,14 +19,14 @@ need_w, need_b)``:
 ``impl="auto"`` picks by device (CUDA -> Triton when it imports, anything else -> chunked; not "gemm" until a GPU has
 measured the rule between the two, docs/benchmarks.md); "chunked", "triton" or "gemm" forces one. Under
 ``torch.compile`` the op is one opaque node of the graph, with the same fake and backward. pool="max" with K > 1
-(sub-centre ArcFace) is implemented by chunked only: "auto" runs it chunked on every device, and "triton" or "gemm"
-raise.
+(sub-centre ArcFace) is implemented by chunked and gemm: "auto" runs it chunked on every device, "triton" raises.
 
 The row offset (a cross-entropy passes its target logits t_i) is subtracted from each logit inside the LSE: the
 result LSE_c z_ic - t_i is then exact at any magnitude of the logits, where an LSE computed first and t subtracted
-after keeps nothing below the last bit of |t| (|t| = 1e31: a CE of log C comes out 0). An implementation that
-takes it says so (``ROW_OFFSET = True``; chunked does); for the others (Triton, gemm) it is subtracted from their
-result.
+after keeps nothing below the last bit of |t| (|t| = 1e31: a CE of log C comes out 0). Every implementation takes
+it: chunked and Triton subtract it from the scaled similarities in their tiles, z' = (scale * S - t_i) + shift
+(+ bias_c); gemm's forward takes it off each row's running max (LSE_c z_ic - t_i, z without it) and its backward off
+each logit. A backward forms z' first, then dz = g exp(z' - out) (never with out + t_i).
 """
 import dataclasses
 
@@ -107,9 +107,9 @@ def _implementation(spec: LSESpec, device: torch.device):
     if impl == "chunked":
         from . import chunked
         return chunked
-    if spec.max_pool:
-        raise RuntimeError(f"class_lse with impl={impl!r} cannot run pool='max' with K > 1: only impl='chunked' "
-                           f"implements it (on every device; the Triton kernels implement pool='softmax')")
+    if spec.max_pool and impl == "triton":
+        raise RuntimeError("class_lse with impl='triton' cannot run pool='max' with K > 1: impl='chunked' (on every "
+                           "device) and impl='gemm' implement it (the Triton kernels implement pool='softmax')")
     reason = triton_reason(device)  # gemm's epilogues are Triton kernels too
     if reason:
         raise RuntimeError(f"class_lse with impl={impl!r} cannot run: {reason}")
@@ -137,12 +137,7 @@ def _spec_and_offset(args):
                                 f"Tensor? offset=None) -> Tensor")
 def _class_lse(x, w, labels, bias, *args):
     spec, _, offset = _spec_and_offset(args)
-    impl = _implementation(spec, x.device)
-    if offset is None:
-        return impl.forward(x, w, labels, bias, spec)
-    if getattr(impl, "ROW_OFFSET", False):
-        return impl.forward(x, w, labels, bias, spec, offset=offset)
-    return impl.forward(x, w, labels, bias, spec) - offset
+    return _implementation(spec, x.device).forward(x, w, labels, bias, spec, offset)
 
 
 @_class_lse.register_fake
@@ -161,13 +156,7 @@ def _class_lse_backward(grad, out, x, w, labels, bias, *args):
     spec, (need_x, need_w, need_b), offset = _spec_and_offset(args)
     need_b = need_b and bias is not None
     impl = _implementation(spec, x.device)
-    needs = (need_x, need_w, need_b)
-    if offset is None:
-        dx, dw, db = impl.backward(grad, out, x, w, labels, bias, spec, *needs)
-    elif getattr(impl, "ROW_OFFSET", False):
-        dx, dw, db = impl.backward(grad, out, x, w, labels, bias, spec, *needs, offset=offset)
-    else:
-        dx, dw, db = impl.backward(grad, out + offset, x, w, labels, bias, spec, *needs)
+    dx, dw, db = impl.backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b, offset)
     return (dx if need_x else x.new_empty(0), dw if need_w else w.new_empty(0),
             db if need_b else x.new_empty(0))
 

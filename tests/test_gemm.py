@@ -43,16 +43,16 @@ def value_and_grads(impl, x, w, b, labels, upstream, **kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("bias,normalize", [(True, True), (False, False)], ids=["bias-normalized", "nobias-raw"])
 @pytest.mark.parametrize("reduce", ["row", "col"])
-@pytest.mark.parametrize("k", [1, 4])
-def test_gemm_equals_chunked(k, reduce, bias, normalize, dtype):
+@pytest.mark.parametrize("k,pool", [(1, "softmax"), (4, "softmax"), (4, "max")])
+def test_gemm_equals_chunked(k, pool, reduce, bias, normalize, dtype):
     """Value, dx, dw and dbias of impl="gemm" (chunks of 13 classes, the last one short; two row blocks) against
-    impl="chunked" on the same inputs, within the dtype's tolerance (fp16: both compute in fp32)."""
+    impl="chunked" on the same inputs, within the dtype's tolerance (fp16: both compute in fp32), for both pools."""
     x, w, b, labels = inputs(k, dtype, bias, seed=k + 2 * bias + 4 * normalize)
     if not normalize:
         with torch.no_grad():  # unnormalised dot products: keep z moderate
             x.mul_(0.3), w.mul_(0.3)
     kw = dict(centers_per_class=k, gamma=0.2, scale=6.0, shift=0.4, reduce=reduce, normalize_x=normalize,
-              normalize_w=normalize)
+              normalize_w=normalize, pool=pool)
     upstream = torch.randn(N if reduce == "row" else C, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     got = value_and_grads("gemm", x, w, b, labels, upstream, block_classes=13, block_rows=24, **kw)
     want = value_and_grads("chunked", x, w, b, labels, upstream, **kw)

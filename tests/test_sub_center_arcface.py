@@ -1,7 +1,8 @@
 """Sub-centre ArcFace (reference.sub_center_arcface_loss, the streamed loss on class_lse's max pool, the module):
 against a float64 loop implementation written from the definition, every backend against the reference, and the
-backends' boundaries (Triton has no max pool). The comparison with pytorch-metric-learning's class is in
-test_pml_losses.py; sharding and class sampling in test_distributed*.py; torch.compile in test_compile.py."""
+backends' boundaries (Triton has no max pool; chunked and gemm do). The comparison with pytorch-metric-learning's
+class is in test_pml_losses.py; sharding and class sampling in test_distributed*.py; torch.compile in
+test_compile.py."""
 import functools
 import math
 
@@ -65,11 +66,12 @@ def test_matches_the_loop_definition(backend, k, margin, scale):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("tiles", [{}, dict(block_classes=7), dict(block_rows=8, block_classes=11)], ids=str)
-def test_streamed_matches_reference(tiles, dtype):
+@pytest.mark.parametrize("backend", ["chunked", "gemm"])
+def test_streamed_matches_reference(backend, tiles, dtype):
     """The streamed loss (class_lse's max pool, several class and row tiles) against the float64 reference on the
     same values: value and gradients, in the inputs' dtypes."""
     x, labels, w = data(seed=5, dtype=dtype)
-    lse = functools.partial(class_lse, impl="chunked", **tiles)
+    lse = functools.partial(class_lse, impl=backend, **tiles)
     loss, (dx, dw) = grads(functools.partial(fused.sub_center_arcface_loss, lse=lse), x, labels, w)
     ref_x, ref_w = (t.detach().double().requires_grad_() for t in (x, w))
     want, (want_dx, want_dw) = grads(reference.sub_center_arcface_loss, ref_x, labels, ref_w)
@@ -91,13 +93,14 @@ def test_one_sub_centre_is_arcface():
 
 
 def test_backends_and_arguments():
-    """No Triton kernel for the max pool: "triton" is refused by name for K > 1 (and "auto" streams); bad
-    arguments name themselves."""
+    """No Triton kernel for the max pool: "triton" is refused by name for K > 1 ("auto" streams, and so does
+    "gemm"); bad arguments name themselves."""
     x, labels, w = data(seed=7)
     with pytest.raises(ValueError, match="backend 'triton'"):
         F.sub_center_arcface_loss(x, labels, w, backend="triton")
-    assert_close(F.sub_center_arcface_loss(x, labels, w), reference.sub_center_arcface_loss(x, labels, w),
-                 TOL[torch.float64], "auto", floor=1)
+    for backend in ("auto", "gemm"):
+        assert_close(F.sub_center_arcface_loss(x, labels, w, backend=backend),
+                     reference.sub_center_arcface_loss(x, labels, w), TOL[torch.float64], backend, floor=1)
     with pytest.raises(ValueError, match="sub_centers"):
         F.sub_center_arcface_loss(x, labels, w, sub_centers=0)
     with pytest.raises(ValueError, match="proxies"):

@@ -15,7 +15,9 @@ logits of its tiles.
 Per-row (per-proxy) normalisation terms are O(N + C*K) side sums applied in each kernel's epilogue, so no
 normalised W and no N x C tile ever reaches memory (x arrives normalised, x^: it is O(N*D)). With dl = dL/dl[i, p],
 w^ = rw w and the normalisations' backward factors gx, gw (1 / norm, 0 for a dead row: _numerics.unit_rows):
-  dX_i = gx_i * (sum_p dl_ip w^_p - x^_i * sum_p dl_ip l_ip)
+  dX_i = gx_i * (sum_p dl_ip w^_p - x^_i * sum_p dl_ip l_ip)    (sum_p dl_ip l_ip = <x^_i, sum_p dl_ip w^_p>: from
+                                                                the accumulator when one program holds all of D,
+                                                                up to 256 columns)
   dW_p = gw_p * (sum_i dl_ip x^_i - w^_p * sum_i dl_ip l_ip)
 Written with w^ = rw w rather than with rw^2 (which underflows for huge norms).
 """
@@ -33,6 +35,7 @@ def _dx_kernel(
     w_ptr,  # [C*K, D] proxies, class-major
     bias_ptr,  # [C] class bias (read only if HAS_BIAS)
     labels_ptr,  # [N] int64 labels
+    offset_ptr,  # [N] the row offset (read only if HAS_OFFSET: ROW_REDUCE)
     gx_ptr,  # [N] backward factors of x's normalisation (read only if NORM_X)
     rx_ptr, rw_ptr,  # [N] inverse norms of x (read only if RAW_X), [C*K] of w (read only if NORM_W)
     lse_ptr, g_ptr,  # forward result and upstream gradient: [N] if ROW_REDUCE else [C]
@@ -41,11 +44,11 @@ def _dx_kernel(
     tiles_per_split,  # class tiles per program
     stride_xn, stride_xd, stride_wp, stride_wd,
     stride_os, stride_on, stride_od,  # strides of dx
-    scale, shift, inv_gamma,  # z = scale * S + shift (+ bias); 1 / gamma
+    scale, shift, inv_gamma,  # z = scale * S - offset + shift (+ bias); 1 / gamma
     K: tl.constexpr,  # proxies per class
     K_PAD: tl.constexpr,  # next_power_of_2(K): proxy slots per class in a tile
     ROW_REDUCE: tl.constexpr,  # LSE over classes per row (else over rows per class)
-    HAS_BIAS: tl.constexpr, NORM_X: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_OFFSET: tl.constexpr, NORM_X: tl.constexpr,
     RAW_X: tl.constexpr,  # x comes as it is (fp16), with its inverse norms rx
     NORM_W: tl.constexpr,
     ACC: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr,  # accumulation / dot operand dtypes
@@ -71,9 +74,10 @@ def _dx_kernel(
             offs_c = c0 + tl.arange(0, BLOCK_C)
             lse = tl.load(lse_ptr + offs_c, mask=offs_c < C, other=float("-inf")).to(ACC)[None, :]
             g = tl.load(g_ptr + offs_c, mask=offs_c < C, other=0.0).to(ACC)[None, :]
-        l, dl, _ = _tile_grads(x_ptr, w_ptr, bias_ptr, rx_ptr, rw_ptr, offs_n, c0, labels, lse, g, N, C, D,
-                               stride_xn, stride_xd, stride_wp, stride_wd, scale, shift, inv_gamma,
-                               K, K_PAD, HAS_BIAS, RAW_X, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
+        l, dl, _ = _tile_grads(x_ptr, w_ptr, bias_ptr, rx_ptr, rw_ptr, offset_ptr, offs_n, c0, labels, lse, g,
+                               N, C, D, stride_xn, stride_xd, stride_wp, stride_wd, scale, shift, inv_gamma,
+                               K, K_PAD, HAS_BIAS, RAW_X, NORM_W, ACC, OP, PRECISION, HAS_OFFSET,
+                               BLOCK_N, BLOCK_C, BLOCK_D)
         if NORM_X:
             row_dot += tl.sum(dl * l, axis=1)
         p, p_ok = _tile_proxies(c0, C, K, K_PAD, BLOCK_C)
@@ -86,6 +90,11 @@ def _dx_kernel(
         gx = tl.load(gx_ptr + offs_n, mask=n_ok, other=0.0).to(ACC)
         xt = tl.load(x_ptr + offs_n.to(tl.int64)[:, None] * stride_xn + offs_o[None, :] * stride_xd, mask=mask,
                      other=0.0).to(ACC) * _load_inv(rx_ptr, offs_n, n_ok, RAW_X, ACC)[:, None]  # x^
+        # sum_p dl l = <x^, acc>: a program that holds all of D takes it from acc, so that the terms of acc along
+        # x^ cancel exactly (with huge tied logits, two sums of ~|t| rounded apart were left, ~2^-24 |t|). Not the
+        # 512-wide bf16 accumulator: holding x^ beside it spills (sm_80: 676 -> 1104 bytes).
+        if BLOCK_OUT <= 256:
+            row_dot = tl.where(D <= BLOCK_OUT, tl.sum(acc * xt, axis=1), row_dot)
         acc = gx[:, None] * (acc - row_dot[:, None] * xt)
     tl.store(dx_ptr + pid_s * stride_os + offs_n.to(tl.int64)[:, None] * stride_on + offs_o[None, :] * stride_od,
              acc, mask=mask)
@@ -97,6 +106,7 @@ def _dw_kernel(
     w_ptr,  # [C*K, D] proxies, class-major
     bias_ptr,  # [C] class bias (read only if HAS_BIAS)
     labels_ptr,  # [N] int64 labels
+    offset_ptr,  # [N] the row offset (read only if HAS_OFFSET: ROW_REDUCE)
     rx_ptr,  # [N] inverse norms of x (read only if RAW_X)
     rw_ptr, gw_ptr,  # [C*K] inverse norms of w and its normalisation's backward factors (read only if NORM_W)
     lse_ptr, g_ptr,  # forward result and upstream gradient: [N] if ROW_REDUCE else [C]
@@ -105,11 +115,11 @@ def _dw_kernel(
     N, C, D,
     stride_xn, stride_xd, stride_wp, stride_wd,
     stride_op, stride_od,  # strides of dw
-    scale, shift, inv_gamma,  # z = scale * S + shift (+ bias); 1 / gamma
+    scale, shift, inv_gamma,  # z = scale * S - offset + shift (+ bias); 1 / gamma
     K: tl.constexpr,  # proxies per class
     K_PAD: tl.constexpr,  # next_power_of_2(K): proxy slots per class in a tile
     ROW_REDUCE: tl.constexpr,  # LSE over classes per row (else over rows per class)
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_OFFSET: tl.constexpr,
     RAW_X: tl.constexpr,  # x comes as it is (fp16), with its inverse norms rx
     NORM_W: tl.constexpr,
     ACC: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr,  # accumulation / dot operand dtypes
@@ -137,9 +147,10 @@ def _dw_kernel(
         if ROW_REDUCE:
             lse = tl.load(lse_ptr + offs_n, mask=n_ok, other=float("-inf")).to(ACC)[:, None]
             g = tl.load(g_ptr + offs_n, mask=n_ok, other=0.0).to(ACC)[:, None]
-        l, dl, dz = _tile_grads(x_ptr, w_ptr, bias_ptr, rx_ptr, rw_ptr, offs_n, c0, labels, lse, g, N, C, D,
-                                stride_xn, stride_xd, stride_wp, stride_wd, scale, shift, inv_gamma,
-                                K, K_PAD, HAS_BIAS, RAW_X, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
+        l, dl, dz = _tile_grads(x_ptr, w_ptr, bias_ptr, rx_ptr, rw_ptr, offset_ptr, offs_n, c0, labels, lse, g,
+                                N, C, D, stride_xn, stride_xd, stride_wp, stride_wd, scale, shift, inv_gamma,
+                                K, K_PAD, HAS_BIAS, RAW_X, NORM_W, ACC, OP, PRECISION, HAS_OFFSET,
+                                BLOCK_N, BLOCK_C, BLOCK_D)
         if HAS_BIAS:
             dbias += tl.sum(dz, axis=0)
         if NORM_W:
@@ -162,10 +173,11 @@ def _dw_kernel(
             tl.store(dbias_ptr + offs_c, dbias, mask=c_ok)
 
 
-def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b):
+def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b, offset=None):
     """(dX, dW, dbias) of class_lse (argument order of metricloss_kernels.lse) for the upstream gradient `grad` and
-    the forward result `out`; each is None when not needed. Deterministic: no atomics, fixed summation orders."""
-    p = _common.Problem(x, w, labels, bias, spec)
+    the forward result `out` (of the same row offset [N] or None); each is None when not needed. Deterministic: no
+    atomics, fixed summation orders."""
+    p = _common.Problem(x, w, labels, bias, spec, offset)
     n, c, k, d, dev = p.n, p.c, p.k, p.d, x.device
     g = grad.to(p.acc).contiguous()
     lse = out.contiguous()
@@ -181,7 +193,7 @@ def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b):
         # One split writes dX in x's dtype; several write fp32 partials, summed in split order.
         part = torch.empty((num, n, d), dtype=x.dtype if num == 1 else p.acc, device=dev)
         _dx_kernel[(row_tiles, slices, num)](
-            p.x_in, p.w, p.bias_arg, p.labels, p.gx_arg, p.rx_arg, p.rw_arg, lse, g, part,
+            p.x_in, p.w, p.bias_arg, p.labels, p.offset_arg, p.gx_arg, p.rx_arg, p.rw_arg, lse, g, part,
             n, c, d, triton.cdiv(class_tiles, num),
             p.x_in.stride(0), p.x_in.stride(1), p.w.stride(0), p.w.stride(1),
             part.stride(0), part.stride(1), part.stride(2), *args, **p.launch_meta(_dx_kernel, cfg))
@@ -192,7 +204,8 @@ def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b):
         dw = torch.empty((c * k, d), dtype=w.dtype, device=dev)
         db = torch.empty(c, dtype=bias.dtype, device=dev) if bias is not None else None
         _dw_kernel[(triton.cdiv(c, cfg.block_c), triton.cdiv(d, cfg.block_out))](
-            p.x_in, p.w, p.bias_arg, p.labels, p.rx_arg, p.rw_arg, p.gw_arg, lse, g, dw, db if db is not None else dw,
+            p.x_in, p.w, p.bias_arg, p.labels, p.offset_arg, p.rx_arg, p.rw_arg, p.gw_arg, lse, g, dw,
+            db if db is not None else dw,
             n, c, d, p.x_in.stride(0), p.x_in.stride(1), p.w.stride(0), p.w.stride(1), dw.stride(0), dw.stride(1),
             *args, **p.launch_meta(_dw_kernel, cfg))
     return dx, dw if need_w else None, db if need_b else None
@@ -200,12 +213,12 @@ def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b):
 
 def compile_cases(D: int, K: int, reduce: str, dtype: torch.dtype, precision: str, arch: int) -> list[dict]:
     """tools/kernel_report.py's cases of this module: _dx_kernel (dX stored in the input dtype by a single split,
-    in fp32 by several) and _dw_kernel, as the launcher specialises them for inputs of `dtype` with a bias and
-    both normalisations (the variant with the most live values)."""
+    in fp32 by several) and _dw_kernel, as the launcher specialises them for inputs of `dtype` with a bias, both
+    normalisations and, for reduce="row", the row offset (the variant with the most live values)."""
     cases, precision = [], _common.case_precision(precision)
     for name, fn in (("dx", _dx_kernel), ("dw", _dw_kernel)):
         cfg = _common.tile_config(name, arch, dtype, precision, D, K)
-        consts = _common.constexprs(fn, cfg, K, reduce == "row", dtype, precision)
+        consts = _common.constexprs(fn, cfg, K, reduce == "row", dtype, precision, has_offset=reduce == "row")
         pointers = {"x_ptr": dtype, "w_ptr": dtype, "bias_ptr": dtype, "labels_ptr": torch.int64,
                     "dw_ptr": dtype, "dbias_ptr": dtype}
         outputs = [dtype, torch.float32] if name == "dx" and dtype != torch.float32 else [dtype]

@@ -133,11 +133,12 @@ def num_splits(parallel_tiles: int, streamed_tiles: int, device, requested=None,
 
 
 def constexprs(fn, cfg: TileConfig, k: int, row: bool, op: torch.dtype, precision: str, acc=torch.float32,
-               has_bias=True, norm_x=True, norm_w=True) -> dict:
+               has_bias=True, norm_x=True, norm_w=True, has_offset=False) -> dict:
     """The constexpr arguments of class_lse kernel `fn` for tiles `cfg`, K proxies a class, the reduction (row),
-    dot operands of dtype `op` at `precision`, the accumulation dtype and the features; launchers and
-    compile_cases both build them here."""
-    values = dict(K=k, K_PAD=triton.next_power_of_2(k), ROW_REDUCE=row, HAS_BIAS=has_bias, NORM_X=norm_x,
+    dot operands of dtype `op` at `precision`, the accumulation dtype and the features (has_offset: the row
+    offset); launchers and compile_cases both build them here."""
+    values = dict(K=k, K_PAD=triton.next_power_of_2(k), ROW_REDUCE=row, HAS_BIAS=has_bias,
+                  HAS_OFFSET=has_offset, NORM_X=norm_x,
                   RAW_X=norm_x and op == torch.float16, NORM_W=norm_w, ACC=_TL_DTYPES[acc], OP=_TL_DTYPES[op],
                   PRECISION=precision,
                   SPLIT_FP16=op == torch.float16, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d,
@@ -239,10 +240,11 @@ class Problem:
     tiles, and the normalisations (recomputed by the backward rather than saved): x^ = x normalised, O(N*D), in the
     dot operand dtype (the kernels read it as x: `x_in`; fp16: x itself and its inverse norms rx [N]), with its
     backward factors gx [N]; for W only its inverse norms rw and backward factors gw [C*K] (never a normalised
-    copy of W)."""
+    copy of W). offset: the op's row offset [N] or None."""
 
-    def __init__(self, x, w, labels, bias, spec):
+    def __init__(self, x, w, labels, bias, spec, offset=None):
         self.x, self.w, self.labels, self.bias, self.spec = x, w, labels.contiguous(), bias, spec
+        self.offset = None if offset is None else offset.contiguous()
         self.n, self.d = x.shape
         self.k = spec.centers_per_class
         self.c = w.shape[0] // self.k
@@ -269,8 +271,8 @@ class Problem:
             self.x_in = x
         self.rw, self.gw = inv_norms(w, self.acc) if self.normalize_w else (None, None)
         # Kernels ignore the pointers of disabled features; x stands in for them.
-        self.bias_arg, self.gx_arg, self.rx_arg, self.rw_arg, self.gw_arg = (
-            x if t is None else t for t in (bias, self.gx, self.rx, self.rw, self.gw))
+        self.bias_arg, self.offset_arg, self.gx_arg, self.rx_arg, self.rw_arg, self.gw_arg = (
+            x if t is None else t for t in (bias, self.offset, self.gx, self.rx, self.rw, self.gw))
 
     def config(self, kernel: str) -> TileConfig:
         """The tiles of `kernel` ("fwd", "dx", "dw") for this problem, with the spec's overrides."""
@@ -281,7 +283,7 @@ class Problem:
     def launch_meta(self, fn, cfg: TileConfig) -> dict:
         """The constexprs and launch options of kernel `fn` with tiles `cfg` for this problem."""
         return dict(constexprs(fn, cfg, self.k, self.spec.row, self.op, self.precision, self.acc,
-                               self.bias is not None, self.normalize_x, self.normalize_w),
+                               self.bias is not None, self.normalize_x, self.normalize_w, self.offset is not None),
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 

@@ -7,7 +7,7 @@ x arrives normalised when the op normalises it (x^, computed by _numerics.unit_r
 no dot overflows while the proxies' norms are finite. fp16 x arrives as it is, with its inverse norms rx: exact
 operands, and no product of fp16 values overflows the fp32 accumulator.
     S[i, c]    = sum_k softmax_k(l / gamma) * l            (S = l when K == 1)
-    z[i, c]    = scale * S + shift (+ bias_c)
+    z[i, c]    = scale * S - offset_i + shift (+ bias_c)      (offset: the op's row offset, or 0)
 The forward's softmax over k is an online loop, one tl.dot per proxy slot k on the rows c*K + k, so a tile never
 holds more than three BLOCK_N x BLOCK_C accumulators whatever K is. The backward (_tile_grads) needs every slot's
 logits at once (dS/dl_k takes the softmax's final max and sum): one tl.dot over the tile's K_PAD * BLOCK_C proxy
@@ -117,9 +117,20 @@ def _class_similarity(
 
 
 @triton.jit
-def _logits_z(s_cls, offs_c, bias_ptr, C, scale, shift, HAS_BIAS: tl.constexpr):
-    """z = scale * S + shift (+ bias_c)."""
-    z = s_cls * scale + shift
+def _minus_row_offset(z, offset_ptr, offs_n, N, HAS_OFFSET: tl.constexpr):
+    """z - offset_i on a [BLOCK_N, BLOCK_C] tile of logits (the op's row offset [N], read only if HAS_OFFSET; z as
+    it is otherwise), taken before the LSE's terms: where z ties with the offset (a cross-entropy's target logit)
+    the difference is exact at any magnitude, and the LSE sees O(1) values."""
+    if HAS_OFFSET:
+        z -= tl.load(offset_ptr + offs_n, mask=offs_n < N, other=0.0).to(z.dtype)[:, None]
+    return z
+
+
+@triton.jit
+def _logits_z(s_cls, offs_n, offs_c, bias_ptr, offset_ptr, N, C, scale, shift, HAS_BIAS: tl.constexpr,
+              HAS_OFFSET: tl.constexpr):
+    """z = scale * S - offset_i + shift (+ bias_c) (the row offset: _minus_row_offset)."""
+    z = _minus_row_offset(s_cls * scale, offset_ptr, offs_n, N, HAS_OFFSET) + shift
     if HAS_BIAS:
         z += tl.load(bias_ptr + offs_c, mask=offs_c < C, other=0.0).to(s_cls.dtype)[None, :]
     return z
@@ -152,15 +163,17 @@ def _tile_proxies(c0, C, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.const
 @triton.jit
 def _tile_grads(
     x_ptr, w_ptr, bias_ptr, rx_ptr, rw_ptr,
+    offset_ptr,  # [N] the row offset (read only if HAS_OFFSET)
     offs_n,  # [BLOCK_N] the tile's rows
     c0,  # its first class (classes c0 .. c0 + BLOCK_C - 1)
     labels,  # [BLOCK_N] the rows' labels
     lse, g,  # the saved LSE and the upstream gradient: [BLOCK_N, 1] (row reduce) or [1, BLOCK_C] (col reduce)
     N, C, D,
     stride_xn, stride_xd, stride_wp, stride_wd,
-    scale, shift, inv_gamma,  # z = scale * S + shift (+ bias); 1 / gamma
+    scale, shift, inv_gamma,  # z = scale * S - offset + shift (+ bias); 1 / gamma
     K: tl.constexpr, K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, RAW_X: tl.constexpr, NORM_W: tl.constexpr,
     ACC: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The tile's logits recomputed from the inputs and their gradient, all K slots in one pass:
@@ -180,7 +193,7 @@ def _tile_grads(
         s_cls = tl.sum(prob * l3, axis=1)
     else:
         s_cls = l
-    z = _logits_z(s_cls, offs_c, bias_ptr, C, scale, shift, HAS_BIAS)
+    z = _logits_z(s_cls, offs_n, offs_c, bias_ptr, offset_ptr, N, C, scale, shift, HAS_BIAS, HAS_OFFSET)
     dz = _grad_z(z, _lse_terms(offs_n, offs_c, labels, N, C), lse, g)
     if K > 1:
         dl = tl.reshape((dz * scale)[:, None, :] * prob * (1.0 + (l3 - s_cls[:, None, :]) * inv_gamma),

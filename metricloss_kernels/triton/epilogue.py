@@ -3,11 +3,13 @@ and launchers. Each reads one block of raw logits that cuBLAS wrote, L[i, p] = <
 r0.. of the batch, the proxies of the classes c0..c0+B), once (the backward reads a tile's K slots a second time,
 right after the first, for their gradients):
 
-  _lse_epilogue_kernel   forward: per (i, c) l_k = rw_k L[i, cK+k], S = sum_k softmax_k(l / gamma) l_k,
+  _lse_epilogue_kernel   forward: per (i, c) l_k = rw_k L[i, cK+k], S = sum_k softmax_k(l / gamma) l_k (the max
+                         pool, POOL_MAX: S = max_k l_k),
                          z = scale * S (+ bias_c for a row reduction; the shift and a column reduction's bias are
-                         added to the result instead), the target mask, and the LSE of the block merged into a
-                         running [splits, N] (row) or [splits, C] (column) partial: no atomics, each partial entry
-                         belongs to one program of a launch and launches run in order.
+                         added to the result instead), the target mask, and the LSE of the block, less the op's row
+                         offset t_i (LSE(z - t) = LSE(z) - t: t comes off the running max, exact where z ties with
+                         it), merged into a running [splits, N] (row) or [splits, C] (column) partial: no atomics,
+                         each partial entry belongs to one program of a launch and launches run in order.
   _grad_epilogue_kernel  backward: dL/dL[i, p] = rw_p dL/dl[i, p] written in the GEMM dtype for the two GEMMs
                          that follow (dX += dL W_chunk, dW_chunk = dL^T X^), and the row reduction's bias gradient
                          as [splits, C] partials.
@@ -25,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._common import _TL_DTYPES, INTERPRET, num_splits
-from ._tiles import _softmax_step
+from ._tiles import _minus_row_offset, _softmax_step
 
 # Bound on the [splits, C] partials of a column reduction (and of the row reduction's bias gradient).
 _PARTIAL_BYTES = 16 * 2**20
@@ -45,19 +47,26 @@ def _slot(l_ptr, stride_l, rw_ptr, offs_n, offs_c, k, R, B, K: tl.constexpr, NOR
 
 @triton.jit
 def _tile(l_ptr, stride_l, rw_ptr, bias_ptr, labels, offs_n, offs_c, R, B, c0, scale, inv_gamma,
-          K: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_W: tl.constexpr):
+          K: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_W: tl.constexpr, POOL_MAX: tl.constexpr):
     """(z, terms, S, m, den) of the tile: z = scale * S (+ bias) with -inf off the LSE's terms (outside the block,
     or c0 + c == labels_i); m = max_k l_k / gamma and den = sum_k exp(l_k / gamma - m) by an online softmax over k,
-    for the backward's softmax weights (unused when K == 1)."""
+    for the backward's softmax weights (unused when K == 1). POOL_MAX: S = max_k l_k and den = the number of slots
+    k with l_k = S, which share dL/dS (the limit gamma -> 0 of the softmax weights; m unused)."""
     s = _slot(l_ptr, stride_l, rw_ptr, offs_n, offs_c, 0, R, B, K, NORM_W)
     m = s * inv_gamma
     den = tl.full(s.shape, 1.0, s.dtype)
     if K > 1:
-        num = s  # sum_k exp(l_k / gamma - m) l_k
-        for k in range(1, K):
-            l = _slot(l_ptr, stride_l, rw_ptr, offs_n, offs_c, k, R, B, K, NORM_W)
-            m, den, num = _softmax_step(m, den, num, l, inv_gamma)
-        s = num / den
+        if POOL_MAX:
+            for k in range(1, K):
+                l = _slot(l_ptr, stride_l, rw_ptr, offs_n, offs_c, k, R, B, K, NORM_W)
+                den = tl.where(l > s, 1.0, den + (l == s).to(s.dtype))
+                s = tl.maximum(s, l, propagate_nan=tl.PropagateNan.ALL)  # NaN as torch.amax
+        else:
+            num = s  # sum_k exp(l_k / gamma - m) l_k
+            for k in range(1, K):
+                l = _slot(l_ptr, stride_l, rw_ptr, offs_n, offs_c, k, R, B, K, NORM_W)
+                m, den, num = _softmax_step(m, den, num, l, inv_gamma)
+            s = num / den
     z = s * scale
     if HAS_BIAS:
         z += tl.load(bias_ptr + offs_c, mask=offs_c < B, other=0.0).to(s.dtype)[None, :]
@@ -70,6 +79,7 @@ def _lse_epilogue_kernel(
     l_ptr,  # [R, B*K] raw logits of the block (fp32; fp64 for fp64 inputs), row stride stride_l
     rw_ptr,  # [B*K] inverse norms of the block's proxies (read only if NORM_W)
     bias_ptr,  # [B] the block's class bias (read only if HAS_BIAS)
+    offset_ptr,  # [R] the row offset of the block's rows (read only if HAS_OFFSET: ROW_REDUCE)
     labels_ptr,  # [R] int64 labels of the block's rows
     part_ptr,  # [splits, R] (ROW_REDUCE) or [splits, B] running LSE partials, row stride stride_part: merged into
     R, B,  # rows, classes of the block
@@ -79,7 +89,8 @@ def _lse_epilogue_kernel(
     scale, inv_gamma,  # z = scale * S (+ bias); 1 / gamma
     K: tl.constexpr,  # proxies per class
     ROW_REDUCE: tl.constexpr,  # LSE over classes per row (else over rows per class)
-    HAS_BIAS: tl.constexpr, NORM_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_OFFSET: tl.constexpr, NORM_W: tl.constexpr,
+    POOL_MAX: tl.constexpr,  # S = max_k l_k (else the softmax pool)
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Program (i, s): output tile i, split s of the streamed axis; a running (max, sum) per output entry."""
@@ -107,12 +118,14 @@ def _lse_epilogue_kernel(
             offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
             labels = tl.load(labels_ptr + offs_n, mask=offs_n < R, other=-1)
         z, _, _, _, _ = _tile(l_ptr, stride_l, rw_ptr, bias_ptr, labels, offs_n, offs_c, R, B, c0, scale,
-                              inv_gamma, K, HAS_BIAS, NORM_W)
+                              inv_gamma, K, HAS_BIAS, NORM_W, POOL_MAX)
         new_max = tl.maximum(run_max, tl.max(z, axis=AXIS))
         # While an entry has seen no term its max is -inf: shift by 0 instead (no -inf - -inf).
         shift_by = tl.where(new_max == float("-inf"), 0.0, new_max)
         run_sum = run_sum * tl.exp(run_max - shift_by) + tl.sum(tl.exp(z - tl.expand_dims(shift_by, AXIS)), axis=AXIS)
         run_max = new_max
+    if HAS_OFFSET:  # the LSE of z - t is that of z less t: t comes off the running max, not off every logit
+        run_max -= tl.load(offset_ptr + offs_out, mask=offs_out < n_out, other=0.0).to(run_max.dtype)
     # Merge with the partial of the earlier blocks: logaddexp, -inf (no term yet) on either side included.
     ptrs = part_ptr + pid_s * stride_part + offs_out
     old = tl.load(ptrs, mask=offs_out < n_out, other=float("-inf"))
@@ -130,19 +143,24 @@ def _grad_epilogue_kernel(
     dl_ptr,  # [R, B*K] out: dL/dL in the GEMM dtype, row stride stride_dl
     rw_ptr,  # [B*K] inverse norms of the block's proxies (read only if NORM_W)
     bias_ptr,  # [B] the block's class bias (read only if HAS_BIAS)
+    offset_ptr,  # [R] the row offset of the block's rows (read only if HAS_OFFSET: ROW_REDUCE)
     labels_ptr,  # [R] int64 labels of the block's rows
-    lse_ptr, g_ptr,  # the forward result (less its offset) and the upstream gradient: [R] if ROW_REDUCE else [B]
+    lse_ptr, g_ptr,  # the forward result (less the shift) and the upstream gradient: [R] if ROW_REDUCE else [B]
     dbias_ptr,  # [splits, B] partial bias gradients, row stride stride_db, accumulated into (DBIAS)
     R, B, c0,
     stride_l, stride_dl, stride_db,
     tiles_per_split,  # row tiles per program
     scale, inv_gamma,
-    K: tl.constexpr, ROW_REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_W: tl.constexpr,
+    K: tl.constexpr, ROW_REDUCE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OFFSET: tl.constexpr,
+    NORM_W: tl.constexpr,
+    POOL_MAX: tl.constexpr,  # S = max_k l_k (else the softmax pool)
     DBIAS: tl.constexpr,  # accumulate the bias gradient (a row reduction's; a column's is the upstream gradient)
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Program (j, s): class tile j, split s of the row tiles. With p = g exp(z - lse) on the terms:
-    dL/dS = scale * p, dL/dl_k = dL/dS softmax_k (1 + (l_k - S) / gamma) (= dL/dS for K == 1)."""
+    """Program (j, s): class tile j, split s of the row tiles. With p = g exp((z - t) - lse) on the terms (t: the row
+    offset, subtracted from each logit first):
+    dL/dS = scale * p, dL/dl_k = dL/dS softmax_k (1 + (l_k - S) / gamma) (= dL/dS for K == 1; the max pool:
+    dL/dS / den on the slots with l_k = S, 0 on the others)."""
     pid_s = tl.program_id(1)
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < B
@@ -155,23 +173,29 @@ def _grad_epilogue_kernel(
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < R
         labels = tl.load(labels_ptr + offs_n, mask=n_ok, other=-1)
-        if ROW_REDUCE:
+        z, terms, s, m, den = _tile(l_ptr, stride_l, rw_ptr, bias_ptr, labels, offs_n, offs_c, R, B, c0, scale,
+                                    inv_gamma, K, HAS_BIAS, NORM_W, POOL_MAX)
+        z = _minus_row_offset(z, offset_ptr, offs_n, R, HAS_OFFSET)  # z - t before exp(z - t - lse): exact
+        if ROW_REDUCE:  # (loaded after the tile's softmax: fewer values live through it)
             lse = tl.load(lse_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
             g = tl.load(g_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
-        z, terms, s, m, den = _tile(l_ptr, stride_l, rw_ptr, bias_ptr, labels, offs_n, offs_c, R, B, c0, scale,
-                                    inv_gamma, K, HAS_BIAS, NORM_W)
         # exp(-inf) = 0 off the terms, where g is also zeroed: an empty LSE passes on nothing, NaN included.
         dz = tl.exp(tl.where(terms, z - lse, float("-inf"))) * tl.where(terms, g, 0.0)
         if DBIAS:
             dbias += tl.sum(dz, axis=0)
-        d_s = dz * scale
+        coef = dz * scale  # dL/dS, over den for K > 1
+        if K > 1:
+            coef = coef / den
         rows = dl_ptr + offs_n.to(tl.int64)[:, None] * stride_dl
         for k in range(K):
             p = offs_c * K + k
-            dl = d_s
+            dl = coef
             if K > 1:
                 l = _slot(l_ptr, stride_l, rw_ptr, offs_n, offs_c, k, R, B, K, NORM_W)
-                dl = d_s * tl.exp(l * inv_gamma - m) / den * (1.0 + (l - s) * inv_gamma)
+                if POOL_MAX:  # (l recomputed as _tile computed it: l == S exactly at its maxima)
+                    dl = tl.where(l == s, coef, 0.0)
+                else:
+                    dl = coef * tl.exp(l * inv_gamma - m) * (1.0 + (l - s) * inv_gamma)
             if NORM_W:  # dL/d<x^_i, w_p> = rw_p dL/dl
                 dl = dl * tl.load(rw_ptr + p, mask=c_ok, other=0.0).to(dl.dtype)[None, :]
             tl.store(rows + p[None, :], dl.to(dl_ptr.dtype.element_ty), mask=n_ok[:, None] & c_ok[None, :])
@@ -244,35 +268,41 @@ def partial_splits(rows: int, classes: int, num_classes: int, reduce: str, devic
     return num_splits(class_tiles, row_tiles, device, requested or None, max(1, _PARTIAL_BYTES // (8 * num_classes)))
 
 
-def lse_update(part, logits, rw, bias, labels, c0, k, scale, inv_gamma, row):
+def lse_update(part, logits, rw, bias, offset, labels, c0, k, scale, inv_gamma, row, pool_max):
     """Merges the LSEs of the block `logits` [R, B*K] into `part` ([splits, R] if row else [splits, B], views
-    into the call's partials). rw [B*K] or None (W not normalised), bias [B] or None, labels [R]."""
+    into the call's partials). rw [B*K] or None (W not normalised), bias [B] or None, offset (the row offset) [R]
+    or None, labels [R]; pool_max: S = max_k l_k (K > 1)."""
     r, b = logits.shape[0], logits.shape[1] // k
     cfg = blocks()
     bn, bc = cfg["BLOCK_N"], cfg["BLOCK_C"]
     out_tiles, streamed = (triton.cdiv(r, bn), triton.cdiv(b, bc)) if row else (triton.cdiv(b, bc), triton.cdiv(r, bn))
     num = part.shape[0]
     _lse_epilogue_kernel[(out_tiles, num)](
-        logits, rw if rw is not None else logits, bias if bias is not None else logits, labels, part,
+        logits, rw if rw is not None else logits, bias if bias is not None else logits,
+        offset if offset is not None else logits, labels, part,
         r, b, c0, logits.stride(0), part.stride(0), triton.cdiv(streamed, num), scale, inv_gamma,
-        K=k, ROW_REDUCE=row, HAS_BIAS=bias is not None, NORM_W=rw is not None,
-        BLOCK_N=bn, BLOCK_C=bc, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        K=k, ROW_REDUCE=row, HAS_BIAS=bias is not None, HAS_OFFSET=offset is not None, NORM_W=rw is not None,
+        POOL_MAX=pool_max, BLOCK_N=bn, BLOCK_C=bc, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def grad_block(dl, logits, rw, bias, labels, lse, g, dbias, c0, k, scale, inv_gamma, row, requested=0):
+def grad_block(dl, logits, rw, bias, offset, labels, lse, g, dbias, c0, k, scale, inv_gamma, row, pool_max,
+               requested=0):
     """Writes dL/dL of the block into dl [R, B*K] (the GEMM dtype) and, for dbias ([splits, B] partials, or None),
-    accumulates the bias gradient. lse, g: [R] (row) or [B] (column), the views of saved_lse's for the block."""
+    accumulates the bias gradient. lse, g: [R] (row) or [B] (column), the views of saved_lse's for the block;
+    offset: the row offset [R] of the forward, or None."""
     r, b = logits.shape[0], logits.shape[1] // k
     cfg = blocks()
     bn, bc = cfg["BLOCK_N"], cfg["BLOCK_C"]
     row_tiles, class_tiles = triton.cdiv(r, bn), triton.cdiv(b, bc)
     num = dbias.shape[0] if dbias is not None else num_splits(class_tiles, row_tiles, logits.device, requested or None)
     _grad_epilogue_kernel[(class_tiles, num)](
-        logits, dl, rw if rw is not None else logits, bias if bias is not None else logits, labels, lse, g,
+        logits, dl, rw if rw is not None else logits, bias if bias is not None else logits,
+        offset if offset is not None else logits, labels, lse, g,
         dbias if dbias is not None else logits,
         r, b, c0, logits.stride(0), dl.stride(0), dbias.stride(0) if dbias is not None else 0,
         triton.cdiv(row_tiles, num), scale, inv_gamma,
-        K=k, ROW_REDUCE=row, HAS_BIAS=bias is not None, NORM_W=rw is not None, DBIAS=dbias is not None,
+        K=k, ROW_REDUCE=row, HAS_BIAS=bias is not None, HAS_OFFSET=offset is not None, NORM_W=rw is not None,
+        POOL_MAX=pool_max, DBIAS=dbias is not None,
         BLOCK_N=bn, BLOCK_C=bc, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
@@ -302,22 +332,25 @@ def compile_cases(D: int, K: int, reduce: str, dtype: torch.dtype, precision: st
     """Every (kernel, configuration) the launchers can pick for inputs of `dtype` with K proxies a class and
     embeddings of width D (the shared interface of the offline compile report, tools/kernel_report.py). The GEMM
     dtype (dL's) is `dtype`: half types as they are, fp32 whatever the precision (it only changes cuBLAS's
-    mode); the logits are fp32. Bias and both normalisations on (the largest variant). No kernel has a dot."""
+    mode); the logits are fp32. Bias, normalised proxies and (reduce="row") the row offset on (the largest
+    variant); for K > 1 both pools. No kernel has a dot."""
     acc = torch.float32
     cases = []
     cfg = blocks()
     tiles = {"BLOCK_N": cfg["BLOCK_N"], "BLOCK_C": cfg["BLOCK_C"]}
     row = reduce == "row"
-    flags = dict(K=K, ROW_REDUCE=row, HAS_BIAS=row, NORM_W=True)
-    common = {"l_ptr": _ptr(acc), "rw_ptr": _ptr(acc), "bias_ptr": _ptr(dtype), "labels_ptr": "*i64"}
-    for fn, const, pointers in (
-            (_lse_epilogue_kernel, dict(flags, **tiles), dict(common, part_ptr=_ptr(acc))),
-            (_grad_epilogue_kernel, dict(flags, DBIAS=row, **tiles),
-             dict(common, dl_ptr=_ptr(dtype), lse_ptr=_ptr(acc), g_ptr=_ptr(acc), dbias_ptr=_ptr(acc)))):
-        cases.append(dict(kernel=fn.__name__, fn=fn, signature=_signature(fn, const, pointers), constexprs=const,
-                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                          config=dict(const, precision=precision),
-                          has_dot=False))
+    common = {"l_ptr": _ptr(acc), "rw_ptr": _ptr(acc), "bias_ptr": _ptr(dtype), "offset_ptr": _ptr(acc),
+              "labels_ptr": "*i64"}
+    for pool_max in (False, True) if K > 1 else (False,):
+        flags = dict(K=K, ROW_REDUCE=row, HAS_BIAS=row, HAS_OFFSET=row, NORM_W=True, POOL_MAX=pool_max)
+        for fn, const, pointers in (
+                (_lse_epilogue_kernel, dict(flags, **tiles), dict(common, part_ptr=_ptr(acc))),
+                (_grad_epilogue_kernel, dict(flags, DBIAS=row, **tiles),
+                 dict(common, dl_ptr=_ptr(dtype), lse_ptr=_ptr(acc), g_ptr=_ptr(acc), dbias_ptr=_ptr(acc)))):
+            cases.append(dict(kernel=fn.__name__, fn=fn, signature=_signature(fn, const, pointers), constexprs=const,
+                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                              config=dict(const, precision=precision),
+                              has_dot=False))
     dw_cfg = _dw_blocks(D)
     const = {"BLOCK_P": dw_cfg["BLOCK_P"], "BLOCK_D": dw_cfg["BLOCK_D"]}
     pointers = {"g_ptr": _ptr(acc), "w_ptr": _ptr(dtype), "rw_ptr": _ptr(acc), "gw_ptr": _ptr(acc),

@@ -27,15 +27,17 @@ def _lse_fwd_kernel(
     w_ptr,  # [C*K, D] proxies, class-major
     bias_ptr,  # [C] class bias (read only if HAS_BIAS)
     labels_ptr,  # [N] int64: row i is left out of class labels_i's LSE terms
+    offset_ptr,  # [N] the row offset, subtracted from row i's logits (read only if HAS_OFFSET: ROW_REDUCE)
     rx_ptr, rw_ptr,  # [N] inverse norms of x (read only if RAW_X), [C*K] of w (read only if NORM_W)
     lse_ptr,  # [num_splits, N] if ROW_REDUCE else [num_splits, C], out: LSE over the split's terms (-inf if empty)
     N, C, D,
     tiles_per_split,  # streamed tiles (class tiles if ROW_REDUCE, else row tiles) per program
     stride_xn, stride_xd, stride_wp, stride_wd,
-    scale, shift, inv_gamma,  # z = scale * S + shift (+ bias); 1 / gamma
+    scale, shift, inv_gamma,  # z = scale * S - offset + shift (+ bias); 1 / gamma
     K: tl.constexpr,  # proxies per class
     ROW_REDUCE: tl.constexpr,  # LSE over classes per row (else over rows per class)
     HAS_BIAS: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
     RAW_X: tl.constexpr,  # x comes as it is (fp16), with its inverse norms rx
     NORM_W: tl.constexpr,
     ACC: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr,  # accumulation / dot operand dtypes
@@ -68,7 +70,7 @@ def _lse_fwd_kernel(
         s_cls = _class_similarity(x_ptr, w_ptr, rx_ptr, rw_ptr, offs_n, offs_c, N, C, D,
                                   stride_xn, stride_xd, stride_wp, stride_wd, inv_gamma,
                                   K, RAW_X, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
-        z = _logits_z(s_cls, offs_c, bias_ptr, C, scale, shift, HAS_BIAS)
+        z = _logits_z(s_cls, offs_n, offs_c, bias_ptr, offset_ptr, N, C, scale, shift, HAS_BIAS, HAS_OFFSET)
         z = tl.where(_lse_terms(offs_n, offs_c, labels, N, C), z, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=AXIS))
         # While an entry has seen no term its max is -inf: shift by 0 instead, so exp() never sees -inf - -inf.
@@ -88,23 +90,24 @@ def lse_forward(p: "_common.Problem") -> torch.Tensor:
     splits = _common.num_splits(out_tiles, streamed_tiles, p.x.device, p.splits)
     partial = torch.empty((splits, n_out), dtype=p.acc, device=p.x.device)
     _lse_fwd_kernel[(out_tiles, splits)](
-        p.x_in, p.w, p.bias_arg, p.labels, p.rx_arg, p.rw_arg, partial,
+        p.x_in, p.w, p.bias_arg, p.labels, p.offset_arg, p.rx_arg, p.rw_arg, partial,
         p.n, p.c, p.d, triton.cdiv(streamed_tiles, splits),
         p.x_in.stride(0), p.x_in.stride(1), p.w.stride(0), p.w.stride(1),
         p.scale, p.shift, p.inv_gamma, **p.launch_meta(_lse_fwd_kernel, cfg))
     return partial[0] if splits == 1 else torch.logsumexp(partial, dim=0)
 
 
-def forward(x, w, labels, bias, spec):
-    """The op's forward on the kernels (argument order of metricloss_kernels.lse): [N] or [C], accumulation dtype."""
-    return lse_forward(_common.Problem(x, w, labels, bias, spec))
+def forward(x, w, labels, bias, spec, offset=None):
+    """The op's forward on the kernels (argument order of metricloss_kernels.lse; offset: the row offset [N] or
+    None): [N] or [C], accumulation dtype."""
+    return lse_forward(_common.Problem(x, w, labels, bias, spec, offset))
 
 
 def compile_cases(D: int, K: int, reduce: str, dtype: torch.dtype, precision: str, arch: int) -> list[dict]:
     """tools/kernel_report.py's cases of this module: the forward kernel as lse_forward specialises it for inputs
-    of `dtype` with a bias and normalised proxies."""
+    of `dtype` with a bias, normalised proxies and, for reduce="row", the row offset."""
     precision = _common.case_precision(precision)
     cfg = _common.tile_config("fwd", arch, dtype, precision, D, K)
-    consts = _common.constexprs(_lse_fwd_kernel, cfg, K, reduce == "row", dtype, precision)
+    consts = _common.constexprs(_lse_fwd_kernel, cfg, K, reduce == "row", dtype, precision, has_offset=reduce == "row")
     pointers = {"x_ptr": dtype, "w_ptr": dtype, "bias_ptr": dtype, "labels_ptr": torch.int64}
     return [_common.compile_case(_lse_fwd_kernel, consts, cfg, pointers)]
