@@ -11,9 +11,10 @@ was faster than "triton"): docs/benchmarks.md says how that rule is set in metri
     python benchmarks/bench_gpu_grid.py --out grid.json              # on a CUDA machine (benchmarks/gpu_check.sh)
     python benchmarks/bench_gpu_grid.py --dry-run --out /tmp/g.json   # CPU, Triton interpreter, tiny sizes
     python benchmarks/bench_gpu_grid.py --model                       # the modelled ratios to the floor, no device
+    python benchmarks/bench_gpu_grid.py --model-triton                # the Triton kernels' model, docs/architecture.md
 
---model prints the traffic/FLOP model of docs/benchmarks.md for the same grid: it needs no device and times
-nothing.
+--model prints the traffic/FLOP model of docs/benchmarks.md for the same grid, --model-triton that of the Triton
+kernels' design in docs/architecture.md: they need no device and time nothing.
 """
 import argparse
 import datetime
@@ -35,25 +36,22 @@ IMPLS = ("torch.mm", "triton", "gemm", "chunked", "reference")
 OP_ARGS = dict(gamma=0.1, scale=16.0, reduce="row")
 
 # ------------------------------------------------------------------------------------------------------ the model
-# H100 SXM as modelled (assumptions, not measurements): HBM 3.35 TB/s; dense tensor-core peak 989 TFLOP/s bf16,
-# 494.5 TF32; GEMMs and bandwidth-bound kernels at EFFICIENCY of peak (cuBLAS reaches ~75-85% on these shapes);
-# data that stays in L2 between two kernels (a chunk's logits and dL within L2_USABLE of the 50 MB; its G and W
-# rows likewise) moves at L2_SPEEDUP x HBM; exponentials at 16 a clock per SM (MUFU), 132 SMs at 1.755 GHz. Host:
-# HOST_TORCH_S per torch op and HOST_TRITON_S per Triton launch, overlapped with the GPU (the launches are
-# asynchronous), so a call takes the longer of its GPU and host times.
+# H100 SXM as modelled (assumptions, not measurements): HBM 3.35 TB/s; dense peaks 990 TFLOP/s bf16/fp16 and 495
+# TF32 on the tensor cores, 67 FP32 without them (torch.mm of fp32 under float32_matmul_precision "highest"); GEMMs
+# and bandwidth-bound kernels at EFFICIENCY of peak (cuBLAS reaches ~75-85% on these shapes); data that stays in L2
+# between two kernels (a chunk's logits and dL within L2_USABLE of the 50 MB; its G and W rows likewise) moves at
+# L2_SPEEDUP x HBM; exponentials at 16 a clock per SM (MUFU), 132 SMs at 1.755 GHz. Host: HOST_TORCH_S per torch
+# op and HOST_TRITON_S per Triton launch, overlapped with the GPU (the launches are asynchronous), so a call takes
+# the longer of its GPU and host times.
 HBM = 3.35e12
-PEAK = {"bfloat16": 989e12, "float32": 494.5e12}
+PEAK = {"bf16": 990e12, "tf32": 495e12, "fp32": 67e12}
 EFFICIENCY = 0.8
 L2_SPEEDUP = 3.0
 L2_USABLE = 40e6
 EXP_RATE = 16 * 132 * 1.755e9
 HOST_TORCH_S = 6e-6
 HOST_TRITON_S = 12e-6
-# Issue 14's fused kernels, for the row reduction: multiples of N*D*P FLOPs (forward 2; the dX kernel recomputes
-# the logits, once more per slot for K > 1, then its dot; the dW kernel likewise) at these fractions of peak (not
-# measured: the best case, cuBLAS's, and a fused kernel's more likely one).
-TRITON_FLOPS = {1: 2 + 4 + 4, 10: 2 + 6 + 6}
-TRITON_EFFICIENCIES = (0.8, 0.5)
+ARCH = 90  # the Triton tile table's entry for an H100
 
 
 def _kernel(flops, peak, hbm_bytes=0.0, l2_bytes=0.0, exps=0.0):
@@ -62,17 +60,66 @@ def _kernel(flops, peak, hbm_bytes=0.0, l2_bytes=0.0, exps=0.0):
                exps / EXP_RATE)
 
 
+def gemm_peak(dtype, precision="high") -> float:
+    """The peak of torch.mm on operands of `dtype` under float32_matmul_precision `precision`."""
+    if dtype != "float32":
+        return PEAK["bf16"]
+    return PEAK["fp32" if precision == "highest" else "tf32"]
+
+
+def floor_seconds(d, p, dtype, precision="high") -> float:
+    """The floor: the four GEMMs of the row reduction's forward + backward through torch.mm (x W^T twice, dL W,
+    dL^T x), each the slower of its FLOPs and its traffic (inputs and the N x P product)."""
+    e = 2 if dtype != "float32" else 4
+    return 4 * _kernel(2 * N * d * p, gemm_peak(dtype, precision), e * (N * d + p * d + N * p))
+
+
+def model_triton(d, p, k, dtype, precision="high", split=True) -> float:
+    """Modelled forward + backward seconds of the Triton kernels (row reduction) from the tiles they launch with on
+    an H100 (triton/_common.tile_config): the forward's one dot per proxy slot (2*N*D*P FLOPs); each backward kernel
+    (dX, dW) recomputes the logits once per slice of D it is split into (cdiv(D, block_out)) and adds its gradient
+    GEMM, over the proxy slots a class takes, K_HI + K_LO (split, _common.k_parts) or K padded to a power of two in
+    one dot (the design before it, whose tiles were those of that power of two). Operands of fp32 run on the tensor
+    cores as TF32, three MMAs a product under "highest" (tf32x3); fp16's gradient GEMMs take two (the hi + lo
+    pair). Traffic: x and W read once a kernel, the gradients written once; exponentials: the intra-class softmax
+    (two a slot forward, one a slot backward) and one per logit for the LSE."""
+    import torch
+    import triton
+
+    from metricloss_kernels.triton import _common
+
+    torch_dtype = getattr(torch, dtype)
+    e = torch_dtype.itemsize
+    peak = PEAK["tf32" if dtype == "float32" else "bf16"]
+    logit_mmas = 3 if dtype == "float32" and precision == "highest" else 1
+    grad_mmas = 2 if dtype == "float16" else logit_mmas
+    slots = sum(_common.k_parts(k)) if split else triton.next_power_of_2(k)
+    tiles_k = k if split else slots
+    tile_precision = ("tf32x3" if precision == "highest" else "tf32") if dtype == "float32" else "ieee"
+    c = p // k
+    flops = 2 * N * d * c  # a GEMM over one proxy slot a class
+    inputs = e * (N * d + p * d)
+    seconds = _kernel(logit_mmas * flops * k, peak, inputs + 4 * N, exps=N * c * (1 if k == 1 else 2 * k + 1))
+    for kernel, out_bytes in (("dx", 4 * N * d), ("dw", e * p * d)):
+        tiles = _common.tile_config(kernel, ARCH, torch_dtype, tile_precision, d, tiles_k)
+        slices = triton.cdiv(d, tiles.block_out)
+        work = (logit_mmas * slices + grad_mmas) * flops * slots
+        seconds += _kernel(work, peak, inputs + out_bytes, exps=slices * N * c * (1 if k == 1 else slots + 1))
+    return seconds
+
+
 def model_case(d, p, k, dtype) -> dict:
     """Modelled forward + backward seconds of the floor, of impl="gemm" (its plan's chunks; block traffic through
-    L2 when a chunk's logits and dL fit L2_USABLE, else HBM) and of issue 14's kernels, and the ratios."""
+    L2 when a chunk's logits and dL fit L2_USABLE, else HBM) and of impl="triton" (model_triton), and the ratios;
+    fp32 under "high" (TF32), as the measurement runs."""
     import torch
 
     from metricloss_kernels import gemm
     from metricloss_kernels.lse import LSESpec
 
-    n, e, peak = N, 2 if dtype == "bfloat16" else 4, PEAK[dtype]
+    n, e, peak = N, 2 if dtype == "bfloat16" else 4, gemm_peak(dtype)
     gemm_flops = 2 * n * d * p
-    floor = 4 * _kernel(gemm_flops, peak, e * (n * d + p * d + n * p))
+    floor = floor_seconds(d, p, dtype)
     torch_dtype = getattr(torch, dtype)
     _, block, chunks, extra = gemm.plan(n, d, p // k, torch_dtype, torch_dtype, LSESpec(centers_per_class=k),
                                         torch.empty(0))
@@ -100,23 +147,35 @@ def model_case(d, p, k, dtype) -> dict:
     seconds += 2 * _kernel(0, peak, p * d * e)  # W's inverse norms, forward and backward
     # per chunk 4 GEMMs and 3 epilogues; per call the norms (2), the x normalisation and its backward (~10 ops)
     host = chunks * (4 * HOST_TORCH_S + 3 * HOST_TRITON_S) + 2 * HOST_TRITON_S + 10 * HOST_TORCH_S
-    triton = {eff: TRITON_FLOPS[1 if k == 1 else 10] * n * d * p / (eff * peak) for eff in TRITON_EFFICIENCIES}
+    triton = model_triton(d, p, k, dtype)
     return {"D": d, "P": p, "K": k, "dtype": dtype, "floor_ms": 1e3 * floor, "gemm_gpu_ms": 1e3 * seconds,
             "gemm_host_ms": 1e3 * host, "gemm_gpu_over_floor": seconds / floor,
             "gemm_over_floor": max(seconds, host) / floor, "chunks": chunks, "chunk_proxies": pc,
-            "blocks_in_l2": resident, "gemm_extra_mb": extra / 2**20,
-            **{f"triton_{eff}_over_floor": t / floor for eff, t in triton.items()}}
+            "blocks_in_l2": resident, "gemm_extra_mb": extra / 2**20, "triton_ms": 1e3 * triton,
+            "triton_over_floor": triton / floor}
 
 
 def print_model(rows):
     """The model as a Markdown table (docs/benchmarks.md quotes it)."""
-    print("| D | P | K | dtype | floor ms | chunks | gemm GPU / floor | gemm / floor (host) | "
-          + " | ".join(f"issue 14 @{e:.0%} / floor" for e in TRITON_EFFICIENCIES) + " |")
-    print("|" + "---|" * (8 + len(TRITON_EFFICIENCIES)))
+    print("| D | P | K | dtype | floor ms | chunks | gemm GPU / floor | gemm / floor (host) | triton / floor |")
+    print("|" + "---|" * 9)
     for r in rows:
         print(f"| {r['D']} | {r['P']:.0e} | {r['K']} | {r['dtype']} | {r['floor_ms']:.3f} | {r['chunks']} | "
-              f"{r['gemm_gpu_over_floor']:.2f} | {r['gemm_over_floor']:.2f} | "
-              + " | ".join(f"{r[f'triton_{e}_over_floor']:.2f}" for e in TRITON_EFFICIENCIES) + " |")
+              f"{r['gemm_gpu_over_floor']:.2f} | {r['gemm_over_floor']:.2f} | {r['triton_over_floor']:.2f} |")
+
+
+def print_triton_model(d=512):
+    """The Triton kernels' model against the floor at the same precision, K padded to a power of two in one dot
+    vs split in two (model_triton), as a Markdown table (docs/architecture.md quotes it)."""
+    print("| dtype | precision | K | C·K | floor ms | K padded ms | / floor | K split ms | / floor |")
+    print("|" + "---|" * 9)
+    for dtype, precision in (("bfloat16", "–"), ("float32", "high"), ("float32", "highest")):
+        for k in KS:
+            for p in sorted(PROXIES):
+                floor = floor_seconds(d, p, dtype, precision)
+                old, new = (model_triton(d, p, k, dtype, precision, split) for split in (False, True))
+                print(f"| {dtype} | {precision} | {k} | {p:.0e} | {1e3 * floor:.3g} | {1e3 * old:.3g} | "
+                      f"{old / floor:.2f} | {1e3 * new:.3g} | {new / floor:.2f} |")
 
 
 # ------------------------------------------------------------------------------------------------ measurement
@@ -222,6 +281,8 @@ def main(argv=None):
     parser.add_argument("--out", help="JSON file for the rows (and the model)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny sizes, one round")
     parser.add_argument("--model", action="store_true", help="print the modelled ratios to the floor and exit")
+    parser.add_argument("--model-triton", action="store_true",
+                        help="print the Triton kernels' model at D = 512 (K padded vs split) and exit")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=100.0, help="start no case after this many seconds")
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
@@ -230,6 +291,9 @@ def main(argv=None):
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     import torch
 
+    if args.model_triton:
+        print_triton_model()
+        return 0
     model = [model_case(d, p, k, dtype) for d in DIMS for p in sorted(PROXIES) for k in KS for dtype in DTYPES]
     if args.model:
         print_model(model)

@@ -125,6 +125,30 @@ def test_tilings(backend, tiles, reduce):
     check_op(backend, x, w, b, labels, centers_per_class=K, scale=3.0, shift=0.5, reduce=reduce, **tiles)
 
 
+# K's proxy slots in the Triton backward's two parts (_common.k_parts): 2 (one part), 5 = 4 + 1, 7 = 4 + 4 (one
+# padded slot), 10 = 8 + 2; class tiles of the fewest classes that give the narrower part 16 slots: 53 classes make
+# several tiles and a short last one, 37 rows three row tiles, D = 40 three chunks.
+SLOT_SPLITS = [(2, 8), (5, 16), (7, 4), (10, 8)]
+
+
+@pytest.mark.parametrize("k,block_classes", SLOT_SPLITS, ids=[f"K{k}" for k, _ in SLOT_SPLITS])
+@pytest.mark.parametrize("reduce", ["row", "col"])
+def test_triton_proxy_slots_in_two_parts(k, block_classes, reduce):
+    x, w, b, labels = make_inputs(k=k, bias=True, seed=20 + k)
+    check_op("triton", x, w, b, labels, centers_per_class=k, gamma=0.2, scale=6.0, shift=0.3, reduce=reduce,
+             block_rows=16, block_classes=block_classes, block_d=16)
+
+
+def test_triton_tile_overrides_are_validated():
+    """A tile override that no kernel can take is refused by name: not a power of two, or a class tile too narrow
+    for the backward's dots (K = 10: its 2-slot part needs 8 classes for 16 slots)."""
+    x, w, b, labels = make_inputs(k=10, seed=24)
+    for tiles, name in ((dict(block_classes=4), "block_classes"), (dict(block_classes=12), "block_classes"),
+                        (dict(block_rows=24), "block_rows"), (dict(block_d=8), "block_d")):
+        with pytest.raises(ValueError, match=name):
+            class_lse(x, w, labels, centers_per_class=10, impl="triton", **tiles)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k,gamma", [(1, 0.1), (K, 0.1), (K, 0.005)])  # 1/gamma = 200: max-subtracted softmax
 @pytest.mark.parametrize("reduce", ["row", "col"])
@@ -372,14 +396,15 @@ def test_chunked_reads_no_tensor_data():
 
 # --------------------------------------------------------------------------------------- implementation details
 class GlobalTraffic:
-    """Counts, through the Triton interpreter's builder (one method per masked load, store and atomic), the bytes
-    every kernel stores to global memory and the atomic operations it issues."""
+    """Counts, through the Triton interpreter's builder (one method per masked load, store, atomic and dot), the
+    bytes every kernel stores to global memory, the atomic operations it issues and the multiply-adds of its
+    tl.dots."""
 
     def __init__(self, monkeypatch):
         from triton.runtime.interpreter import interpreter_builder as builder
 
-        self.stored, self.atomics = 0, 0
-        store = builder.create_masked_store
+        self.stored, self.atomics, self.macs = 0, 0, 0
+        store, dot = builder.create_masked_store, builder.create_dot
 
         def counted_store(ptrs, value, mask, cache_policy):
             self.stored += int(mask.data.sum()) * ptrs.get_element_ty().primitive_bitwidth // 8
@@ -391,7 +416,13 @@ class GlobalTraffic:
                 return method(*args, **kwargs)
             return counted
 
+        def counted_dot(a, b, *args):
+            (m, r), n = a.data.shape, b.data.shape[1]
+            self.macs += m * r * n
+            return dot(a, b, *args)
+
         monkeypatch.setattr(builder, "create_masked_store", counted_store)
+        monkeypatch.setattr(builder, "create_dot", counted_dot)
         for name in ("create_atomic_rmw", "create_atomic_cas"):
             monkeypatch.setattr(builder, name, atomic(getattr(builder, name)))
 
@@ -414,6 +445,22 @@ def test_triton_backward_writes_each_gradient_once(monkeypatch, reduce):
         gradients = (n * d + c * k * d + c) * 4
         assert 0 < traffic.stored <= 1.5 * gradients + 64 * 2**10, (streamed, traffic.stored, gradients)
     assert traffic.atomics == 0
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="counts through the Triton interpreter")
+@pytest.mark.parametrize("k,slots", [(1, 1), (3, 3), (7, 8), (10, 10)])
+def test_triton_backward_dots_skip_padding_slots(monkeypatch, k, slots):
+    """The backward's four GEMMs (each kernel's recomputed logits, dX, dW) run over `slots` proxy slots a class:
+    K itself, or K = 7 as 4 + 4 (one padded slot), where padding K to the next power of two in one dot made
+    K = 3 and K = 10 pay 4 and 16 (tiles that divide the sizes: no masked rows or classes)."""
+    traffic = GlobalTraffic(monkeypatch)
+    n, c, d = 32, 16, 32
+    x, w, b, labels = make_inputs(n=n, c=c, k=k, d=d, dtype=F32, bias=True, seed=25)
+    out = class_lse(x, w, labels, bias=b, centers_per_class=k, scale=4.0, impl="triton", block_rows=16,
+                    block_classes=16, block_d=16, num_splits=1)
+    traffic.macs = 0
+    torch.autograd.grad(out, (x, w, b), torch.ones_like(out))
+    assert traffic.macs == 4 * n * d * c * slots
 
 
 @cuda_only

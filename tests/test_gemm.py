@@ -102,7 +102,11 @@ def test_gpu_grid_benchmark_dry_run(tmp_path):
     assert all(r["time_ms"] > 0 and r["over_floor"] > 0 for r in result["rows"])
     assert set(result["auto_rule"]) == {"D=16 K=1 float32", "D=16 K=4 float32"}
     assert len(result["model"]) == 24 and all(r["gemm_over_floor"] >= r["gemm_gpu_over_floor"] > 0
-                                              for r in result["model"])
+                                              and r["triton_over_floor"] > 0 for r in result["model"])
+    # the Triton model: K = 10 split into 8 + 2 proxy slots costs less than padded to 16, K = 8 the same
+    split, padded = (bench.model_triton(512, 10**5, 10, "bfloat16", split=s) for s in (True, False))
+    assert split < padded and bench.model_triton(512, 8 * 10**4, 8, "bfloat16") == bench.model_triton(
+        512, 8 * 10**4, 8, "bfloat16", split=False)
 
 
 # ------------------------------------------------------------------------------------------ offline compile

@@ -6,9 +6,11 @@ upstream gradient are indexed by row or by class, the ROW_REDUCE constexpr), as 
       [BLOCK_N, BLOCK_OUT] fp32 dX accumulator on chip; it writes its dX once. The splits' partial dX (fp32,
       [num_splits, N, D]) are summed by torch in split order.
   _dw_kernel: one program per (class tile with all K proxies of its classes, slice of D). It walks the row tiles
-      the same way, keeps dW [K_PAD * BLOCK_C, BLOCK_OUT] and dbias on chip and writes them once, in W's dtype.
+      the same way, keeps dW ([K_HI * BLOCK_C, BLOCK_OUT] and [K_LO * BLOCK_C, BLOCK_OUT]) and dbias on chip and
+      writes them once, in W's dtype.
 No atomics, no accumulator read back from global memory: both gradients are deterministic by construction. Each
-kernel recomputes the logits once, all K proxy slots of a tile in one dot (three GEMMs per tile: logits, dX, dW).
+kernel recomputes the logits once, the K proxy slots of a tile in two parts of a power of two slots each (K_HI +
+K_LO, _common.k_parts; one part when K is a power of two), three GEMMs per part: logits, dX, dW.
 D wider than block_out (512 columns on a GPU: _common._GPU_TILES_WIDE) is split over programs, each recomputing the
 logits of its tiles.
 
@@ -26,7 +28,26 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import _grad_dot, _load_inv, _tile_grads, _tile_proxies
+from ._tiles import _grad_dot, _load_inv, _part_proxies, _tile_grads
+
+
+@triton.jit
+def _dx_part(
+    acc, row_dot,  # [BLOCK_N, BLOCK_OUT] sum_p dl_ip w^_p and [BLOCK_N] sum_p dl_ip l_ip so far
+    l, dl,  # one part's logits and dL/dl (_tiles._tile_grads), [BLOCK_N, SLOTS * BLOCK_C]
+    w_ptr, rw_ptr, c0, C, offs_o, o_ok, stride_wp, stride_wd,
+    K: tl.constexpr, K0: tl.constexpr, SLOTS: tl.constexpr, NORM_X: tl.constexpr, NORM_W: tl.constexpr,
+    ACC: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr, SPLIT_FP16: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One part's terms of dX (slots K0 .. K0 + SLOTS - 1 of the class tile, _tiles._part_proxies): one GEMM with
+    its proxy rows."""
+    if NORM_X:
+        row_dot += tl.sum(dl * l, axis=1)
+    p, p_ok = _part_proxies(c0, C, K, K0, SLOTS, BLOCK_C)
+    wt = tl.load(w_ptr + p[:, None] * stride_wp + offs_o[None, :] * stride_wd,
+                 mask=p_ok[:, None] & o_ok[None, :], other=0.0).to(OP)
+    acc = _grad_dot(dl * _load_inv(rw_ptr, p, p_ok, NORM_W, ACC)[None, :], wt, acc, OP, PRECISION, SPLIT_FP16)
+    return acc, row_dot
 
 
 @triton.jit
@@ -46,7 +67,7 @@ def _dx_kernel(
     stride_os, stride_on, stride_od,  # strides of dx
     scale, shift, inv_gamma,  # z = scale * S - offset + shift (+ bias); 1 / gamma
     K: tl.constexpr,  # proxies per class
-    K_PAD: tl.constexpr,  # next_power_of_2(K): proxy slots per class in a tile
+    K_HI: tl.constexpr, K_LO: tl.constexpr,  # proxy slots a class in the two parts of a tile (_common.k_parts)
     ROW_REDUCE: tl.constexpr,  # LSE over classes per row (else over rows per class)
     HAS_BIAS: tl.constexpr, HAS_OFFSET: tl.constexpr, NORM_X: tl.constexpr,
     RAW_X: tl.constexpr,  # x comes as it is (fp16), with its inverse norms rx
@@ -74,16 +95,27 @@ def _dx_kernel(
             offs_c = c0 + tl.arange(0, BLOCK_C)
             lse = tl.load(lse_ptr + offs_c, mask=offs_c < C, other=float("-inf")).to(ACC)[None, :]
             g = tl.load(g_ptr + offs_c, mask=offs_c < C, other=0.0).to(ACC)[None, :]
-        l, dl, _ = _tile_grads(x_ptr, w_ptr, bias_ptr, rx_ptr, rw_ptr, offset_ptr, offs_n, c0, labels, lse, g,
-                               N, C, D, stride_xn, stride_xd, stride_wp, stride_wd, scale, shift, inv_gamma,
-                               K, K_PAD, HAS_BIAS, RAW_X, NORM_W, ACC, OP, PRECISION, HAS_OFFSET,
-                               BLOCK_N, BLOCK_C, BLOCK_D)
-        if NORM_X:
-            row_dot += tl.sum(dl * l, axis=1)
-        p, p_ok = _tile_proxies(c0, C, K, K_PAD, BLOCK_C)
-        wt = tl.load(w_ptr + p[:, None] * stride_wp + offs_o[None, :] * stride_wd,
-                     mask=p_ok[:, None] & o_ok[None, :], other=0.0).to(OP)
-        acc = _grad_dot(dl * _load_inv(rw_ptr, p, p_ok, NORM_W, ACC)[None, :], wt, acc, OP, PRECISION, SPLIT_FP16)
+        l_a, dl_a, l_b, dl_b, _ = _tile_grads(
+            x_ptr, w_ptr, bias_ptr, rx_ptr, rw_ptr, offset_ptr, offs_n, c0, labels, lse, g, N, C, D,
+            stride_xn, stride_xd, stride_wp, stride_wd, scale, shift, inv_gamma,
+            K, K_HI, K_LO, HAS_BIAS, RAW_X, NORM_W, ACC, OP, PRECISION, HAS_OFFSET, BLOCK_N, BLOCK_C, BLOCK_D)
+        if K_LO > 0:
+            # Each part's GEMM in a branch of its own: Triton lays a dot whose result feeds another dot out for a
+            # chain (all warps along the rows, as attention's P @ V wants), so with the two GEMMs into one
+            # accumulator in sequence only the first would be, and the [BLOCK_N, BLOCK_OUT] accumulator would be
+            # converted between the two layouts twice a tile (bf16, D = 512, sm_90a: 17 KiB of spills).
+            for part in range(2):
+                if part == 0:
+                    acc, row_dot = _dx_part(acc, row_dot, l_a, dl_a, w_ptr, rw_ptr, c0, C, offs_o, o_ok, stride_wp,
+                                            stride_wd, K, 0, K_HI, NORM_X, NORM_W, ACC, OP, PRECISION, SPLIT_FP16,
+                                            BLOCK_C)
+                else:
+                    acc, row_dot = _dx_part(acc, row_dot, l_b, dl_b, w_ptr, rw_ptr, c0, C, offs_o, o_ok, stride_wp,
+                                            stride_wd, K, K_HI, K_LO, NORM_X, NORM_W, ACC, OP, PRECISION,
+                                            SPLIT_FP16, BLOCK_C)
+        else:
+            acc, row_dot = _dx_part(acc, row_dot, l_a, dl_a, w_ptr, rw_ptr, c0, C, offs_o, o_ok, stride_wp,
+                                    stride_wd, K, 0, K_HI, NORM_X, NORM_W, ACC, OP, PRECISION, SPLIT_FP16, BLOCK_C)
 
     mask = n_ok[:, None] & o_ok[None, :]
     if NORM_X:  # dX = gx * (acc - (sum_p dl l) * x^)
@@ -98,6 +130,23 @@ def _dx_kernel(
         acc = gx[:, None] * (acc - row_dot[:, None] * xt)
     tl.store(dx_ptr + pid_s * stride_os + offs_n.to(tl.int64)[:, None] * stride_on + offs_o[None, :] * stride_od,
              acc, mask=mask)
+
+
+@triton.jit
+def _dw_store(
+    acc, col_dot,  # one part's [P, BLOCK_OUT] sum_i dl_ip x^_i and [P] sum_i dl_ip l_ip over all the rows
+    p, p_ok,  # [P] its proxies' rows of W and their mask (_tiles._part_proxies)
+    w_ptr, rw_ptr, gw_ptr, dw_ptr, offs_o, o_ok, stride_wp, stride_wd, stride_op, stride_od,
+    NORM_W: tl.constexpr, ACC: tl.constexpr,
+):
+    """Writes one part's rows of dW once, in W's dtype."""
+    mask = p_ok[:, None] & o_ok[None, :]
+    if NORM_W:  # dW = gw * (acc - (sum_i dl l) * rw * w)
+        rw = _load_inv(rw_ptr, p, p_ok, NORM_W, ACC)
+        gw = tl.load(gw_ptr + p, mask=p_ok, other=0.0).to(ACC)
+        wt = tl.load(w_ptr + p[:, None] * stride_wp + offs_o[None, :] * stride_wd, mask=mask, other=0.0).to(ACC)
+        acc = gw[:, None] * (acc - (col_dot * rw)[:, None] * wt)
+    tl.store(dw_ptr + p[:, None] * stride_op + offs_o[None, :] * stride_od, acc, mask=mask)
 
 
 @triton.jit
@@ -117,7 +166,7 @@ def _dw_kernel(
     stride_op, stride_od,  # strides of dw
     scale, shift, inv_gamma,  # z = scale * S - offset + shift (+ bias); 1 / gamma
     K: tl.constexpr,  # proxies per class
-    K_PAD: tl.constexpr,  # next_power_of_2(K): proxy slots per class in a tile
+    K_HI: tl.constexpr, K_LO: tl.constexpr,  # proxy slots a class in the two parts of a tile (_common.k_parts)
     ROW_REDUCE: tl.constexpr,  # LSE over classes per row (else over rows per class)
     HAS_BIAS: tl.constexpr, HAS_OFFSET: tl.constexpr,
     RAW_X: tl.constexpr,  # x comes as it is (fp16), with its inverse norms rx
@@ -132,12 +181,18 @@ def _dw_kernel(
     offs_c = c0 + tl.arange(0, BLOCK_C)
     offs_o = pid_o * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     c_ok, o_ok = offs_c < C, offs_o < D
-    p, p_ok = _tile_proxies(c0, C, K, K_PAD, BLOCK_C)
+    p_a, ok_a = _part_proxies(c0, C, K, 0, K_HI, BLOCK_C)
+    if K_LO > 0:
+        p_b, ok_b = _part_proxies(c0, C, K, K_HI, K_LO, BLOCK_C)
     if not ROW_REDUCE:
         lse = tl.load(lse_ptr + offs_c, mask=c_ok, other=float("-inf")).to(ACC)[None, :]
         g = tl.load(g_ptr + offs_c, mask=c_ok, other=0.0).to(ACC)[None, :]
-    acc = tl.zeros((K_PAD * BLOCK_C, BLOCK_OUT), dtype=ACC)  # sum_i dl_ip x^_i
-    col_dot = tl.zeros((K_PAD * BLOCK_C,), dtype=ACC)  # sum_i dl_ip l_ip, for the normalisation backward
+    # per part: sum_i dl_ip x^_i [part * BLOCK_C, BLOCK_OUT] and sum_i dl_ip l_ip (the normalisation backward)
+    acc_a = tl.zeros((K_HI * BLOCK_C, BLOCK_OUT), dtype=ACC)
+    col_a = tl.zeros((K_HI * BLOCK_C,), dtype=ACC)
+    if K_LO > 0:
+        acc_b = tl.zeros((K_LO * BLOCK_C, BLOCK_OUT), dtype=ACC)
+        col_b = tl.zeros((K_LO * BLOCK_C,), dtype=ACC)
     dbias = tl.zeros((BLOCK_C,), dtype=ACC)
 
     for n0 in range(0, N, BLOCK_N):
@@ -147,27 +202,29 @@ def _dw_kernel(
         if ROW_REDUCE:
             lse = tl.load(lse_ptr + offs_n, mask=n_ok, other=float("-inf")).to(ACC)[:, None]
             g = tl.load(g_ptr + offs_n, mask=n_ok, other=0.0).to(ACC)[:, None]
-        l, dl, dz = _tile_grads(x_ptr, w_ptr, bias_ptr, rx_ptr, rw_ptr, offset_ptr, offs_n, c0, labels, lse, g,
-                                N, C, D, stride_xn, stride_xd, stride_wp, stride_wd, scale, shift, inv_gamma,
-                                K, K_PAD, HAS_BIAS, RAW_X, NORM_W, ACC, OP, PRECISION, HAS_OFFSET,
-                                BLOCK_N, BLOCK_C, BLOCK_D)
+        l_a, dl_a, l_b, dl_b, dz = _tile_grads(
+            x_ptr, w_ptr, bias_ptr, rx_ptr, rw_ptr, offset_ptr, offs_n, c0, labels, lse, g, N, C, D,
+            stride_xn, stride_xd, stride_wp, stride_wd, scale, shift, inv_gamma,
+            K, K_HI, K_LO, HAS_BIAS, RAW_X, NORM_W, ACC, OP, PRECISION, HAS_OFFSET, BLOCK_N, BLOCK_C, BLOCK_D)
         if HAS_BIAS:
             dbias += tl.sum(dz, axis=0)
         if NORM_W:
-            col_dot += tl.sum(dl * l, axis=0)
+            col_a += tl.sum(dl_a * l_a, axis=0)
+            if K_LO > 0:
+                col_b += tl.sum(dl_b * l_b, axis=0)
         xt = tl.load(x_ptr + offs_n.to(tl.int64)[:, None] * stride_xn + offs_o[None, :] * stride_xd,
                      mask=n_ok[:, None] & o_ok[None, :], other=0.0).to(OP)
         # dL/d<x_i, w_p> / rw_p, against the rows of x as they come (times rx_i when they come raw)
-        b = tl.trans(dl * _load_inv(rx_ptr, offs_n, n_ok, RAW_X, ACC)[:, None])
-        acc = _grad_dot(b, xt, acc, OP, PRECISION, SPLIT_FP16)
+        rx = _load_inv(rx_ptr, offs_n, n_ok, RAW_X, ACC)[:, None]
+        acc_a = _grad_dot(tl.trans(dl_a * rx), xt, acc_a, OP, PRECISION, SPLIT_FP16)
+        if K_LO > 0:
+            acc_b = _grad_dot(tl.trans(dl_b * rx), xt, acc_b, OP, PRECISION, SPLIT_FP16)
 
-    mask = p_ok[:, None] & o_ok[None, :]
-    if NORM_W:  # dW = gw * (acc - (sum_i dl l) * rw * w)
-        rw = _load_inv(rw_ptr, p, p_ok, NORM_W, ACC)
-        gw = tl.load(gw_ptr + p, mask=p_ok, other=0.0).to(ACC)
-        wt = tl.load(w_ptr + p[:, None] * stride_wp + offs_o[None, :] * stride_wd, mask=mask, other=0.0).to(ACC)
-        acc = gw[:, None] * (acc - (col_dot * rw)[:, None] * wt)
-    tl.store(dw_ptr + p[:, None] * stride_op + offs_o[None, :] * stride_od, acc, mask=mask)
+    _dw_store(acc_a, col_a, p_a, ok_a, w_ptr, rw_ptr, gw_ptr, dw_ptr, offs_o, o_ok, stride_wp, stride_wd,
+              stride_op, stride_od, NORM_W, ACC)
+    if K_LO > 0:
+        _dw_store(acc_b, col_b, p_b, ok_b, w_ptr, rw_ptr, gw_ptr, dw_ptr, offs_o, o_ok, stride_wp, stride_wd,
+                  stride_op, stride_od, NORM_W, ACC)
     if HAS_BIAS:
         if pid_o == 0:
             tl.store(dbias_ptr + offs_c, dbias, mask=c_ok)

@@ -43,10 +43,11 @@ class TileConfig:
     block_out: int = 0
 
 
-# GPU tiles per (kernel, dot operand dtype, arch): (block_n, block_c x K_PAD proxy slots, block_d, warps, stages,
-# widest block_out). Every entry compiles for its architecture with MMA and without spills for D <= 256
-# (tools/kernel_report.py; benchmarks/results/kernel_report.json): fp32 on sm_80 runs tf32x3 as mma.sync with the
-# split operands in registers, and fp16's gradient GEMMs hold a hi + lo pair (_tiles._grad_dot), hence their
+# GPU tiles per (kernel, dot operand dtype, arch): (block_n, proxy slots, block_d, warps, stages, widest block_out);
+# proxy slots: the forward's classes a tile (one dot per proxy slot k), the backward's proxy slots a class tile
+# (tile_config). Every entry compiles for its architecture with MMA and without spills for D <= 256, for K = 1 and
+# K = 10 (tools/kernel_report.py; benchmarks/results/kernel_report.json): fp32 on sm_80 runs tf32x3 as mma.sync with
+# the split operands in registers, and fp16's gradient GEMMs hold a hi + lo pair (_tiles._grad_dot), hence their
 # narrower tiles (fp32's serve tf32, tf32x3 and fp64). Not timed: no GPU was available.
 _BF16, _FP16, _FP32 = torch.bfloat16, torch.float16, torch.float32
 _GPU_TILES = {
@@ -84,6 +85,15 @@ _GPU_TILES_WIDE = {
     ("dx", "tf32", 80): (32, 32, 32, 8, 2, 512), ("dw", "tf32", 80): (32, 32, 32, 8, 2, 512),
     ("dx", "tf32x3", 80): (16, 32, 32, 8, 2, 512), ("dw", "tf32x3", 80): (16, 32, 32, 8, 1, 512),
 }
+# K not a power of two (two parts of proxy slots, k_parts) on sm_90a at the table's width: the dX kernel's class tile
+# is wider than the table's (K = 10: 80 slots for 64) and its GEMM two dots; these entries replace the ones above
+# (fp32: narrower D chunks, one stage, and for dW fewer rows; bf16 dX splits D beyond 256 rather than spill 1.3 KiB).
+_GPU_TILES_SPLIT = {("dx", _FP32, 90): (64, 64, 16, 8, 1, 128), ("dw", _FP32, 90): (32, 64, 16, 8, 1, 128),
+                    ("dx", _BF16, 90): (64, 64, 64, 8, 2, 256)}
+# The least reduction dimension of a tl.dot (Triton compiles 16 for 16-bit operands and 8 for fp32; one rule for
+# every dtype): the logit dots' block_d, the dW GEMM's block_n and the dX GEMM's proxy slots of a part. (The other
+# dimensions may be narrower: the dW kernel's second part for K = 10 is 8 slots.)
+MIN_DOT = 16
 
 
 def device_arch(device) -> int | None:
@@ -94,26 +104,53 @@ def device_arch(device) -> int | None:
     return 90 if major >= 9 else 80
 
 
+def k_parts(k: int) -> tuple[int, int]:
+    """(K_HI, K_LO): the backward kernels compute a class tile's K proxy slots in two parts, one dot each, so that
+    no MMA works on padding slots beyond the second part's: K_HI = the largest power of two <= K, K_LO = K - K_HI
+    padded to a power of two (0 when K is one). 10 = 8 + 2, 3 = 2 + 1, 7 = 4 + 4 (one padded slot)."""
+    hi = 1 << (k.bit_length() - 1)
+    return hi, triton.next_power_of_2(k - hi) if k > hi else 0
+
+
 def tile_config(kernel: str, arch: int | None, dtype: torch.dtype, precision: str, d: int, k: int, block_n=None,
                 block_c=None, block_d=None) -> TileConfig:
     """Tiles of `kernel` ("fwd", "dx" or "dw") for dot operands of `dtype` at input_precision `precision`, embedding
     width d and K proxies a class, on `arch` (None: the interpreter, whose cost is per op: small fixed tiles). The
-    backward kernels compute the logits of all K proxies of a class at once, padded to K_PAD = next_power_of_2(K)
-    slots: the table gives the proxy slots of a tile (slots // K_PAD classes); for D wider than its block_out they
-    take the wide tiles where there are some. The overrides (LSESpec's block_rows, block_classes, block_d) replace
-    the table's values."""
-    k_pad = triton.next_power_of_2(k)
-    d_pad = max(16, triton.next_power_of_2(d))  # tl.dot needs every tile dimension >= 16
+    backward kernels hold all K_HI + K_LO proxy slots of a class tile at once (k_parts): the class tile is the
+    largest power of two whose slots fit the table's (K = 10: 4 classes, 32 + 8 slots); the dX kernel's GEMM reduces
+    over a part's slots, so there it is widened until the narrower part has MIN_DOT (8 classes, 64 + 16 slots) and
+    the row tile narrowed as much (not below 64 rows on sm_90a where the table has 64, a wgmma's). D wider than the
+    table's block_out takes the wide tiles (_GPU_TILES_WIDE) where there are some. The overrides (LSESpec's
+    block_rows, block_classes, block_d) replace these values; they must be powers of two that keep every reduction
+    at MIN_DOT or more, block_classes the dX kernel's in every kernel, so that a forward does not accept what its
+    backward refuses (ValueError otherwise)."""
+    hi, lo = k_parts(k)
+    narrow = lo or hi  # the backward's narrower part
     if arch is None:
         bn, bc, bd, warps, stages, out = 16, 16, 64, 1, 1, 1 << 30
     else:
         half = dtype in (_BF16, _FP16)
-        tiles = _GPU_TILES[(kernel, dtype if half else _FP32, arch)]
+        key = (kernel, dtype if half else _FP32, arch)
         wide = _GPU_TILES_WIDE.get((kernel, dtype if half else precision, arch))  # fp64 ("ieee"): none
-        bn, slots, bd, warps, stages, out = wide if wide and d_pad > tiles[-1] else tiles
-        bc = slots if kernel == "fwd" else max(1, slots // k_pad)
-    out = min(out, d_pad) if kernel != "fwd" else 0
-    return TileConfig(block_n or bn, block_c or bc, block_d or min(bd, d_pad), warps, stages, out)
+        if wide and max(MIN_DOT, triton.next_power_of_2(d)) > _GPU_TILES[key][-1]:
+            bn, slots, bd, warps, stages, out = wide
+        else:
+            table = _GPU_TILES_SPLIT if lo and key in _GPU_TILES_SPLIT else _GPU_TILES
+            bn, slots, bd, warps, stages, out = table[key]
+        bc = slots if kernel == "fwd" else 1 << (max(1, slots // (hi + lo)).bit_length() - 1)
+        if kernel == "dx" and bc < triton.cdiv(MIN_DOT, narrow):
+            # a wider class tile over fewer rows, down to the 64 of a wgmma on sm_90a
+            wider = triton.cdiv(MIN_DOT, narrow) // bc
+            bc, bn = bc * wider, max(min(bn, 64 if arch >= 90 else MIN_DOT), bn // wider)
+    bd = min(bd, max(MIN_DOT, triton.next_power_of_2(d)))
+    out = min(out, max(MIN_DOT, triton.next_power_of_2(d))) if kernel != "fwd" else 0
+    for name, value, least in (("block_rows", block_n, MIN_DOT), ("block_d", block_d, MIN_DOT),
+                               ("block_classes", block_c, triton.cdiv(MIN_DOT, narrow))):
+        if value and (value & (value - 1) or value < least):
+            why = (f"K={k}: the backward's narrower dot has {narrow} proxy slots a class" if name == "block_classes"
+                   else "a dot's reduction dimension")
+            raise ValueError(f"{name}={value}: the Triton kernels take a power of two >= {least} ({why})")
+    return TileConfig(block_n or bn, block_c or bc, block_d or bd, warps, stages, out)
 
 
 def num_splits(parallel_tiles: int, streamed_tiles: int, device, requested=None, cap=None) -> int:
@@ -137,8 +174,8 @@ def constexprs(fn, cfg: TileConfig, k: int, row: bool, op: torch.dtype, precisio
     """The constexpr arguments of class_lse kernel `fn` for tiles `cfg`, K proxies a class, the reduction (row),
     dot operands of dtype `op` at `precision`, the accumulation dtype and the features (has_offset: the row
     offset); launchers and compile_cases both build them here."""
-    values = dict(K=k, K_PAD=triton.next_power_of_2(k), ROW_REDUCE=row, HAS_BIAS=has_bias,
-                  HAS_OFFSET=has_offset, NORM_X=norm_x,
+    k_hi, k_lo = k_parts(k)
+    values = dict(K=k, K_HI=k_hi, K_LO=k_lo, ROW_REDUCE=row, HAS_BIAS=has_bias, HAS_OFFSET=has_offset, NORM_X=norm_x,
                   RAW_X=norm_x and op == torch.float16, NORM_W=norm_w, ACC=_TL_DTYPES[acc], OP=_TL_DTYPES[op],
                   PRECISION=precision,
                   SPLIT_FP16=op == torch.float16, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d,

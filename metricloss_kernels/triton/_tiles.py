@@ -10,8 +10,11 @@ operands, and no product of fp16 values overflows the fp32 accumulator.
     z[i, c]    = scale * S - offset_i + shift (+ bias_c)      (offset: the op's row offset, or 0)
 The forward's softmax over k is an online loop, one tl.dot per proxy slot k on the rows c*K + k, so a tile never
 holds more than three BLOCK_N x BLOCK_C accumulators whatever K is. The backward (_tile_grads) needs every slot's
-logits at once (dS/dl_k takes the softmax's final max and sum): one tl.dot over the tile's K_PAD * BLOCK_C proxy
-slots (K padded to a power of two), viewed as [BLOCK_N, K_PAD, BLOCK_C] for the softmax.
+logits at once (dS/dl_k takes the softmax's final max and sum), in two parts of a power of two slots each (K_HI,
+the largest power of two <= K, and K_LO, the rest padded to a power of two: 10 = 8 + 2, _common.k_parts): one
+tl.dot over each part's SLOTS * BLOCK_C proxy slots, viewed as [BLOCK_N, SLOTS, BLOCK_C] for the softmax, whose
+max and sums run over both parts. (K padded to one power of two, 16 slots for K = 10, put 1.6x the MMA work into
+every backward GEMM.)
 """
 import triton
 import triton.language as tl
@@ -151,13 +154,46 @@ def _grad_z(z, terms, lse, g):
 
 
 @triton.jit
-def _tile_proxies(c0, C, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The proxy slots of the class tile starting at class c0, slot-major: slot j is proxy j // BLOCK_C of class
-    c0 + j % BLOCK_C. (its row of W [K_PAD * BLOCK_C] int64, in bounds and k < K [K_PAD * BLOCK_C])."""
-    j = tl.arange(0, K_PAD * BLOCK_C)
+def _part_proxies(c0, C, K: tl.constexpr, K0: tl.constexpr, SLOTS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The proxy slots K0 .. K0 + SLOTS - 1 of the class tile starting at class c0, slot-major: entry j is proxy
+    K0 + j // BLOCK_C of class c0 + j % BLOCK_C. (its row of W [SLOTS * BLOCK_C] int64, in bounds and k < K)."""
+    j = tl.arange(0, SLOTS * BLOCK_C)
     cls = c0 + j % BLOCK_C
-    k = j // BLOCK_C
+    k = K0 + j // BLOCK_C
     return cls.to(tl.int64) * K + k, (cls < C) & (k < K)
+
+
+@triton.jit
+def _part_logits(
+    x_ptr, w_ptr, rx_ptr, rw_ptr, offs_n, c0, N, C, D,
+    stride_xn, stride_xd, stride_wp, stride_wd,
+    K: tl.constexpr, K0: tl.constexpr, SLOTS: tl.constexpr, RAW_X: tl.constexpr, NORM_W: tl.constexpr,
+    ACC: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """l = rx_i * rw_p * <x_i, w_p> on the part's slots (_part_proxies), one dot: [BLOCK_N, SLOTS * BLOCK_C], 0 on
+    padding."""
+    p, p_ok = _part_proxies(c0, C, K, K0, SLOTS, BLOCK_C)
+    l = _dots(x_ptr, w_ptr, offs_n, p, offs_n < N, p_ok, D, stride_xn, stride_xd, stride_wp, stride_wd,
+              ACC, OP, PRECISION, BLOCK_N, SLOTS * BLOCK_C, BLOCK_D)
+    return _scale_logits(l, rx_ptr, rw_ptr, offs_n, p, offs_n < N, p_ok, RAW_X, NORM_W, ACC)
+
+
+@triton.jit
+def _part_view(l, inv_gamma, K: tl.constexpr, K0: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_C: tl.constexpr):
+    """The part's logits l viewed as [BLOCK_N, SLOTS, BLOCK_C], and t = l / gamma on its slots k < K, -inf on
+    padding."""
+    l3 = tl.reshape(l, (BLOCK_N, SLOTS, BLOCK_C))
+    return l3, tl.where((K0 + tl.arange(0, SLOTS) < K)[None, :, None], l3 * inv_gamma, float("-inf"))
+
+
+@triton.jit
+def _part_grad(l3, prob, s_cls, ds, inv_gamma, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dL/dl on the part's slots (l3, prob: [BLOCK_N, SLOTS, BLOCK_C]), flattened to [BLOCK_N, BLOCK_P]:
+    ds * p_k * (1 + (l_k - S) / gamma), ds = dL/dS [BLOCK_N, BLOCK_C]."""
+    dl = ds[:, None, :] * prob * (1.0 + (l3 - s_cls[:, None, :]) * inv_gamma)
+    return tl.reshape(dl, (BLOCK_N, BLOCK_P))
 
 
 @triton.jit
@@ -171,36 +207,50 @@ def _tile_grads(
     N, C, D,
     stride_xn, stride_xd, stride_wp, stride_wd,
     scale, shift, inv_gamma,  # z = scale * S - offset + shift (+ bias); 1 / gamma
-    K: tl.constexpr, K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, RAW_X: tl.constexpr, NORM_W: tl.constexpr,
-    ACC: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_OFFSET: tl.constexpr,
+    K: tl.constexpr, K_HI: tl.constexpr, K_LO: tl.constexpr, HAS_BIAS: tl.constexpr, RAW_X: tl.constexpr,
+    NORM_W: tl.constexpr, ACC: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr, HAS_OFFSET: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """The tile's logits recomputed from the inputs and their gradient, all K slots in one pass:
-    (l, dl, dz): l and dl = dL/dl [BLOCK_N, K_PAD * BLOCK_C] on the slots of _tile_proxies (0 on padding),
-    dz = dL/dz [BLOCK_N, BLOCK_C]. dS/dl_k = p_k * (1 + (l_k - S) / gamma), p_k = softmax_k(l / gamma)."""
-    BLOCK_P: tl.constexpr = K_PAD * BLOCK_C
+    """The tile's logits recomputed from the inputs and their gradient, all K slots in one pass of two parts (one
+    dot each): slots 0 .. K_HI - 1 and K_HI .. K_HI + K_LO - 1 (_part_proxies; no second part when K_LO = 0).
+    (l_a, dl_a, l_b, dl_b, dz): each part's l and dl = dL/dl [BLOCK_N, part * BLOCK_C] (0 on padding; part b is
+    (0, 0) when K_LO = 0), dz = dL/dz [BLOCK_N, BLOCK_C]. dS/dl_k = p_k * (1 + (l_k - S) / gamma),
+    p_k = softmax_k(l / gamma) over both parts."""
     offs_c = c0 + tl.arange(0, BLOCK_C)
-    p, p_ok = _tile_proxies(c0, C, K, K_PAD, BLOCK_C)
-    l = _dots(x_ptr, w_ptr, offs_n, p, offs_n < N, p_ok, D, stride_xn, stride_xd, stride_wp, stride_wd,
-              ACC, OP, PRECISION, BLOCK_N, BLOCK_P, BLOCK_D)
-    l = _scale_logits(l, rx_ptr, rw_ptr, offs_n, p, offs_n < N, p_ok, RAW_X, NORM_W, ACC)
+    l_b, dl_b = 0.0, 0.0
+    if K_LO > 0:  # the narrower part first: its logits are what stays live through the other part's dot
+        l_b = _part_logits(x_ptr, w_ptr, rx_ptr, rw_ptr, offs_n, c0, N, C, D, stride_xn, stride_xd, stride_wp,
+                           stride_wd, K, K_HI, K_LO, RAW_X, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
+    l_a = _part_logits(x_ptr, w_ptr, rx_ptr, rw_ptr, offs_n, c0, N, C, D, stride_xn, stride_xd, stride_wp,
+                       stride_wd, K, 0, K_HI, RAW_X, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
     if K > 1:
-        l3 = tl.reshape(l, (BLOCK_N, K_PAD, BLOCK_C))
-        t = tl.where((tl.arange(0, K_PAD) < K)[None, :, None], l3 * inv_gamma, float("-inf"))
-        e = tl.exp(t - tl.max(t, axis=1)[:, None, :])  # 0 on the padding slots
-        prob = e / tl.sum(e, axis=1)[:, None, :]
-        s_cls = tl.sum(prob * l3, axis=1)
+        l3_a, t_a = _part_view(l_a, inv_gamma, K, 0, K_HI, BLOCK_N, BLOCK_C)
+        m = tl.max(t_a, axis=1)
+        if K_LO > 0:
+            l3_b, t_b = _part_view(l_b, inv_gamma, K, K_HI, K_LO, BLOCK_N, BLOCK_C)
+            m = tl.maximum(m, tl.max(t_b, axis=1))
+        e_a = tl.exp(t_a - m[:, None, :])  # 0 on padding
+        den = tl.sum(e_a, axis=1)
+        if K_LO > 0:
+            e_b = tl.exp(t_b - m[:, None, :])
+            den += tl.sum(e_b, axis=1)
+        prob_a = e_a / den[:, None, :]
+        s_cls = tl.sum(prob_a * l3_a, axis=1)
+        if K_LO > 0:
+            prob_b = e_b / den[:, None, :]
+            s_cls += tl.sum(prob_b * l3_b, axis=1)
     else:
-        s_cls = l
+        s_cls = l_a
     z = _logits_z(s_cls, offs_n, offs_c, bias_ptr, offset_ptr, N, C, scale, shift, HAS_BIAS, HAS_OFFSET)
     dz = _grad_z(z, _lse_terms(offs_n, offs_c, labels, N, C), lse, g)
+    ds = dz * scale  # dL/dS
     if K > 1:
-        dl = tl.reshape((dz * scale)[:, None, :] * prob * (1.0 + (l3 - s_cls[:, None, :]) * inv_gamma),
-                        (BLOCK_N, BLOCK_P))
+        dl_a = _part_grad(l3_a, prob_a, s_cls, ds, inv_gamma, BLOCK_N, K_HI * BLOCK_C)
+        if K_LO > 0:
+            dl_b = _part_grad(l3_b, prob_b, s_cls, ds, inv_gamma, BLOCK_N, K_LO * BLOCK_C)
     else:
-        dl = dz * scale
-    return l, dl, dz
+        dl_a = ds
+    return l_a, dl_a, l_b, dl_b, dz
 
 
 @triton.jit
