@@ -142,6 +142,9 @@ def tile_config(kernel: str, arch: int | None, dtype: torch.dtype, precision: st
             # a wider class tile over fewer rows, down to the 64 of a wgmma on sm_90a
             wider = triton.cdiv(MIN_DOT, narrow) // bc
             bc, bn = bc * wider, max(min(bn, 64 if arch >= 90 else MIN_DOT), bn // wider)
+            # and at most 256 columns of dX beside it: with the wide tiles' 512 it spilled 1.1-4.4 KiB (fp32 on
+            # sm_8x: 131 KiB of shared memory), so D = 512 is two slices there (kernel report, K = 10)
+            out = min(out, 256)
     bd = min(bd, max(MIN_DOT, triton.next_power_of_2(d)))
     out = min(out, max(MIN_DOT, triton.next_power_of_2(d))) if kernel != "fwd" else 0
     for name, value, least in (("block_rows", block_n, MIN_DOT), ("block_d", block_d, MIN_DOT),
