@@ -278,13 +278,12 @@ def arcface_loss(embeddings, labels, weight, margin=28.6, scale=64.0, backend="a
 def sub_center_arcface_loss(embeddings, labels, proxies, sub_centers=3, margin=28.6, scale=64.0, backend="auto",
                             process_group=None, sample_rate=1.0):
     """Sub-centre ArcFace: ArcFace (margin in degrees) on the max cosine over each class's K = sub_centers
-    sub-centres; proxies [C*K, D]. The max has no Triton kernel: with K > 1, "auto" streams on the chunked backend
-    on every device and backend="triton" is refused."""
+    sub-centres; proxies [C*K, D]. The max has no gemm epilogue: with K > 1, backend="gemm" is refused."""
     with distributed.agreement(process_group):
         check_arguments("sub_center_arcface_loss", sub_centers=sub_centers, margin=margin, scale=scale,
                         sample_rate=sample_rate)
         labels, c = _proxy_inputs(embeddings, labels, proxies, sub_centers, process_group=process_group)
-    supported = BACKENDS if sub_centers == 1 else ("auto", "reference", "chunked")  # the max pool's
+    supported = BACKENDS if sub_centers == 1 else tuple(b for b in BACKENDS if b != "gemm")  # the max pool's
     return _proxy_loss(reference.sub_center_arcface_loss, fused.sub_center_arcface_loss, backend,
                        embeddings.shape[0] * proxies.shape[0], embeddings, labels, proxies, sub_centers=sub_centers,
                        margin=margin, scale=scale, process_group=process_group, sample_rate=sample_rate,

@@ -19,8 +19,7 @@ need_w, need_b)``:
 ``impl="auto"`` picks by device (CUDA -> Triton when it imports, anything else -> chunked; not "gemm" until a GPU has
 measured the rule between the two, docs/benchmarks.md); "chunked", "triton" or "gemm" forces one. Under
 ``torch.compile`` the op is one opaque node of the graph, with the same fake and backward. pool="max" with K > 1
-(sub-centre ArcFace) is implemented by chunked only: "auto" runs it chunked on every device, and "triton" or "gemm"
-raise.
+(sub-centre ArcFace) is implemented by chunked and Triton ("auto" picks as for the softmax pool); "gemm" raises.
 
 The row offset (a cross-entropy passes its target logits t_i) is subtracted from each logit inside the LSE: the
 result LSE_c z_ic - t_i is then exact at any magnitude of the logits, where an LSE computed first and t subtracted
@@ -102,14 +101,13 @@ def _implementation(spec: LSESpec, device: torch.device):
     """The module (chunked, triton or gemm) that runs `spec` on tensors of `device`."""
     impl = spec.impl
     if impl == "auto":
-        triton_ok = device.type == "cuda" and not spec.max_pool and triton_reason(device) is None
-        impl = "triton" if triton_ok else "chunked"
+        impl = "triton" if device.type == "cuda" and triton_reason(device) is None else "chunked"
     if impl == "chunked":
         from . import chunked
         return chunked
-    if spec.max_pool:
-        raise RuntimeError(f"class_lse with impl={impl!r} cannot run pool='max' with K > 1: only impl='chunked' "
-                           f"implements it (on every device; the Triton kernels implement pool='softmax')")
+    if impl == "gemm" and spec.max_pool:
+        raise RuntimeError("class_lse with impl='gemm' cannot run pool='max' with K > 1: its epilogues implement "
+                           "pool='softmax' (impl='triton' and impl='chunked' implement both)")
     reason = triton_reason(device)  # gemm's epilogues are Triton kernels too
     if reason:
         raise RuntimeError(f"class_lse with impl={impl!r} cannot run: {reason}")

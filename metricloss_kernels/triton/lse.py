@@ -34,6 +34,7 @@ def _lse_fwd_kernel(
     stride_xn, stride_xd, stride_wp, stride_wd,
     scale, shift, inv_gamma,  # z = scale * S + shift (+ bias); 1 / gamma
     K: tl.constexpr,  # proxies per class
+    POOL_MAX: tl.constexpr,  # S = max_k l (pool="max") rather than the intra-class softmax
     ROW_REDUCE: tl.constexpr,  # LSE over classes per row (else over rows per class)
     HAS_BIAS: tl.constexpr,
     RAW_X: tl.constexpr,  # x comes as it is (fp16), with its inverse norms rx
@@ -67,7 +68,7 @@ def _lse_fwd_kernel(
             labels = tl.load(labels_ptr + offs_n, mask=offs_n < N, other=-1)
         s_cls = _class_similarity(x_ptr, w_ptr, rx_ptr, rw_ptr, offs_n, offs_c, N, C, D,
                                   stride_xn, stride_xd, stride_wp, stride_wd, inv_gamma,
-                                  K, RAW_X, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
+                                  K, POOL_MAX, RAW_X, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
         z = _logits_z(s_cls, offs_c, bias_ptr, C, scale, shift, HAS_BIAS)
         z = tl.where(_lse_terms(offs_n, offs_c, labels, N, C), z, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=AXIS))
@@ -102,8 +103,9 @@ def forward(x, w, labels, bias, spec):
 
 def compile_cases(D: int, K: int, reduce: str, dtype: torch.dtype, precision: str, arch: int) -> list[dict]:
     """tools/kernel_report.py's cases of this module: the forward kernel as lse_forward specialises it for inputs
-    of `dtype` with a bias and normalised proxies."""
+    of `dtype` with a bias and normalised proxies, for both pools when K > 1."""
     cfg = _common.tile_config("fwd", arch, dtype, D, K)
-    consts = _common.constexprs(_lse_fwd_kernel, cfg, K, reduce == "row", dtype, _common.case_precision(precision))
     pointers = {"x_ptr": dtype, "w_ptr": dtype, "bias_ptr": dtype, "labels_ptr": torch.int64}
-    return [_common.compile_case(_lse_fwd_kernel, consts, cfg, pointers)]
+    return [_common.compile_case(_lse_fwd_kernel, _common.constexprs(
+        _lse_fwd_kernel, cfg, K, reduce == "row", dtype, _common.case_precision(precision), pool_max=pool == "max"),
+        cfg, pointers, pool=pool) for pool in _common.case_pools(K)]
