@@ -278,17 +278,15 @@ def arcface_loss(embeddings, labels, weight, margin=28.6, scale=64.0, backend="a
 def sub_center_arcface_loss(embeddings, labels, proxies, sub_centers=3, margin=28.6, scale=64.0, backend="auto",
                             process_group=None, sample_rate=1.0):
     """Sub-centre ArcFace: ArcFace (margin in degrees) on the max cosine over each class's K = sub_centers
-    sub-centres; proxies [C*K, D]. The max has no Triton kernel: with K > 1, "auto" streams on the chunked backend
-    on every device, backend="gemm" runs it too and backend="triton" is refused."""
+    sub-centres; proxies [C*K, D]; every backend."""
     with distributed.agreement(process_group):
         check_arguments("sub_center_arcface_loss", sub_centers=sub_centers, margin=margin, scale=scale,
                         sample_rate=sample_rate)
         labels, c = _proxy_inputs(embeddings, labels, proxies, sub_centers, process_group=process_group)
-    supported = BACKENDS if sub_centers == 1 else ("auto", "reference", "chunked", "gemm")  # the max pool's
     return _proxy_loss(reference.sub_center_arcface_loss, fused.sub_center_arcface_loss, backend,
                        embeddings.shape[0] * proxies.shape[0], embeddings, labels, proxies, sub_centers=sub_centers,
                        margin=margin, scale=scale, process_group=process_group, sample_rate=sample_rate,
-                       num_local=c, supported=supported)
+                       num_local=c)
 
 
 def cosface_loss(embeddings, labels, weight, margin=0.35, scale=64.0, backend="auto", process_group=None,

@@ -19,7 +19,7 @@ need_x, need_w, need_b, offset=None)``:
 ``impl="auto"`` picks by device (CUDA -> Triton when it imports, anything else -> chunked; not "gemm" until a GPU has
 measured the rule between the two, docs/benchmarks.md); "chunked", "triton" or "gemm" forces one. Under
 ``torch.compile`` the op is one opaque node of the graph, with the same fake and backward. pool="max" with K > 1
-(sub-centre ArcFace) is implemented by chunked and gemm: "auto" runs it chunked on every device, "triton" raises.
+(sub-centre ArcFace) is implemented by every implementation ("auto" picks as for the softmax pool).
 
 The row offset (a cross-entropy passes its target logits t_i) is subtracted from each logit inside the LSE: the
 result LSE_c z_ic - t_i is then exact at any magnitude of the logits, where an LSE computed first and t subtracted
@@ -102,14 +102,10 @@ def _implementation(spec: LSESpec, device: torch.device):
     """The module (chunked, triton or gemm) that runs `spec` on tensors of `device`."""
     impl = spec.impl
     if impl == "auto":
-        triton_ok = device.type == "cuda" and not spec.max_pool and triton_reason(device) is None
-        impl = "triton" if triton_ok else "chunked"
+        impl = "triton" if device.type == "cuda" and triton_reason(device) is None else "chunked"
     if impl == "chunked":
         from . import chunked
         return chunked
-    if spec.max_pool and impl == "triton":
-        raise RuntimeError("class_lse with impl='triton' cannot run pool='max' with K > 1: impl='chunked' (on every "
-                           "device) and impl='gemm' implement it (the Triton kernels implement pool='softmax')")
     reason = triton_reason(device)  # gemm's epilogues are Triton kernels too
     if reason:
         raise RuntimeError(f"class_lse with impl={impl!r} cannot run: {reason}")

@@ -14,9 +14,7 @@ MODULES = {
     "SoftTripleLoss": lambda b: mlk.SoftTripleLoss(C, D, centers_per_class=K, backend=b),
     "MPALoss": lambda b: mlk.MPALoss(C, D, centers_per_class=K, backend=b),
     "ArcFaceLoss": lambda b: mlk.ArcFaceLoss(C, D, backend=b),
-    # no Triton max pool: the chunked backend on CUDA too
-    "SubCenterArcFaceLoss": lambda b: mlk.SubCenterArcFaceLoss(C, D, sub_centers=K,
-                                                               backend="chunked" if b == "triton" else b),
+    "SubCenterArcFaceLoss": lambda b: mlk.SubCenterArcFaceLoss(C, D, sub_centers=K, backend=b),
     "CosFaceLoss": lambda b: mlk.CosFaceLoss(C, D, backend=b),
     "L2SoftmaxLoss": lambda b: mlk.L2SoftmaxLoss(C, D, backend=b),
     "ProxyRepelLoss-batch": lambda b: mlk.ProxyRepelLoss(C, D, variant="batch", backend=b),

@@ -157,29 +157,32 @@ def test_temperatures(backend, k, gamma, reduce):
     check_op(backend, x, w, b, labels, centers_per_class=k, gamma=gamma, scale=3.0, shift=0.5, reduce=reduce)
 
 
-# The implementations of the max pool, with one class per tile up to one tile for all, row tiles, several splits.
-MAX_POOL_TILINGS = [("chunked", {}), ("chunked", dict(block_classes=1)), ("chunked", dict(block_classes=7)),
-                    ("chunked", dict(block_rows=8, block_classes=11)),
-                    ("gemm", {}), ("gemm", dict(block_classes=7, num_splits=3)),
-                    ("gemm", dict(block_rows=8, block_classes=11))]
+# (backend, K, tiles): one class a tile up to the default, short last tiles; Triton's two parts of proxy slots
+# (K = 3: 2 + 1, K = 10: 8 + 2) over several class tiles, row tiles and D chunks.
+MAX_POOL = [("chunked", K, {}), ("chunked", K, dict(block_classes=1)), ("chunked", K, dict(block_classes=7)),
+            ("chunked", K, dict(block_rows=8, block_classes=11)), ("triton", K, {}),
+            ("triton", K, dict(block_rows=16, block_classes=16, block_d=16)), ("triton", 10, dict(block_classes=8)),
+            ("gemm", K, {}), ("gemm", K, dict(block_classes=7, num_splits=3)),
+            ("gemm", K, dict(block_rows=8, block_classes=11))]
 
 
 @pytest.mark.parametrize("reduce", ["row", "col"])
-@pytest.mark.parametrize("backend,tiles", MAX_POOL_TILINGS, ids=[f"{b}-{t}" for b, t in MAX_POOL_TILINGS])
+@pytest.mark.parametrize("backend,k,tiles", MAX_POOL, ids=[f"{b}-K{k}-{t}" for b, k, t in MAX_POOL])
 @pytest.mark.parametrize("dtype", [F64, F32])
-def test_max_pool_matches_oracle(reduce, backend, tiles, dtype):
-    """pool="max" (sub-centre ArcFace's class similarity, S = max_k l) on the chunked and gemm implementations."""
-    x, w, b, labels = make_inputs(dtype=dtype, bias=True, seed=40)
-    check_op(backend, x, w, b, labels, centers_per_class=K, pool="max", scale=3.0, shift=0.5, reduce=reduce,
-             **tiles)
+def test_max_pool_matches_oracle(backend, k, tiles, reduce, dtype):
+    """pool="max" (sub-centre ArcFace's class similarity, S = max_k l)."""
+    x, w, b, labels = make_inputs(k=k, dtype=dtype, bias=True, seed=40)
+    check_op(backend, x, w, b, labels, centers_per_class=k, pool="max", scale=3.0, shift=0.5, reduce=reduce, **tiles)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "gemm"])
+@pytest.mark.parametrize("backend,tiles", [("chunked", dict(block_classes=7)), ("triton", dict(block_classes=16)),
+                                           ("gemm", dict(block_classes=7))])
 @pytest.mark.parametrize("reduce", ["row", "col"])
-def test_max_pool_splits_the_gradient_of_tied_proxies(backend, reduce):
+def test_max_pool_splits_the_gradient_of_tied_proxies(backend, tiles, reduce):
     """Two identical sub-centres of every class tie exactly (integer data, no normalisation: every dot product is
     exact whatever the summation order): each gets half of the max's gradient, the limit gamma -> 0 of the
-    softmax's, as torch.amax in the oracle and the reference."""
+    softmax's, as torch.amax in the oracle and the reference. (Triton: the tied proxies 0 and 2 sit in its two
+    parts of proxy slots, 2 + 1.)"""
     g = gen(41)
     x = torch.randint(-3, 4, (N, D), generator=g).double().requires_grad_()
     w = torch.randint(-3, 4, (C, K, D), generator=g).double()
@@ -187,23 +190,22 @@ def test_max_pool_splits_the_gradient_of_tied_proxies(backend, reduce):
     w = w.flatten(0, 1).requires_grad_()
     labels = torch.randint(0, C, (N,), generator=g)
     kw = dict(centers_per_class=K, pool="max", scale=0.05, normalize_x=False, normalize_w=False, reduce=reduce)
-    _, (_, dw) = check_op(backend, x, w, None, labels, block_classes=7, **kw)
+    _, (_, dw) = check_op(backend, x, w, None, labels, **tiles, **kw)
     pair = dw.view(C, K, D)
     assert pair[:, 0].abs().sum() > 0 and torch.equal(pair[:, 0], pair[:, 2])
     out = reference.class_lse(x, w, labels, **kw)
-    mine = class_lse(x, w, labels, impl=backend, block_classes=7, **kw)
+    mine = class_lse(x, w, labels, impl=backend, **tiles, **kw)
     assert_close(torch.autograd.grad(out.sum(), w)[0], torch.autograd.grad(mine.sum(), w)[0], TOL[F64], "reference")
 
 
-def test_max_pool_has_no_triton_kernel():
-    """K > 1: impl="triton" refuses pool="max" by name (chunked and gemm implement it), "auto" runs it chunked;
-    K = 1 (both pools are S = l) runs on the kernels."""
-    x, w, b, labels = make_inputs(k=K, seed=42)
-    with pytest.raises(RuntimeError, match="pool='max'"):
-        class_lse(x, w, labels, centers_per_class=K, pool="max", impl="triton")
-    check_op("auto", x, w, b, labels, centers_per_class=K, pool="max", scale=3.0)
-    x, w, b, labels = make_inputs(k=1, seed=43)
-    check_op("triton", x, w, b, labels, centers_per_class=1, pool="max", scale=3.0)
+def test_max_pool_auto_runs_where_the_softmax_pool_runs(monkeypatch):
+    """Every implementation has the max pool: "auto" picks for it as for the softmax pool (the Triton kernels on
+    CUDA); an unknown pool is refused by name."""
+    from metricloss_kernels import lse
+    from metricloss_kernels import triton as kernels
+
+    monkeypatch.setattr(lse, "triton_reason", lambda device: None)
+    assert lse._implementation(LSESpec(K, pool="max"), torch.device("cuda")) is kernels
     with pytest.raises(ValueError, match="pool"):
         LSESpec(pool="mean")
 

@@ -1,8 +1,7 @@
 """Sub-centre ArcFace (reference.sub_center_arcface_loss, the streamed loss on class_lse's max pool, the module):
 against a float64 loop implementation written from the definition, every backend against the reference, and the
-backends' boundaries (Triton has no max pool; chunked and gemm do). The comparison with pytorch-metric-learning's
-class is in test_pml_losses.py; sharding and class sampling in test_distributed*.py; torch.compile in
-test_compile.py."""
+backends' boundaries (every backend has the max pool). The comparison with pytorch-metric-learning's class is in
+test_pml_losses.py; sharding and class sampling in test_distributed*.py; torch.compile in test_compile.py."""
 import functools
 import math
 
@@ -53,7 +52,7 @@ def grads(fn, x, labels, w):
 
 # margin 120 deg: targets at angles beyond 180 - 120 take the other branch of the rule
 @pytest.mark.parametrize("k,margin,scale", [(3, 28.6, 64.0), (1, 28.6, 64.0), (2, 120.0, 5.0)])
-@pytest.mark.parametrize("backend", ["reference", "chunked"])
+@pytest.mark.parametrize("backend", ["reference", "chunked", "triton"])
 def test_matches_the_loop_definition(backend, k, margin, scale):
     x, labels, w = data(n=9, c=5, k=k, d=6, seed=k)
     fn = functools.partial(F.sub_center_arcface_loss, sub_centers=k, margin=margin, scale=scale, backend=backend)
@@ -64,14 +63,18 @@ def test_matches_the_loop_definition(backend, k, margin, scale):
     assert_close(dw, want_dw, TOL[torch.float64], "d proxies")
 
 
+STREAMED = [("chunked", {}), ("chunked", dict(block_classes=7)), ("chunked", dict(block_rows=8, block_classes=11)),
+            ("triton", {}), ("triton", dict(block_rows=16, block_classes=16, block_d=16)),
+            ("gemm", {}), ("gemm", dict(block_rows=8, block_classes=11))]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("tiles", [{}, dict(block_classes=7), dict(block_rows=8, block_classes=11)], ids=str)
-@pytest.mark.parametrize("backend", ["chunked", "gemm"])
-def test_streamed_matches_reference(backend, tiles, dtype):
+@pytest.mark.parametrize("impl,tiles", STREAMED, ids=[f"{i}-{t}" for i, t in STREAMED])
+def test_streamed_matches_reference(impl, tiles, dtype):
     """The streamed loss (class_lse's max pool, several class and row tiles) against the float64 reference on the
     same values: value and gradients, in the inputs' dtypes."""
     x, labels, w = data(seed=5, dtype=dtype)
-    lse = functools.partial(class_lse, impl=backend, **tiles)
+    lse = functools.partial(class_lse, impl=impl, **tiles)
     loss, (dx, dw) = grads(functools.partial(fused.sub_center_arcface_loss, lse=lse), x, labels, w)
     ref_x, ref_w = (t.detach().double().requires_grad_() for t in (x, w))
     want, (want_dx, want_dw) = grads(reference.sub_center_arcface_loss, ref_x, labels, ref_w)
@@ -93,12 +96,9 @@ def test_one_sub_centre_is_arcface():
 
 
 def test_backends_and_arguments():
-    """No Triton kernel for the max pool: "triton" is refused by name for K > 1 ("auto" streams, and so does
-    "gemm"); bad arguments name themselves."""
+    """Every backend runs the max pool (K > 1) and agrees with the reference; bad arguments name themselves."""
     x, labels, w = data(seed=7)
-    with pytest.raises(ValueError, match="backend 'triton'"):
-        F.sub_center_arcface_loss(x, labels, w, backend="triton")
-    for backend in ("auto", "gemm"):
+    for backend in ("auto", "chunked", "triton", "gemm"):
         assert_close(F.sub_center_arcface_loss(x, labels, w, backend=backend),
                      reference.sub_center_arcface_loss(x, labels, w), TOL[torch.float64], backend, floor=1)
     with pytest.raises(ValueError, match="sub_centers"):

@@ -68,6 +68,7 @@ def _dx_kernel(
     scale, shift, inv_gamma,  # z = scale * S - offset + shift (+ bias); 1 / gamma
     K: tl.constexpr,  # proxies per class
     K_HI: tl.constexpr, K_LO: tl.constexpr,  # proxy slots a class in the two parts of a tile (_common.k_parts)
+    POOL_MAX: tl.constexpr,  # S = max_k l (pool="max") rather than the intra-class softmax
     ROW_REDUCE: tl.constexpr,  # LSE over classes per row (else over rows per class)
     HAS_BIAS: tl.constexpr, HAS_OFFSET: tl.constexpr, NORM_X: tl.constexpr,
     RAW_X: tl.constexpr,  # x comes as it is (fp16), with its inverse norms rx
@@ -98,7 +99,7 @@ def _dx_kernel(
         l_a, dl_a, l_b, dl_b, _ = _tile_grads(
             x_ptr, w_ptr, bias_ptr, rx_ptr, rw_ptr, offset_ptr, offs_n, c0, labels, lse, g, N, C, D,
             stride_xn, stride_xd, stride_wp, stride_wd, scale, shift, inv_gamma,
-            K, K_HI, K_LO, HAS_BIAS, RAW_X, NORM_W, ACC, OP, PRECISION, HAS_OFFSET, BLOCK_N, BLOCK_C, BLOCK_D)
+            K, K_HI, K_LO, POOL_MAX, HAS_BIAS, RAW_X, NORM_W, ACC, OP, PRECISION, HAS_OFFSET, BLOCK_N, BLOCK_C, BLOCK_D)
         if K_LO > 0:
             # Each part's GEMM in a branch of its own: Triton lays a dot whose result feeds another dot out for a
             # chain (all warps along the rows, as attention's P @ V wants), so with the two GEMMs into one
@@ -167,6 +168,7 @@ def _dw_kernel(
     scale, shift, inv_gamma,  # z = scale * S - offset + shift (+ bias); 1 / gamma
     K: tl.constexpr,  # proxies per class
     K_HI: tl.constexpr, K_LO: tl.constexpr,  # proxy slots a class in the two parts of a tile (_common.k_parts)
+    POOL_MAX: tl.constexpr,  # S = max_k l (pool="max") rather than the intra-class softmax
     ROW_REDUCE: tl.constexpr,  # LSE over classes per row (else over rows per class)
     HAS_BIAS: tl.constexpr, HAS_OFFSET: tl.constexpr,
     RAW_X: tl.constexpr,  # x comes as it is (fp16), with its inverse norms rx
@@ -205,7 +207,7 @@ def _dw_kernel(
         l_a, dl_a, l_b, dl_b, dz = _tile_grads(
             x_ptr, w_ptr, bias_ptr, rx_ptr, rw_ptr, offset_ptr, offs_n, c0, labels, lse, g, N, C, D,
             stride_xn, stride_xd, stride_wp, stride_wd, scale, shift, inv_gamma,
-            K, K_HI, K_LO, HAS_BIAS, RAW_X, NORM_W, ACC, OP, PRECISION, HAS_OFFSET, BLOCK_N, BLOCK_C, BLOCK_D)
+            K, K_HI, K_LO, POOL_MAX, HAS_BIAS, RAW_X, NORM_W, ACC, OP, PRECISION, HAS_OFFSET, BLOCK_N, BLOCK_C, BLOCK_D)
         if HAS_BIAS:
             dbias += tl.sum(dz, axis=0)
         if NORM_W:
@@ -271,15 +273,18 @@ def backward(grad, out, x, w, labels, bias, spec, need_x, need_w, need_b, offset
 def compile_cases(D: int, K: int, reduce: str, dtype: torch.dtype, precision: str, arch: int) -> list[dict]:
     """tools/kernel_report.py's cases of this module: _dx_kernel (dX stored in the input dtype by a single split,
     in fp32 by several) and _dw_kernel, as the launcher specialises them for inputs of `dtype` with a bias, both
-    normalisations and, for reduce="row", the row offset (the variant with the most live values)."""
+    normalisations and, for reduce="row", the row offset (the variant with the most live values), for both pools
+    when K > 1."""
     cases, precision = [], _common.case_precision(precision)
     for name, fn in (("dx", _dx_kernel), ("dw", _dw_kernel)):
         cfg = _common.tile_config(name, arch, dtype, precision, D, K)
-        consts = _common.constexprs(fn, cfg, K, reduce == "row", dtype, precision, has_offset=reduce == "row")
         pointers = {"x_ptr": dtype, "w_ptr": dtype, "bias_ptr": dtype, "labels_ptr": torch.int64,
                     "dw_ptr": dtype, "dbias_ptr": dtype}
         outputs = [dtype, torch.float32] if name == "dx" and dtype != torch.float32 else [dtype]
-        for out in outputs:
-            extra = {"dx_dtype": str(out).removeprefix("torch.")} if name == "dx" else {}
-            cases.append(_common.compile_case(fn, consts, cfg, dict(pointers, dx_ptr=out), **extra))
+        for pool in _common.case_pools(K):
+            consts = _common.constexprs(fn, cfg, K, reduce == "row", dtype, precision, has_offset=reduce == "row",
+                                        pool_max=pool == "max")
+            for out in outputs:
+                extra = {"dx_dtype": str(out).removeprefix("torch.")} if name == "dx" else {}
+                cases.append(_common.compile_case(fn, consts, cfg, dict(pointers, dx_ptr=out), pool=pool, **extra))
     return cases

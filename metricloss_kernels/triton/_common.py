@@ -173,12 +173,13 @@ def num_splits(parallel_tiles: int, streamed_tiles: int, device, requested=None,
 
 
 def constexprs(fn, cfg: TileConfig, k: int, row: bool, op: torch.dtype, precision: str, acc=torch.float32,
-               has_bias=True, norm_x=True, norm_w=True, has_offset=False) -> dict:
+               has_bias=True, norm_x=True, norm_w=True, has_offset=False, pool_max=False) -> dict:
     """The constexpr arguments of class_lse kernel `fn` for tiles `cfg`, K proxies a class, the reduction (row),
     dot operands of dtype `op` at `precision`, the accumulation dtype and the features (has_offset: the row
-    offset); launchers and compile_cases both build them here."""
+    offset; pool_max: S = max_k l, LSESpec.max_pool); launchers and compile_cases both build them here."""
     k_hi, k_lo = k_parts(k)
-    values = dict(K=k, K_HI=k_hi, K_LO=k_lo, ROW_REDUCE=row, HAS_BIAS=has_bias, HAS_OFFSET=has_offset, NORM_X=norm_x,
+    values = dict(K=k, K_HI=k_hi, K_LO=k_lo, POOL_MAX=pool_max, ROW_REDUCE=row, HAS_BIAS=has_bias,
+                  HAS_OFFSET=has_offset, NORM_X=norm_x,
                   RAW_X=norm_x and op == torch.float16, NORM_W=norm_w, ACC=_TL_DTYPES[acc], OP=_TL_DTYPES[op],
                   PRECISION=precision,
                   SPLIT_FP16=op == torch.float16, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d,
@@ -207,6 +208,11 @@ def compile_case(fn, consts: dict, cfg: TileConfig, pointers: dict, has_dot=True
     return {"kernel": fn.__name__, "fn": fn, "signature": {a: arg_type(a) for a in fn.arg_names},
             "constexprs": consts, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
             "config": dict(asdict(cfg), **config), "has_dot": has_dot}
+
+
+def case_pools(k: int) -> tuple[str, ...]:
+    """The pools compile_cases cover for K proxies a class: both for K > 1 (for K = 1 they are the same kernel)."""
+    return ("softmax", "max") if k > 1 else ("softmax",)
 
 
 def case_precision(precision: str) -> str:
@@ -323,7 +329,8 @@ class Problem:
     def launch_meta(self, fn, cfg: TileConfig) -> dict:
         """The constexprs and launch options of kernel `fn` with tiles `cfg` for this problem."""
         return dict(constexprs(fn, cfg, self.k, self.spec.row, self.op, self.precision, self.acc,
-                               self.bias is not None, self.normalize_x, self.normalize_w, self.offset is not None),
+                               self.bias is not None, self.normalize_x, self.normalize_w,
+                               has_offset=self.offset is not None, pool_max=self.spec.max_pool),
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 

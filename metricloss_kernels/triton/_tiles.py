@@ -7,14 +7,15 @@ x arrives normalised when the op normalises it (x^, computed by _numerics.unit_r
 no dot overflows while the proxies' norms are finite. fp16 x arrives as it is, with its inverse norms rx: exact
 operands, and no product of fp16 values overflows the fp32 accumulator.
     S[i, c]    = sum_k softmax_k(l / gamma) * l            (S = l when K == 1)
+    S[i, c]    = max_k l                                    (POOL_MAX: pool="max", sub-centre ArcFace)
     z[i, c]    = scale * S - offset_i + shift (+ bias_c)      (offset: the op's row offset, or 0)
-The forward's softmax over k is an online loop, one tl.dot per proxy slot k on the rows c*K + k, so a tile never
-holds more than three BLOCK_N x BLOCK_C accumulators whatever K is. The backward (_tile_grads) needs every slot's
-logits at once (dS/dl_k takes the softmax's final max and sum), in two parts of a power of two slots each (K_HI,
-the largest power of two <= K, and K_LO, the rest padded to a power of two: 10 = 8 + 2, _common.k_parts): one
-tl.dot over each part's SLOTS * BLOCK_C proxy slots, viewed as [BLOCK_N, SLOTS, BLOCK_C] for the softmax, whose
-max and sums run over both parts. (K padded to one power of two, 16 slots for K = 10, put 1.6x the MMA work into
-every backward GEMM.)
+The forward's softmax over k is an online loop (the max pool's a running max), one tl.dot per proxy slot k on the
+rows c*K + k, so a tile never holds more than three BLOCK_N x BLOCK_C accumulators whatever K is. The backward
+(_tile_grads) needs every slot's logits at once (dS/dl_k takes the softmax's final max and sum), in two parts of a
+power of two slots each (K_HI, the largest power of two <= K, and K_LO, the rest padded to a power of two:
+10 = 8 + 2, _common.k_parts): one tl.dot over each part's SLOTS * BLOCK_C proxy slots, viewed as
+[BLOCK_N, SLOTS, BLOCK_C] for the softmax, whose max and sums run over both parts. (K padded to one power of two,
+16 slots for K = 10, put 1.6x the MMA work into every backward GEMM.)
 """
 import triton
 import triton.language as tl
@@ -98,24 +99,30 @@ def _class_similarity(
     x_ptr, w_ptr, rx_ptr, rw_ptr, offs_n, offs_c, N, C, D,
     stride_xn, stride_xd, stride_wp, stride_wd,
     inv_gamma,  # 1 / gamma
-    K: tl.constexpr, RAW_X: tl.constexpr, NORM_W: tl.constexpr, ACC: tl.constexpr, OP: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    K: tl.constexpr, POOL_MAX: tl.constexpr, RAW_X: tl.constexpr, NORM_W: tl.constexpr, ACC: tl.constexpr,
+    OP: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """S = sum_k softmax_k(l / gamma) l for the tile, by an online softmax over k (S = l for K == 1)."""
+    """S = sum_k softmax_k(l / gamma) l for the tile, by an online softmax over k, or max_k l (POOL_MAX), by a
+    running max (S = l for K == 1)."""
     s_cls = _proxy_logits(x_ptr, w_ptr, rx_ptr, rw_ptr, offs_n, offs_c, 0, N, C, D,
                           stride_xn, stride_xd, stride_wp, stride_wd,
                           K, RAW_X, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
     if K > 1:
-        # Seeding the running max with slot 0 keeps every exp() argument finite (no -inf - -inf).
-        m = s_cls * inv_gamma
-        den = tl.full((BLOCK_N, BLOCK_C), 1.0, ACC)
-        num = s_cls  # sum_k exp(l_k / gamma - m) * l_k
+        if not POOL_MAX:
+            # Seeding the running max with slot 0 keeps every exp() argument finite (no -inf - -inf).
+            m = s_cls * inv_gamma
+            den = tl.full((BLOCK_N, BLOCK_C), 1.0, ACC)
+            num = s_cls  # sum_k exp(l_k / gamma - m) * l_k
         for k in range(1, K):
             l = _proxy_logits(x_ptr, w_ptr, rx_ptr, rw_ptr, offs_n, offs_c, k, N, C, D,
                               stride_xn, stride_xd, stride_wp, stride_wd,
                               K, RAW_X, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
-            m, den, num = _softmax_step(m, den, num, l, inv_gamma)
-        s_cls = num / den
+            if POOL_MAX:  # NaN propagates, as in torch.amax
+                s_cls = tl.maximum(s_cls, l, propagate_nan=tl.PropagateNan.ALL)
+            else:
+                m, den, num = _softmax_step(m, den, num, l, inv_gamma)
+        if not POOL_MAX:
+            s_cls = num / den
     return s_cls
 
 
@@ -180,19 +187,36 @@ def _part_logits(
 
 
 @triton.jit
-def _part_view(l, inv_gamma, K: tl.constexpr, K0: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_C: tl.constexpr):
-    """The part's logits l viewed as [BLOCK_N, SLOTS, BLOCK_C], and t = l / gamma on its slots k < K, -inf on
-    padding."""
+def _part_view(l, inv_gamma, K: tl.constexpr, K0: tl.constexpr, SLOTS: tl.constexpr, POOL_MAX: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The part's logits l viewed as [BLOCK_N, SLOTS, BLOCK_C], and t = l / gamma (the max pool: l) on its slots
+    k < K, -inf on padding."""
     l3 = tl.reshape(l, (BLOCK_N, SLOTS, BLOCK_C))
-    return l3, tl.where((K0 + tl.arange(0, SLOTS) < K)[None, :, None], l3 * inv_gamma, float("-inf"))
+    t = l3 if POOL_MAX else l3 * inv_gamma
+    return l3, tl.where((K0 + tl.arange(0, SLOTS) < K)[None, :, None], t, float("-inf"))
 
 
 @triton.jit
-def _part_grad(l3, prob, s_cls, ds, inv_gamma, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+def _part_weights(t, m, POOL_MAX: tl.constexpr):
+    """The part's unnormalised intra-class weights against the max m of t over all the class's slots (0 on
+    padding): exp(t_k - m), or [t_k == m] for the max pool (the limit gamma -> 0: tied maxima share the weight)."""
+    if POOL_MAX:
+        e = (t == m[:, None, :]).to(t.dtype)
+    else:
+        e = tl.exp(t - m[:, None, :])
+    return e
+
+
+@triton.jit
+def _part_grad(l3, prob, s_cls, ds, inv_gamma, POOL_MAX: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_P: tl.constexpr):
     """dL/dl on the part's slots (l3, prob: [BLOCK_N, SLOTS, BLOCK_C]), flattened to [BLOCK_N, BLOCK_P]:
-    ds * p_k * (1 + (l_k - S) / gamma), ds = dL/dS [BLOCK_N, BLOCK_C]."""
-    dl = ds[:, None, :] * prob * (1.0 + (l3 - s_cls[:, None, :]) * inv_gamma)
+    ds * p_k * (1 + (l_k - S) / gamma), ds = dL/dS [BLOCK_N, BLOCK_C]; ds * p_k for the max pool (l_k = S
+    wherever p_k != 0)."""
+    if POOL_MAX:
+        dl = ds[:, None, :] * prob
+    else:
+        dl = ds[:, None, :] * prob * (1.0 + (l3 - s_cls[:, None, :]) * inv_gamma)
     return tl.reshape(dl, (BLOCK_N, BLOCK_P))
 
 
@@ -207,15 +231,16 @@ def _tile_grads(
     N, C, D,
     stride_xn, stride_xd, stride_wp, stride_wd,
     scale, shift, inv_gamma,  # z = scale * S - offset + shift (+ bias); 1 / gamma
-    K: tl.constexpr, K_HI: tl.constexpr, K_LO: tl.constexpr, HAS_BIAS: tl.constexpr, RAW_X: tl.constexpr,
-    NORM_W: tl.constexpr, ACC: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr, HAS_OFFSET: tl.constexpr,
+    K: tl.constexpr, K_HI: tl.constexpr, K_LO: tl.constexpr, POOL_MAX: tl.constexpr, HAS_BIAS: tl.constexpr,
+    RAW_X: tl.constexpr, NORM_W: tl.constexpr, ACC: tl.constexpr, OP: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The tile's logits recomputed from the inputs and their gradient, all K slots in one pass of two parts (one
     dot each): slots 0 .. K_HI - 1 and K_HI .. K_HI + K_LO - 1 (_part_proxies; no second part when K_LO = 0).
     (l_a, dl_a, l_b, dl_b, dz): each part's l and dl = dL/dl [BLOCK_N, part * BLOCK_C] (0 on padding; part b is
     (0, 0) when K_LO = 0), dz = dL/dz [BLOCK_N, BLOCK_C]. dS/dl_k = p_k * (1 + (l_k - S) / gamma),
-    p_k = softmax_k(l / gamma) over both parts."""
+    p_k = softmax_k(l / gamma) over both parts; the max pool's dS/dl_k = p_k = [l_k == S] / #ties."""
     offs_c = c0 + tl.arange(0, BLOCK_C)
     l_b, dl_b = 0.0, 0.0
     if K_LO > 0:  # the narrower part first: its logits are what stays live through the other part's dot
@@ -224,30 +249,31 @@ def _tile_grads(
     l_a = _part_logits(x_ptr, w_ptr, rx_ptr, rw_ptr, offs_n, c0, N, C, D, stride_xn, stride_xd, stride_wp,
                        stride_wd, K, 0, K_HI, RAW_X, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
     if K > 1:
-        l3_a, t_a = _part_view(l_a, inv_gamma, K, 0, K_HI, BLOCK_N, BLOCK_C)
+        l3_a, t_a = _part_view(l_a, inv_gamma, K, 0, K_HI, POOL_MAX, BLOCK_N, BLOCK_C)
         m = tl.max(t_a, axis=1)
         if K_LO > 0:
-            l3_b, t_b = _part_view(l_b, inv_gamma, K, K_HI, K_LO, BLOCK_N, BLOCK_C)
+            l3_b, t_b = _part_view(l_b, inv_gamma, K, K_HI, K_LO, POOL_MAX, BLOCK_N, BLOCK_C)
             m = tl.maximum(m, tl.max(t_b, axis=1))
-        e_a = tl.exp(t_a - m[:, None, :])  # 0 on padding
+        e_a = _part_weights(t_a, m, POOL_MAX)
         den = tl.sum(e_a, axis=1)
         if K_LO > 0:
-            e_b = tl.exp(t_b - m[:, None, :])
+            e_b = _part_weights(t_b, m, POOL_MAX)
             den += tl.sum(e_b, axis=1)
         prob_a = e_a / den[:, None, :]
-        s_cls = tl.sum(prob_a * l3_a, axis=1)
+        s_cls = m if POOL_MAX else tl.sum(prob_a * l3_a, axis=1)
         if K_LO > 0:
             prob_b = e_b / den[:, None, :]
-            s_cls += tl.sum(prob_b * l3_b, axis=1)
+            if not POOL_MAX:
+                s_cls += tl.sum(prob_b * l3_b, axis=1)
     else:
         s_cls = l_a
     z = _logits_z(s_cls, offs_n, offs_c, bias_ptr, offset_ptr, N, C, scale, shift, HAS_BIAS, HAS_OFFSET)
     dz = _grad_z(z, _lse_terms(offs_n, offs_c, labels, N, C), lse, g)
     ds = dz * scale  # dL/dS
     if K > 1:
-        dl_a = _part_grad(l3_a, prob_a, s_cls, ds, inv_gamma, BLOCK_N, K_HI * BLOCK_C)
+        dl_a = _part_grad(l3_a, prob_a, s_cls, ds, inv_gamma, POOL_MAX, BLOCK_N, K_HI * BLOCK_C)
         if K_LO > 0:
-            dl_b = _part_grad(l3_b, prob_b, s_cls, ds, inv_gamma, BLOCK_N, K_LO * BLOCK_C)
+            dl_b = _part_grad(l3_b, prob_b, s_cls, ds, inv_gamma, POOL_MAX, BLOCK_N, K_LO * BLOCK_C)
     else:
         dl_a = ds
     return l_a, dl_a, l_b, dl_b, dz

@@ -35,6 +35,7 @@ def _lse_fwd_kernel(
     stride_xn, stride_xd, stride_wp, stride_wd,
     scale, shift, inv_gamma,  # z = scale * S - offset + shift (+ bias); 1 / gamma
     K: tl.constexpr,  # proxies per class
+    POOL_MAX: tl.constexpr,  # S = max_k l (pool="max") rather than the intra-class softmax
     ROW_REDUCE: tl.constexpr,  # LSE over classes per row (else over rows per class)
     HAS_BIAS: tl.constexpr,
     HAS_OFFSET: tl.constexpr,
@@ -69,7 +70,7 @@ def _lse_fwd_kernel(
             labels = tl.load(labels_ptr + offs_n, mask=offs_n < N, other=-1)
         s_cls = _class_similarity(x_ptr, w_ptr, rx_ptr, rw_ptr, offs_n, offs_c, N, C, D,
                                   stride_xn, stride_xd, stride_wp, stride_wd, inv_gamma,
-                                  K, RAW_X, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
+                                  K, POOL_MAX, RAW_X, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
         z = _logits_z(s_cls, offs_n, offs_c, bias_ptr, offset_ptr, N, C, scale, shift, HAS_BIAS, HAS_OFFSET)
         z = tl.where(_lse_terms(offs_n, offs_c, labels, N, C), z, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=AXIS))
@@ -105,9 +106,10 @@ def forward(x, w, labels, bias, spec, offset=None):
 
 def compile_cases(D: int, K: int, reduce: str, dtype: torch.dtype, precision: str, arch: int) -> list[dict]:
     """tools/kernel_report.py's cases of this module: the forward kernel as lse_forward specialises it for inputs
-    of `dtype` with a bias, normalised proxies and, for reduce="row", the row offset."""
+    of `dtype` with a bias, normalised proxies and, for reduce="row", the row offset, for both pools when K > 1."""
     precision = _common.case_precision(precision)
     cfg = _common.tile_config("fwd", arch, dtype, precision, D, K)
-    consts = _common.constexprs(_lse_fwd_kernel, cfg, K, reduce == "row", dtype, precision, has_offset=reduce == "row")
     pointers = {"x_ptr": dtype, "w_ptr": dtype, "bias_ptr": dtype, "labels_ptr": torch.int64}
-    return [_common.compile_case(_lse_fwd_kernel, consts, cfg, pointers)]
+    return [_common.compile_case(_lse_fwd_kernel, _common.constexprs(
+        _lse_fwd_kernel, cfg, K, reduce == "row", dtype, precision, has_offset=reduce == "row", pool_max=pool == "max"),
+        cfg, pointers, pool=pool) for pool in _common.case_pools(K)]
