@@ -82,7 +82,7 @@ _GPU_TILES_WIDE = {
     ("dx", "tf32x3", 90): (16, 32, 32, 8, 2, 512), ("dw", "tf32x3", 90): (16, 32, 32, 8, 2, 512),
     ("dx", _BF16, 80): (64, 64, 64, 16, 2, 512), ("dw", _BF16, 80): (64, 64, 64, 16, 2, 512),
     ("dx", _FP16, 80): (32, 32, 32, 8, 2, 512), ("dw", _FP16, 80): (32, 32, 32, 8, 2, 512),
-    ("dx", "tf32", 80): (32, 32, 32, 8, 2, 512), ("dw", "tf32", 80): (32, 32, 32, 8, 2, 512),
+    ("dx", "tf32", 80): (32, 32, 32, 8, 1, 512), ("dw", "tf32", 80): (32, 32, 32, 8, 2, 512),
     ("dx", "tf32x3", 80): (16, 32, 32, 8, 2, 512), ("dw", "tf32x3", 80): (16, 32, 32, 8, 1, 512),
 }
 # K not a power of two (two parts of proxy slots, k_parts) on sm_90a at the table's width: the dX kernel's class tile
@@ -132,7 +132,11 @@ def tile_config(kernel: str, arch: int | None, dtype: torch.dtype, precision: st
         half = dtype in (_BF16, _FP16)
         key = (kernel, dtype if half else _FP32, arch)
         wide = _GPU_TILES_WIDE.get((kernel, dtype if half else precision, arch))  # fp64 ("ieee"): none
-        if wide and max(MIN_DOT, triton.next_power_of_2(d)) > _GPU_TILES[key][-1]:
+        # On sm_90a fp32 with K not a power of two takes them at every D: beside the widened dX class tile (below)
+        # the table's 64 rows spilled (tf32x3, D = 128: 12 bytes), their 16-32 do not.
+        use_wide = wide and (max(MIN_DOT, triton.next_power_of_2(d)) > _GPU_TILES[key][-1]
+                             or (lo and not half and arch >= 90))
+        if use_wide:
             bn, slots, bd, warps, stages, out = wide
         else:
             table = _GPU_TILES_SPLIT if lo and key in _GPU_TILES_SPLIT else _GPU_TILES
@@ -143,8 +147,12 @@ def tile_config(kernel: str, arch: int | None, dtype: torch.dtype, precision: st
             wider = triton.cdiv(MIN_DOT, narrow) // bc
             bc, bn = bc * wider, max(min(bn, 64 if arch >= 90 else MIN_DOT), bn // wider)
             # and at most 256 columns of dX beside it: with the wide tiles' 512 it spilled 1.1-4.4 KiB (fp32 on
-            # sm_8x: 131 KiB of shared memory), so D = 512 is two slices there (kernel report, K = 10)
+            # sm_8x: 131 KiB of shared memory), so D = 512 is two slices there (kernel report, K = 10). fp32's
+            # wide tiles spill 0.5-0.7 KiB even so, within D = 512's allowance but not D <= 256's: there they hold
+            # 128 columns in D chunks of 16, one stage.
             out = min(out, 256)
+            if use_wide and not half and d <= 256:
+                out, bd, stages = min(out, 128), 16, 1
     bd = min(bd, max(MIN_DOT, triton.next_power_of_2(d)))
     out = min(out, max(MIN_DOT, triton.next_power_of_2(d))) if kernel != "fwd" else 0
     for name, value, least in (("block_rows", block_n, MIN_DOT), ("block_d", block_d, MIN_DOT),
