@@ -106,20 +106,15 @@ def measure(rank, world, group, args, impls):
                 step()
                 outside()
             weights = sum(p.numel() * p.element_size() for p in params)
-            mine = torch.tensor([peak, weights], dtype=torch.float64)
-            if group is not None:
-                dist.all_reduce(mine, dist.ReduceOp.MAX, group=group)
+            peak, weights = harness.max_over_ranks([peak, weights], group)
             rows.append(dict(impl=impl, world=world, classes=classes, batch_per_rank=args.batch, dim=args.dim,
-                             peak_step_bytes=int(mine[0]), weights_bytes=int(mine[1]),
+                             peak_step_bytes=int(peak), weights_bytes=int(weights),
                              payload_bytes=log.payload_bytes(), sent_bytes=log.sent_bytes(),
                              collectives=[[op, list(shape), str(dtype), w] for op, shape, dtype, w in log.records]))
         if args.rounds:
             times = harness.time_interleaved({impl: s[0] for impl, s in steps.items()}, args.rounds)
             for row in rows[-len(steps):]:
-                t = torch.tensor(statistics.median(times[row["impl"]]))
-                if group is not None:
-                    dist.all_reduce(t, dist.ReduceOp.MAX, group=group)
-                row["median_step_s"] = float(t)
+                row["median_step_s"] = harness.max_over_ranks([statistics.median(times[row["impl"]])], group)[0]
         del steps
     return rows
 

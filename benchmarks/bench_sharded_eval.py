@@ -16,7 +16,6 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
@@ -57,10 +56,8 @@ def measure(rank, world, group, args):
     out = []
     for references in args.references:
         row = search(rank, world, group, references, args)
-        mine = torch.tensor([row["peak_bytes"], row["shard_bytes"]], dtype=torch.float64)
-        if group is not None:
-            dist.all_reduce(mine, dist.ReduceOp.MAX, group=group)
-        row["peak_bytes"], row["shard_bytes"] = int(mine[0]), int(mine[1])
+        peak, shard = harness.max_over_ranks([row["peak_bytes"], row["shard_bytes"]], group)
+        row["peak_bytes"], row["shard_bytes"] = int(peak), int(shard)
         out.append(row)
     return out
 

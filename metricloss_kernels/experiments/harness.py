@@ -161,6 +161,17 @@ def write_json(path: str, result) -> None:
     print("wrote", path, flush=True)
 
 
+def max_over_ranks(values, group) -> list:
+    """The elementwise maxima of the numbers `values` over the ranks of `group` (the values themselves for None),
+    as floats: what a world reports of a per-rank measurement."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, dist.ReduceOp.MAX, group=group)
+    return t.tolist()
+
+
 def _rank(rank, world, port, threads, measure, extra, queue):
     """One rank of run_world: its gloo group (None for a world of 1) around measure; rank 0 returns its rows."""
     import torch.distributed as dist
