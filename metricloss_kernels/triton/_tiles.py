@@ -95,6 +95,17 @@ def _softmax_step(m, den, num, l, inv_gamma):
 
 
 @triton.jit
+def _lse_step(run_max, run_sum, z, AXIS: tl.constexpr):
+    """One tile z of logits (-inf off the LSE's terms) into a running LSE along AXIS of z: (max, sum of
+    exp(z - max)), rescaled to the new max. While an entry has seen no term its max is -inf: it is shifted by 0
+    instead, so that exp() never sees -inf - -inf."""
+    new_max = tl.maximum(run_max, tl.max(z, axis=AXIS))
+    shift_by = tl.where(new_max == float("-inf"), 0.0, new_max)
+    run_sum = run_sum * tl.exp(run_max - shift_by) + tl.sum(tl.exp(z - tl.expand_dims(shift_by, AXIS)), axis=AXIS)
+    return new_max, run_sum
+
+
+@triton.jit
 def _class_similarity(
     x_ptr, w_ptr, rx_ptr, rw_ptr, offs_n, offs_c, N, C, D,
     stride_xn, stride_xd, stride_wp, stride_wd,

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._common import _TL_DTYPES, INTERPRET, num_splits
-from ._tiles import _minus_row_offset, _softmax_step
+from ._tiles import _lse_step, _minus_row_offset, _softmax_step
 
 # Bound on the [splits, C] partials of a column reduction (and of the row reduction's bias gradient).
 _PARTIAL_BYTES = 16 * 2**20
@@ -119,11 +119,7 @@ def _lse_epilogue_kernel(
             labels = tl.load(labels_ptr + offs_n, mask=offs_n < R, other=-1)
         z, _, _, _, _ = _tile(l_ptr, stride_l, rw_ptr, bias_ptr, labels, offs_n, offs_c, R, B, c0, scale,
                               inv_gamma, K, HAS_BIAS, NORM_W, POOL_MAX)
-        new_max = tl.maximum(run_max, tl.max(z, axis=AXIS))
-        # While an entry has seen no term its max is -inf: shift by 0 instead (no -inf - -inf).
-        shift_by = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - shift_by) + tl.sum(tl.exp(z - tl.expand_dims(shift_by, AXIS)), axis=AXIS)
-        run_max = new_max
+        run_max, run_sum = _lse_step(run_max, run_sum, z, AXIS)
     if HAS_OFFSET:  # the LSE of z - t is that of z less t: t comes off the running max, not off every logit
         run_max -= tl.load(offset_ptr + offs_out, mask=offs_out < n_out, other=0.0).to(run_max.dtype)
     # Merge with the partial of the earlier blocks: logaddexp, -inf (no term yet) on either side included.

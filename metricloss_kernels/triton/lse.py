@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import _class_similarity, _logits_z, _lse_terms
+from ._tiles import _class_similarity, _logits_z, _lse_step, _lse_terms
 
 
 @triton.jit
@@ -73,11 +73,7 @@ def _lse_fwd_kernel(
                                   K, POOL_MAX, RAW_X, NORM_W, ACC, OP, PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
         z = _logits_z(s_cls, offs_n, offs_c, bias_ptr, offset_ptr, N, C, scale, shift, HAS_BIAS, HAS_OFFSET)
         z = tl.where(_lse_terms(offs_n, offs_c, labels, N, C), z, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(z, axis=AXIS))
-        # While an entry has seen no term its max is -inf: shift by 0 instead, so exp() never sees -inf - -inf.
-        shift_by = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - shift_by) + tl.sum(tl.exp(z - tl.expand_dims(shift_by, AXIS)), axis=AXIS)
-        run_max = new_max
+        run_max, run_sum = _lse_step(run_max, run_sum, z, AXIS)
     # run_sum == 0 only where run_max == -inf (no term): the sum is then -inf, without evaluating log(0).
     lse = run_max + tl.log(tl.where(run_sum > 0, run_sum, 1.0))
     tl.store(lse_ptr + pid_s * n_out + offs_out, lse, mask=offs_out < n_out)
