@@ -88,6 +88,7 @@ _GPU_TILES_WIDE = {
 # K not a power of two (two parts of proxy slots, k_parts) on sm_90a at the table's width: the dX kernel's class tile
 # is wider than the table's (K = 10: 80 slots for 64) and its GEMM two dots; these entries replace the ones above
 # (fp32: narrower D chunks, one stage, and for dW fewer rows; bf16 dX splits D beyond 256 rather than spill 1.3 KiB).
+# The fp32 entries serve fp64 operands: fp32's tf32 and tf32x3 take the wide tiles there (tile_config).
 _GPU_TILES_SPLIT = {("dx", _FP32, 90): (64, 64, 16, 8, 1, 128), ("dw", _FP32, 90): (32, 64, 16, 8, 1, 128),
                     ("dx", _BF16, 90): (64, 64, 64, 8, 2, 256)}
 # The least reduction dimension of a tl.dot (Triton compiles 16 for 16-bit operands and 8 for fp32; one rule for
@@ -132,8 +133,8 @@ def tile_config(kernel: str, arch: int | None, dtype: torch.dtype, precision: st
         half = dtype in (_BF16, _FP16)
         key = (kernel, dtype if half else _FP32, arch)
         wide = _GPU_TILES_WIDE.get((kernel, dtype if half else precision, arch))  # fp64 ("ieee"): none
-        # On sm_90a fp32 with K not a power of two takes them at every D: beside the widened dX class tile (below)
-        # the table's 64 rows spilled (tf32x3, D = 128: 12 bytes), their 16-32 do not.
+        # On sm_90a fp32 with K not a power of two takes them at every D, in both backward kernels: beside the
+        # widened dX class tile (below) the table's 64 rows spilled (tf32x3, D = 128: 12 bytes), their 16-32 do not.
         use_wide = wide and (max(MIN_DOT, triton.next_power_of_2(d)) > _GPU_TILES[key][-1]
                              or (lo and not half and arch >= 90))
         if use_wide:
